@@ -1,0 +1,23 @@
+"""ds-hexamoe: dropless expert-specific MoE operators, FSSDP and heterogeneity-aware placement.
+
+``import ds_hexamoe`` registers the ``"hexamoe"`` experts implementation with transformers and makes a
+plain ``deepspeed.initialize`` honour a ``"hexamoe"`` config section.
+"""
+from .config import ConfigError, HexaMoEConfig
+from .integrations.transformers import register as _register_transformers
+
+__version__ = "0.1.0"
+
+_register_transformers()
+
+
+def __getattr__(name):
+    # deepspeed is heavy to import; load the engine integration on first use
+    if name in ("initialize", "convert_model", "build_param_groups"):
+        from .integrations import deepspeed as _ds
+
+        return getattr(_ds, name)
+    raise AttributeError(name)
+
+
+__all__ = ["ConfigError", "HexaMoEConfig", "initialize", "convert_model", "build_param_groups", "__version__"]

@@ -1,0 +1,218 @@
+"""The ``"hexamoe"`` section of a DeepSpeed JSON config, as typed and validated dataclasses.
+
+Every key is checked before any work starts: an unknown key or a bad value raises
+:class:`ConfigError` naming the dotted key, what was given and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class RouterConfig:
+    """Router settings for MoE blocks that ds-hexamoe builds itself (Swin-MoE, converted layers)."""
+
+    top_k: int = 2
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    # aux-loss-free balancing (DeepSeek-V3): per-expert bias added for selection only, nudged by this rate
+    bias_update_rate: float = 0.0
+    jitter: float = 0.0
+
+    def validate(self, path: str) -> None:
+        _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "an integer >= 1")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+            _check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
+
+
+@dataclass
+class DeviceSpec:
+    """A declared device profile (one entry of ``devices``)."""
+
+    name: str = "cpu"
+    tflops: float | None = None
+    memory_gb: float | None = None
+    bandwidth_gbps: float | None = None
+    # a multiplier the runtime applies to emulate a slower rank (benchmarks, tests)
+    slowdown: float = 1.0
+
+    def validate(self, path: str) -> None:
+        for name in ("tflops", "memory_gb", "bandwidth_gbps"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{path}.{name}", v, "a number > 0 or null")
+        _check(self.slowdown >= 1.0, f"{path}.slowdown", self.slowdown, "a number >= 1")
+
+
+@dataclass
+class PlacementConfig:
+    solver: Literal["greedy", "eplb", "ilp"] = "greedy"
+    replicas: int = 0  # extra replicas of hot experts per layer
+    ilp_time_limit: float = 10.0
+    replan_every: int = 0  # 0: plan once
+    use_affinity: bool = True
+
+    def validate(self, path: str) -> None:
+        _check(self.replicas >= 0, f"{path}.replicas", self.replicas, "an integer >= 0")
+        _check(self.ilp_time_limit > 0, f"{path}.ilp_time_limit", self.ilp_time_limit, "a number > 0")
+        _check(self.replan_every >= 0, f"{path}.replan_every", self.replan_every, "an integer >= 0")
+
+
+@dataclass
+class LSHConfig:
+    enabled: bool = False
+    num_hashes: int = 2
+    num_rotations: int = 1
+    residual: bool = True
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        _check(self.num_hashes >= 1, f"{path}.num_hashes", self.num_hashes, "an integer >= 1")
+        _check(self.num_rotations >= 1, f"{path}.num_rotations", self.num_rotations, "an integer >= 1")
+
+
+@dataclass
+class HexaMoEConfig:
+    """Typed form of ``config["hexamoe"]``."""
+
+    enabled: bool = True
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    sharding: Literal["none", "fssdp"] = "none"
+    mode: Literal["data_centric", "expert_parallel", "model_centric", "auto"] = "data_centric"
+    # per-rank FSSDP shard weights (uneven shards); null: even, or the planner's when profiles are set
+    shard_weights: list[float] | None = None
+    rematerialize: bool = True
+    prefetch: bool = True
+    profile: Literal["uniform", "measure", "declared"] = "uniform"
+    devices: list[DeviceSpec] | None = None
+    devices_file: str | None = None
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    lsh: LSHConfig = field(default_factory=LSHConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    collect_stats: bool = True
+    stats_path: str | None = None
+    log_every: int = 10
+
+    def validate(self, path: str = "hexamoe") -> None:
+        if self.shard_weights is not None:
+            _check(len(self.shard_weights) > 0 and all(w >= 0 for w in self.shard_weights) and sum(self.shard_weights) > 0,
+                   f"{path}.shard_weights", self.shard_weights, "a non-empty list of numbers >= 0 with a positive sum")
+        if self.profile == "declared":
+            _check(self.devices is not None or self.devices_file is not None, f"{path}.devices", None,
+                   'a list of device profiles (or "devices_file") when "profile" is "declared"')
+        if self.devices_file is not None:
+            _check(os.path.exists(self.devices_file), f"{path}.devices_file", self.devices_file, "an existing JSON file")
+        if self.lsh.enabled:
+            _check(self.mode in ("expert_parallel", "auto"), f"{path}.lsh.enabled", True,
+                   'false unless "mode" is "expert_parallel" or "auto" (LSH compresses the expert-parallel all-to-all)')
+        _check(self.log_every >= 1, f"{path}.log_every", self.log_every, "an integer >= 1")
+        if self.mode != "data_centric":
+            _check(self.sharding == "fssdp", f"{path}.sharding", self.sharding,
+                   f'"fssdp" when "mode" is {self.mode!r} (experts are materialized from FSSDP shards)')
+
+    @classmethod
+    def from_dict(cls, data: dict | None, path: str = "hexamoe") -> HexaMoEConfig:
+        cfg = _build(cls, {} if data is None else data, path)
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: got {value!r}; expected {allowed}")
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: got {type(data).__name__} {data!r}; expected a JSON object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in data if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{path}.{key}: unknown key{hint}; allowed keys are {sorted(fields)}")
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()}
+    obj = cls(**kwargs)
+    obj.validate(path)
+    return obj
+
+
+def _coerce(tp, value: Any, path: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: got {value!r}; allowed values are {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: got {value!r}; expected a list")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: got {value!r}; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: got {value!r}; expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: got {value!r}; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: got {value!r}; expected a string")
+        return value
+    return value
+
+
+def load_ds_config(config: str | os.PathLike | dict | None) -> dict:
+    """A DeepSpeed config given as a dict or a JSON path, as a dict (a missing file is a clear error)."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    path = os.fspath(config)
+    if not os.path.exists(path):
+        raise ConfigError(f"deepspeed config: file {path!r} does not exist; pass an existing JSON file or a dict")
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed config {path!r}: invalid JSON ({e})") from None
+
+
+def hexamoe_section(ds_config: dict) -> HexaMoEConfig | None:
+    """The parsed ``"hexamoe"`` section of a DeepSpeed config dict, or None when absent."""
+    if "hexamoe" not in ds_config:
+        return None
+    return HexaMoEConfig.from_dict(ds_config["hexamoe"])

@@ -1,0 +1,97 @@
+"""The ``"hexamoe"`` experts implementation for transformers v5's ``@use_experts_implementation`` models.
+
+``import ds_hexamoe`` registers it, so ``from_pretrained(path, experts_implementation="hexamoe")`` runs
+every expert matmul through ESMM/ESTMM/ESS. Where an experts module is managed by FSSDP, its weights
+come from the module's ``_hexamoe_weights`` provider (materialized shards) instead of its parameters.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import build_expert_index, expert_linear, expert_mlp
+from ..ops.activations import activation_name
+
+IMPLEMENTATION = "hexamoe"
+
+
+def _default_gate(module) -> bool:
+    from transformers.integrations.moe import _default_apply_gate
+
+    return getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate
+
+
+def expert_weights(module, index=None) -> dict[str, torch.Tensor | None]:
+    """The experts' 3-D weights in ``[E, in, out]`` orientation (views, no copies).
+
+    An FSSDP-managed module supplies materialized weights through ``module._hexamoe_weights(index)``.
+    """
+    provider = getattr(module, "_hexamoe_weights", None)
+    if provider is not None:
+        raw = provider(index)
+    else:
+        up = "gate_up_proj" if module.has_gate else "up_proj"
+        raw = {
+            "w1": getattr(module, up),
+            "w2": module.down_proj,
+            "b1": getattr(module, f"{up}_bias", None) if module.has_bias else None,
+            "b2": getattr(module, "down_proj_bias", None) if module.has_bias else None,
+        }
+    if not module.is_transposed:  # transformers stores [E, out, in]
+        raw = dict(raw, w1=raw["w1"].transpose(1, 2), w2=raw["w2"].transpose(1, 2))
+    return raw
+
+
+def hexamoe_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Dropless experts forward on the expert-specific operators; a drop-in for ``grouped_mm``."""
+    w = None
+    num_experts = getattr(self, "num_experts", None)
+    if num_experts is None:
+        w = expert_weights(self)
+        num_experts = w["w1"].size(0)
+    index = build_expert_index(top_k_index, num_experts)
+    if w is None:
+        w = expert_weights(self, index)
+    row_scale = top_k_weights.reshape(-1)
+    if getattr(self, "_is_expert_parallel", False):
+        row_scale = row_scale.masked_fill(top_k_index.reshape(-1) >= num_experts, 0.0)
+    act = activation_name(self.act_fn) if hasattr(self, "act_fn") else None
+    simple = act is not None and not self.has_post_expert_norm and (not self.has_gate or _default_gate(self))
+    if simple:
+        out = expert_mlp(
+            hidden_states, w["w1"], w["w2"], index, act=act, gated=self.has_gate,
+            interleaved=not self.is_concatenated, b1=w["b1"], b2=w["b2"], row_scale=row_scale,
+        )
+        return out.to(hidden_states.dtype)
+    # A model-specific gate (clamped SwiGLU, ...) or a post-expert norm: the two expert linears still
+    # run on the operators; the element-wise part in between is differentiated by autograd.
+    h = expert_linear(hidden_states, w["w1"], index, gather_div=index.k, bias=w["b1"])
+    a = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    if self.has_post_expert_norm:
+        y = expert_linear(a, w["w2"], index, scatter=True, bias=w["b2"])
+        y = self.post_expert_norm(y) * row_scale.unsqueeze(-1).to(y.dtype)
+    else:
+        y = expert_linear(a, w["w2"], index, scatter=True, bias=w["b2"], row_scale=row_scale)
+    k = index.k
+    return y.view(-1, k, y.size(-1)).sum(1, dtype=torch.float32).to(hidden_states.dtype)
+
+
+def register() -> bool:
+    """Register ``"hexamoe"`` in transformers' experts interface (idempotent). False without transformers v5."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        return False
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, hexamoe_experts_forward)
+    return True
+
+
+def uses_experts_interface(model: torch.nn.Module) -> bool:
+    """True when some submodule is a ``@use_experts_implementation`` experts class."""
+    return any(hasattr(m, "has_gate") and hasattr(m, "is_transposed") for m in model.modules())
+
+
+def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every transformers experts module in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "has_gate") and hasattr(m, "is_transposed")]

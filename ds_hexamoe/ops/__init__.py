@@ -1,0 +1,31 @@
+"""Expert-specific operators (DESIGN.md section 2) and the autograd functions built on them.
+
+Contract shared by the torch path (:mod:`.torch_ops`) and the Triton kernels (``ds_hexamoe.kernels``):
+
+* ``esmm(x, w, idx, offs, *, gather_div=None, scatter=False, bias=None, row_scale=None) -> [P, N]``
+* ``estmm(x, dy, idx, offs, *, x_div=None, dy_div=None, dy_scale=None) -> [E, K, N]``
+* ``ess(dy, idx, offs, *, dy_div=None, dy_scale=None) -> [E, N]``
+
+``w`` is ``[E, K, N]`` with any strides; ``idx``/``offs`` come from :func:`build_expert_index`.
+"""
+from .dispatch import backend_name, get_backend, set_backend
+from .functions import expert_linear, expert_mlp
+from .routing import ExpertIndex, build_expert_index
+
+
+def esmm(x, w, idx, offs, **kw):
+    return get_backend(x.device).esmm(x, w, idx, offs, **kw)
+
+
+def estmm(x, dy, idx, offs, **kw):
+    return get_backend(x.device).estmm(x, dy, idx, offs, **kw)
+
+
+def ess(dy, idx, offs, **kw):
+    return get_backend(dy.device).ess(dy, idx, offs, **kw)
+
+
+__all__ = [
+    "ExpertIndex", "build_expert_index", "esmm", "estmm", "ess", "expert_linear", "expert_mlp",
+    "get_backend", "set_backend", "backend_name",
+]

@@ -1,0 +1,1 @@
+"""Triton kernels for the expert-specific operators (installed as ``ds_hexamoe.kernels``)."""

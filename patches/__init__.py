@@ -1,0 +1,1 @@
+"""Integrations that patch third-party frameworks (installed as ``ds_hexamoe.patches``)."""
