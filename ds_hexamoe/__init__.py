@@ -10,6 +10,10 @@ __version__ = "0.1.0"
 
 _register_transformers()
 
+from .integrations.deepspeed import install_patch as _install_deepspeed_patch  # noqa: E402
+
+_install_deepspeed_patch()
+
 
 def __getattr__(name):
     # deepspeed is heavy to import; load the engine integration on first use

@@ -14,6 +14,15 @@ from ..ops.activations import activation_name
 IMPLEMENTATION = "hexamoe"
 
 
+def _stats_collector():
+    """The active routing-statistics collector, if the placement package is present and one is set."""
+    try:
+        from ..placement.stats import get_collector
+    except ImportError:
+        return None
+    return get_collector()
+
+
 def _default_gate(module) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
@@ -51,6 +60,10 @@ def hexamoe_experts_forward(
         w = expert_weights(self)
         num_experts = w["w1"].size(0)
     index = build_expert_index(top_k_index, num_experts)
+    self._hexamoe_last_counts = index.counts
+    collector = _stats_collector()
+    if collector is not None:
+        collector.record(getattr(self, "_hexamoe_name", type(self).__name__), top_k_index, num_experts)
     if w is None:
         w = expert_weights(self, index)
     row_scale = top_k_weights.reshape(-1)

@@ -1,0 +1,63 @@
+"""Per-engine HexaMoE state: the config, the experts modules, FSSDP (when on) and the step metrics.
+
+Attached by :func:`ds_hexamoe.initialize` as ``engine.hexamoe``; the training worker, the progress bar,
+the Trainer callback and the logs all read :meth:`HexaMoERuntime.metrics`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import HexaMoEConfig
+from .integrations.transformers import experts_modules
+
+
+class HexaMoERuntime:
+    def __init__(self, model: nn.Module, config: HexaMoEConfig, fssdp: Any | None = None):
+        self.model = model
+        self.config = config
+        self.fssdp = fssdp
+        self.experts = experts_modules(model)
+        self.step_hooks: list = []  # called as hook(runtime, global_step) after each optimizer step
+
+    def expert_load(self) -> dict[str, list[int]]:
+        """Tokens per expert of each MoE layer in the last forward (one host sync for all layers)."""
+        names, counts = [], []
+        for name, m in self.experts:
+            c = getattr(m, "_hexamoe_last_counts", None)
+            if c is not None:
+                names.append(name)
+                counts.append(c)
+        if not counts:
+            return {}
+        return {n: c.tolist() for n, c in zip(names, torch.stack([c.cpu() for c in counts]))}
+
+    def metrics(self) -> dict[str, Any]:
+        """Expert load and balance (max/mean tokens per expert, 1.0 is perfect), bytes moved, dropped tokens."""
+        load = self.expert_load()
+        out: dict[str, Any] = {"dropped_tokens": 0}
+        if load:
+            ratios = []
+            for counts in load.values():
+                mean = sum(counts) / max(1, len(counts))
+                ratios.append(max(counts) / mean if mean > 0 else 1.0)
+            out["balance"] = sum(ratios) / len(ratios)
+            out["balance_per_layer"] = dict(zip(load, ratios))
+            out["expert_load"] = load
+        comm = self.fssdp.comm_stats() if self.fssdp is not None else {}
+        out["comm_bytes"] = int(sum(v for k, v in comm.items() if k.endswith("bytes"))) if comm else 0
+        if comm:
+            out["comm"] = comm
+        return out
+
+    def after_step(self, global_step: int) -> None:
+        for hook in self.step_hooks:
+            hook(self, global_step)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """A full (unsharded) state dict for Hugging Face export; with FSSDP this gathers the experts."""
+        if self.fssdp is not None:
+            return self.fssdp.full_state_dict()
+        return self.model.state_dict()
