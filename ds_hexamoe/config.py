@@ -77,8 +77,13 @@ class LSHConfig:
     num_rotations: int = 1
     residual: bool = True
     seed: int = 0
+    # hash only the first ``hash_dim`` rotated coordinates: fewer buckets, more compression; null: all of d
+    hash_dim: int | None = None
+    # run an exact pass without gradients to log the relative output error (costs one extra expert pass)
+    measure_error: bool = False
 
     def validate(self, path: str) -> None:
+        _check(self.hash_dim is None or self.hash_dim >= 1, f"{path}.hash_dim", self.hash_dim, "an integer >= 1 or null")
         _check(self.num_hashes >= 1, f"{path}.num_hashes", self.num_hashes, "an integer >= 1")
         _check(self.num_rotations >= 1, f"{path}.num_rotations", self.num_rotations, "an integer >= 1")
 

@@ -11,10 +11,7 @@ is routed here too, so ``accelerate`` and the Hugging Face ``Trainer`` pick it u
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import inspect
-import sys
 from typing import Any
 
 import torch
@@ -211,28 +208,7 @@ def patch_deepspeed(module) -> None:
     module.initialize = patched
 
 
-class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Patches ``deepspeed`` right after it is first imported, so ``import ds_hexamoe`` stays light."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "deepspeed":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        original_exec = spec.loader.exec_module
-
-        def exec_module(module):
-            original_exec(module)
-            patch_deepspeed(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 def install_patch() -> None:
-    if "deepspeed" in sys.modules:
-        patch_deepspeed(sys.modules["deepspeed"])
-    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchAfterImport())
+    from .._import_hooks import when_imported
+
+    when_imported("deepspeed", patch_deepspeed)

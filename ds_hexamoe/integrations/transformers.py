@@ -90,14 +90,15 @@ def hexamoe_experts_forward(
     return y.view(-1, k, y.size(-1)).sum(1, dtype=torch.float32).to(hidden_states.dtype)
 
 
-def register() -> bool:
-    """Register ``"hexamoe"`` in transformers' experts interface (idempotent). False without transformers v5."""
-    try:
-        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-    except ImportError:
-        return False
-    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, hexamoe_experts_forward)
-    return True
+def _register_into(moe_module) -> None:
+    moe_module.ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, hexamoe_experts_forward)
+
+
+def register() -> None:
+    """Register ``"hexamoe"`` in transformers' experts interface as soon as transformers loads it."""
+    from .._import_hooks import when_imported
+
+    when_imported("transformers.integrations.moe", _register_into)
 
 
 def uses_experts_interface(model: torch.nn.Module) -> bool:

@@ -28,9 +28,22 @@ def _expert_ids(offs: torch.Tensor, n_valid: int) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=offs.device), counts, output_size=n_valid)
 
 
+def _aligned(*ts: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned base pointers and non-unit strides."""
+    for t in ts:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(st != 1 and (st * size) % 16 for st in t.stride()):
+            return False
+    return True
+
+
+def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _HAS_GROUPED_MM and a.dtype == b.dtype and a.dtype in (torch.float32, torch.bfloat16) and _aligned(a, b)
+
+
 def _grouped_matmul(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """``a[P, K]`` in expert order times ``w[E, K, N]``, one product per segment."""
-    if _HAS_GROUPED_MM and a.dtype == w.dtype and a.dtype in (torch.float32, torch.bfloat16):
+    if _use_grouped_mm(a, w):
         return torch._grouped_mm(a, w, offs=offs[1:].to(torch.int32))
     out = a.new_empty(a.size(0), w.size(2))
     for e in range(w.size(0)):
@@ -42,7 +55,7 @@ def _grouped_matmul(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, bounds
 
 def _grouped_tmatmul(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """``sum_{p in e} x[p]^T dy[p]`` per expert, both operands in expert order."""
-    if _HAS_GROUPED_MM and x.dtype == dy.dtype and x.dtype in (torch.float32, torch.bfloat16):
+    if _use_grouped_mm(x.t(), dy):
         return torch._grouped_mm(x.t(), dy, offs=offs[1:].to(torch.int32))
     num_experts = offs.numel() - 1
     out = x.new_zeros(num_experts, x.size(1), dy.size(1))

@@ -1,0 +1,21 @@
+"""Expert-parallel and model-centric execution of MoE layers, LSH-compressed dispatch, token accounting.
+
+Each mode takes, per MoE layer call, the local tokens and routing (``hidden[T, d]``,
+``top_k_index[T, k]``, ``top_k_weights[T, k]``), a ``materialize`` callable for the weights this rank
+computes with, and (expert parallel) a placement ``{expert: [ranks]}``; it returns ``out[T, d]``,
+differentiable w.r.t. hidden, routing weights and the materialized weights.
+"""
+from .accounting import CallStats, CollectiveRecord, TokenAccounting
+from .expert_parallel import ExpertParallelMoE
+from .lsh import CrossPolytopeLSH, LSHCompressor, bucket_pairs, centroids
+from .model_centric import ModelCentricMoE
+from .modes import DataCentricMoE, ParallelMoE
+from .plan import PlacementTables, assign_destinations, validate_placement
+from .weights import ExpertSpec, ExpertWeights, Materialize, ReplicatedExperts, split_hidden
+
+__all__ = [
+    "CallStats", "CollectiveRecord", "CrossPolytopeLSH", "DataCentricMoE", "ExpertParallelMoE", "ExpertSpec",
+    "ExpertWeights", "LSHCompressor", "Materialize", "ModelCentricMoE", "ParallelMoE", "PlacementTables",
+    "ReplicatedExperts", "TokenAccounting", "assign_destinations", "bucket_pairs", "centroids", "split_hidden",
+    "validate_placement",
+]

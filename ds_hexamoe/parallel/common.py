@@ -1,0 +1,68 @@
+"""Input checks and the local expert computation shared by the parallel paths."""
+from __future__ import annotations
+
+import torch
+
+from ..ops import build_expert_index, expert_mlp
+from ..ops.functions import acc_dtype
+from .weights import ExpertSpec, ExpertWeights
+
+
+def check_routing(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> None:
+    """Raise naming the argument when shapes, dtypes or expert ids are wrong (one host sync for the id range)."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: got shape {list(hidden.shape)}; expected [T, d] (flatten batch and sequence first)")
+    if not hidden.is_floating_point():
+        raise ValueError(f"hidden: got dtype {hidden.dtype}; expected a floating dtype")
+    if top_k_index.dim() != 2 or top_k_index.size(0) != hidden.size(0):
+        raise ValueError(f"top_k_index: got shape {list(top_k_index.shape)}; expected [T, k] with T = {hidden.size(0)}")
+    if top_k_index.is_floating_point() or top_k_index.dtype == torch.bool:
+        raise ValueError(f"top_k_index: got dtype {top_k_index.dtype}; expected an integer dtype")
+    if tuple(top_k_weights.shape) != tuple(top_k_index.shape) or not top_k_weights.is_floating_point():
+        raise ValueError(
+            f"top_k_weights: got {top_k_weights.dtype} {list(top_k_weights.shape)}; expected floating [T, k] = {list(top_k_index.shape)}"
+        )
+    if top_k_index.numel():
+        lo, hi = torch.stack((top_k_index.min(), top_k_index.max())).tolist()
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"top_k_index: ids span [{lo}, {hi}]; expected expert ids in [0, {num_experts})")
+
+
+def _touch(weights: ExpertWeights) -> torch.Tensor:
+    """A zero that depends on every materialized tensor, so their backward (e.g. FSSDP's reduce) always runs."""
+    z = weights.w1.sum() * 0 + weights.w2.sum() * 0
+    for b in (weights.b1, weights.b2):
+        if b is not None:
+            z = z + b.sum() * 0
+    return z
+
+
+def compute_experts(
+    x: torch.Tensor,
+    experts_idx: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    weights: ExpertWeights,
+    spec: ExpertSpec,
+    use_b2: bool = True,
+) -> torch.Tensor:
+    """``[R, d]`` outputs of local experts for rows ``x[R, d]`` routed by ``experts_idx[R, k]``.
+
+    Ids ``>= n_local`` are sentinels (pairs computed elsewhere); ``row_scale [R, k]`` weights the
+    pairs (None: unweighted). Empty inputs stay in the autograd graph.
+    """
+    n_local = weights.w1.size(0)
+    empty = x.size(0) == 0 or n_local == 0 or weights.w1.size(2) == 0 or weights.w2.size(1) == 0
+    if empty:
+        return x * 0 + _touch(weights).to(x.dtype)
+    index = build_expert_index(experts_idx, n_local)
+    rs = None if row_scale is None else row_scale.reshape(-1)
+    return expert_mlp(
+        x, weights.w1, weights.w2, index, act=spec.act, gated=spec.gated, interleaved=spec.interleaved,
+        b1=weights.b1, b2=weights.b2 if use_b2 else None, row_scale=rs,
+    )
+
+
+def scatter_rows_add(n: int, rows: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``out[n, d]`` with ``out[target[i]] += rows[i]``, accumulated in fp32 for half types."""
+    acc = acc_dtype(rows.dtype)
+    return rows.new_zeros(n, rows.size(1), dtype=acc).index_add(0, target, rows.to(acc)).to(dtype)
