@@ -21,6 +21,15 @@ class HexaMoERuntime:
         self.fssdp = fssdp
         self.experts = experts_modules(model)
         self.step_hooks: list = []  # called as hook(runtime, global_step) after each optimizer step
+        self.stats = None
+        if config.collect_stats:
+            from .placement.stats import RoutingStatsCollector, set_collector
+
+            self.stats = RoutingStatsCollector()
+            set_collector(self.stats)
+            # one forward boundary per micro-batch, so re-materialized layers are not counted twice
+            model.register_forward_pre_hook(lambda _module, _args: self.stats.step())
+        model._hexamoe_runtime = self
 
     def expert_load(self) -> dict[str, list[int]]:
         """Tokens per expert of each MoE layer in the last forward (one host sync for all layers)."""
@@ -46,7 +55,11 @@ class HexaMoERuntime:
             out["balance"] = sum(ratios) / len(ratios)
             out["balance_per_layer"] = dict(zip(load, ratios))
             out["expert_load"] = load
-        comm = self.fssdp.comm_stats() if self.fssdp is not None else {}
+        comm = {}
+        if self.fssdp is not None:
+            # counters reset at each optimizer step; report the last completed step
+            last = getattr(self.fssdp, "last_step_comm_stats", None)
+            comm = (last() if last is not None else None) or self.fssdp.comm_stats()
         out["comm_bytes"] = int(sum(v for k, v in comm.items() if k.endswith("bytes"))) if comm else 0
         if comm:
             out["comm"] = comm
@@ -55,6 +68,20 @@ class HexaMoERuntime:
     def after_step(self, global_step: int) -> None:
         for hook in self.step_hooks:
             hook(self, global_step)
+
+    def save_stats(self, path: str) -> None:
+        """Routing statistics summed over ranks (collective: every rank must call), written by rank 0."""
+        if self.stats is None:
+            return
+        import torch.distributed as dist
+
+        snapshot = self.stats.snapshot()
+        if dist.is_available() and dist.is_initialized():
+            self.stats.all_reduce()
+            snapshot = self.stats.snapshot()
+            if dist.get_rank() != 0:
+                return
+        snapshot.save_json(path)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """A full (unsharded) state dict for Hugging Face export; with FSSDP this gathers the experts."""

@@ -63,7 +63,9 @@ def hexamoe_experts_forward(
     self._hexamoe_last_counts = index.counts
     collector = _stats_collector()
     if collector is not None:
-        collector.record(getattr(self, "_hexamoe_name", type(self).__name__), top_k_index, num_experts)
+        # unnamed modules (no ds_hexamoe.initialize) stay distinct per instance
+        name = getattr(self, "_hexamoe_name", None) or f"{type(self).__name__}@{id(self):x}"
+        collector.record(name, top_k_index, num_experts)
     if w is None:
         w = expert_weights(self, index)
     row_scale = top_k_weights.reshape(-1)

@@ -82,7 +82,9 @@ class ExpertParallelMoE:
         index = build_expert_index(top_k_index, spec.num_experts)
         flat = top_k_index.reshape(-1).to(torch.int64)
         dest = assign_destinations(flat, index.idx, index.offs, tables, self.rank, self.ranks_per_node)
-        slot = tables.slot_on(hidden.device)[dest, flat]
+        # a full-layer materializer returns [E, ...] weights (valid at the hosted experts): index by expert id
+        full_layer = bool(getattr(materialize, "full_layer", False))
+        slot = flat if full_layer else tables.slot_on(hidden.device)[dest, flat]
         stats = self.accounting.new_call(self.mode, layer, hidden.size(0), flat.numel(), index.counts.tolist())
 
         cache: list[ExpertWeights] = []
@@ -91,7 +93,8 @@ class ExpertParallelMoE:
             # called after the counts exchange has checked the placement on every rank
             if not cache:
                 w = materialize(hosted, None)
-                w.check(len(hosted), hidden.size(1), spec.f1, spec.ffn_dim, f"materialize({hosted}, None) on rank {self.rank}")
+                n = spec.num_experts if full_layer else len(hosted)
+                w.check(n, hidden.size(1), spec.f1, spec.ffn_dim, f"materialize({hosted}, None) on rank {self.rank}")
                 cache.append(w)
             return cache[0]
 

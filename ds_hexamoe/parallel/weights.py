@@ -74,7 +74,10 @@ class ExpertWeights:
                 raise ValueError(f"{who}: materialized {name} has shape {list(got)}; expected {want}")
 
 
-# (experts to host, hidden slice [lo, hi) or None for whole experts) -> their weights
+# (experts to host, hidden slice [lo, hi) or None for whole experts) -> their weights.
+# A callable with the attribute ``full_layer = True`` returns ``[E, ...]`` tensors for whole-expert
+# requests instead (valid at the requested experts; others are never read): the expert-parallel layer
+# then indexes them by expert id, so weights living in a full-layer buffer (FSSDP's cache) need no copy.
 Materialize = Callable[[Sequence[int], "tuple[int, int] | None"], ExpertWeights]
 
 

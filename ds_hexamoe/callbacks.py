@@ -1,0 +1,309 @@
+"""``HexaMoECallback``: expert-load, balance, auxiliary-loss and traffic figures in the Hugging Face Trainer.
+
+Use with a DeepSpeed config file that has a ``"hexamoe"`` section (``import ds_hexamoe`` routes the
+Trainer's ``deepspeed.initialize`` through HexaMoE)::
+
+    trainer = Trainer(model, TrainingArguments(..., deepspeed="ds_config.json"), ...)
+    HexaMoECallback().attach(trainer)      # or Trainer(..., callbacks=[HexaMoECallback()])
+    trainer.train()
+
+Every ``logging_steps`` it adds to the Trainer's ``logs`` (so every logger, TensorBoard included, gets them):
+``moe/balance`` (busiest expert / mean, summed over layers; 1.0 is perfect), ``moe/balance/<layer>``,
+``moe/load/<layer>/e<i>`` (fraction of the layer's assignments; for ``E <= per_expert_max``),
+``moe/load_max/<layer>`` and ``moe/load_min/<layer>``, ``moe/tokens`` (tokens through the MoE layers), ``moe/aux_loss``
+(mean over the window's forwards) and ``moe/comm_bytes`` (the runtime's bytes moved). Loads are summed
+over all ranks and cover the forwards since the previous log. Every ``placement.replan_every`` optimizer
+steps it calls the runtime's ``replan(stats)`` when it has one (and ``on_replan(stats, step)`` if given);
+``on_save`` writes the routing statistics (all ranks summed) as ``hexamoe_routing_stats.json`` into the
+checkpoint folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from .config import HexaMoEConfig, hexamoe_section, load_ds_config
+from .placement.stats import RoutingStats, RoutingStatsCollector, get_collector, set_collector
+
+logger = logging.getLogger(__name__)
+STATS_FILE = "hexamoe_routing_stats.json"
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _global_stats(collector: RoutingStatsCollector, reduce: bool) -> RoutingStats:
+    """The collector's statistics summed over all ranks, without changing the collector."""
+    snap = collector.snapshot()
+    if not (reduce and _dist_on()) or not snap.layers:
+        return snap
+    pairs = sorted(snap.affinity)
+    flat = [v for l in snap.layers for v in snap.counts[l]] + [snap.tokens[l] for l in snap.layers]
+    flat += [v for p in pairs for row in snap.affinity[p] for v in row] + [snap.forwards]
+    t = torch.tensor(flat, dtype=torch.float64)  # gloo and NCCL both reduce float64; exact below 2**53
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    vals = [int(v) for v in t.cpu().round().tolist()]
+    off = 0
+    for l in snap.layers:
+        n = len(snap.counts[l])
+        snap.counts[l] = vals[off:off + n]
+        off += n
+    for l in snap.layers:
+        snap.tokens[l] = vals[off]
+        off += 1
+    for p in pairs:
+        rows = len(snap.affinity[p])
+        cols = len(snap.affinity[p][0]) if rows else 0
+        snap.affinity[p] = [vals[off + r * cols: off + (r + 1) * cols] for r in range(rows)]
+        off += rows * cols
+    snap.forwards = vals[off]
+    return snap
+
+
+class HexaMoECallback(TrainerCallback):
+    """Trainer callback for MoE figures, re-planning and routing statistics (see the module docstring).
+
+    Args:
+        replan_every: override of ``hexamoe.placement.replan_every`` (0: never).
+        on_replan: optional ``fn(stats: RoutingStats, global_step)`` called at every re-plan.
+        per_expert_max: log one load figure per expert for layers with at most this many experts.
+        all_ranks: sum the figures over ranks (collective calls inside ``on_log``/``on_save``).
+    """
+
+    def __init__(self, replan_every: int | None = None, on_replan: Callable[[RoutingStats, int], Any] | None = None,
+                 per_expert_max: int = 16, all_ranks: bool = True):
+        if replan_every is not None and (not isinstance(replan_every, int) or replan_every < 0):
+            raise ValueError(f"replan_every: got {replan_every!r}; expected an integer >= 0 (0: never)")
+        if per_expert_max < 0:
+            raise ValueError(f"per_expert_max: got {per_expert_max!r}; expected an integer >= 0")
+        self.replan_every = replan_every
+        self.on_replan = on_replan
+        self.per_expert_max = per_expert_max
+        self.all_ranks = all_ranks
+        self.replans = 0
+        self._trainer = None
+        self._model = None
+        self._config: HexaMoEConfig | None = None
+        self._collector: RoutingStatsCollector | None = None
+        self._prev_collector = None
+        self._owns_collector = False
+        self._last_counts: dict[str, list[int]] = {}
+        self._last_tokens: dict[str, int] = {}
+        self._aux_sum: torch.Tensor | None = None
+        self._aux_n = 0
+        self._hook = None
+        self._fallback_runtime = None
+        self._warned_replan = False
+
+    def attach(self, trainer) -> "HexaMoECallback":
+        """Add to ``trainer`` first in line (so the loggers called after it, TensorBoard included, see the
+        figures) and keep a handle on it (to reach the DeepSpeed engine's HexaMoE runtime)."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._trainer = trainer
+        return self
+
+    # -- lookups --------------------------------------------------------------------------------------
+    def runtime(self):
+        """The engine's ``HexaMoERuntime`` (``engine.hexamoe``), or a local one over the model's experts."""
+        for obj in (getattr(self._trainer, "model_wrapped", None), getattr(self._trainer, "deepspeed", None),
+                    self._model):
+            rt = getattr(obj, "hexamoe", None) or getattr(obj, "_hexamoe_runtime", None)
+            if rt is not None:
+                return rt
+        if self._fallback_runtime is None and self._model is not None:
+            from .runtime import HexaMoERuntime
+
+            self._fallback_runtime = HexaMoERuntime(self._model, self.config)
+        return self._fallback_runtime
+
+    @property
+    def config(self) -> HexaMoEConfig:
+        if self._config is None:
+            self._config = HexaMoEConfig()
+        return self._config
+
+    def _resolve_config(self, args) -> None:
+        rt = None
+        for obj in (getattr(self._trainer, "model_wrapped", None), self._model):
+            rt = rt or getattr(obj, "hexamoe", None) or getattr(obj, "_hexamoe_runtime", None)
+        if rt is not None and getattr(rt, "config", None) is not None:
+            self._config = rt.config
+            return
+        ds = getattr(args, "deepspeed", None)
+        if ds is not None:
+            self._config = hexamoe_section(load_ds_config(ds))
+        self._config = self._config or HexaMoEConfig()
+
+    # -- Trainer events -------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._model = model if model is not None else getattr(self._trainer, "model", None)
+        self._resolve_config(args)
+        if self.replan_every is None:
+            self.replan_every = self.config.placement.replan_every
+        from .integrations.transformers import experts_modules
+
+        if self._model is not None:
+            for name, m in experts_modules(self._model):
+                if not hasattr(m, "_hexamoe_name"):
+                    m._hexamoe_name = name  # statistics are keyed by module name
+        self._collector = get_collector()
+        if self._collector is None and self.config.collect_stats:
+            self._collector = RoutingStatsCollector(affinity=self.config.placement.use_affinity)
+            self._prev_collector = set_collector(self._collector)
+            self._owns_collector = True
+        if self._model is not None and self._hook is None:
+            self._hook = self._model.register_forward_hook(self._record_aux)
+        self._snapshot_window()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._collector is not None:
+            self._collector.step()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self._collector is not None:
+            self._collector.step()  # a micro-batch boundary inside gradient accumulation
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rt = self.runtime()
+        if self.replan_every and state.global_step % self.replan_every == 0:
+            self._replan(rt, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or self._collector is None:
+            return
+        figs = self.figures()
+        logs.update(figs)
+        # the Trainer appended a copy of ``logs`` to the history just before calling on_log
+        hist = state.log_history
+        if hist and hist[-1].get("step") == state.global_step and all(hist[-1].get(k) == v for k, v in logs.items()
+                                                                      if k not in figs):
+            hist[-1].update(figs)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._collector is None:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        stats = _global_stats(self._collector, self.all_ranks)
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            stats.save_json(os.path.join(folder, STATS_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._collector is not None:
+            stats = _global_stats(self._collector, self.all_ranks)
+            if state.is_world_process_zero and stats.layers:
+                os.makedirs(args.output_dir, exist_ok=True)
+                stats.save_json(os.path.join(args.output_dir, STATS_FILE))
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._owns_collector:
+            set_collector(self._prev_collector)
+            self._owns_collector = False
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def _record_aux(self, module, args, output):
+        aux = getattr(output, "aux_loss", None)
+        if aux is None:
+            from .layers import moe_aux_loss
+
+            aux = moe_aux_loss(module)
+        if aux is None or not torch.is_tensor(aux):
+            return
+        aux = aux.detach().float().reshape(())
+        self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
+        self._aux_n += 1
+
+    def _snapshot_window(self) -> None:
+        if self._collector is not None:
+            snap = self._collector.snapshot()
+            self._last_counts = {l: list(c) for l, c in snap.counts.items()}
+            self._last_tokens = dict(snap.tokens)
+
+    def figures(self) -> dict[str, float]:
+        """The MoE figures since the previous call (summed over ranks); resets the window."""
+        out: dict[str, float] = {}
+        snap = self._collector.snapshot()
+        layers = snap.layers
+        window = {l: [c - p for c, p in zip(snap.counts[l], self._last_counts.get(l, [0] * len(snap.counts[l])))]
+                  for l in layers}
+        tokens = {l: snap.tokens[l] - self._last_tokens.get(l, 0) for l in layers}
+        self._last_counts = {l: list(c) for l, c in snap.counts.items()}
+        self._last_tokens = dict(snap.tokens)
+        aux = [float(self._aux_sum) if self._aux_sum is not None else 0.0, float(self._aux_n)]
+        self._aux_sum, self._aux_n = None, 0
+        if self.all_ranks and _dist_on():
+            flat = [v for l in layers for v in window[l]] + [tokens[l] for l in layers] + aux
+            t = torch.tensor(flat, dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t)
+            vals = t.cpu().tolist()
+            off = 0
+            for l in layers:
+                n = len(window[l])
+                window[l] = [int(round(v)) for v in vals[off:off + n]]
+                off += n
+            for l in layers:
+                tokens[l] = int(round(vals[off]))
+                off += 1
+            aux = vals[off:off + 2]
+        smax = smean = 0.0
+        for l in layers:
+            c = window[l]
+            total = sum(c)
+            if total == 0:
+                continue
+            mean = total / len(c)
+            smax, smean = smax + max(c), smean + mean
+            out[f"moe/balance/{l}"] = max(c) / mean
+            out[f"moe/load_max/{l}"] = max(c) / total
+            out[f"moe/load_min/{l}"] = min(c) / total
+            if len(c) <= self.per_expert_max:
+                for e, v in enumerate(c):
+                    out[f"moe/load/{l}/e{e}"] = v / total
+        if smean > 0:
+            out["moe/balance"] = smax / smean
+            out["moe/tokens"] = float(max(tokens.values()))  # tokens entering the MoE layers
+        if aux[1] > 0:
+            out["moe/aux_loss"] = aux[0] / aux[1]
+        rt = self.runtime()
+        if rt is not None and callable(getattr(rt, "metrics", None)):
+            m = rt.metrics()
+            for key in ("comm_bytes", "dropped_tokens"):
+                if isinstance(m.get(key), (int, float)):
+                    out[f"moe/{key}"] = float(m[key])
+        out["moe/replans"] = float(self.replans)
+        return out
+
+    def _replan(self, rt, step: int) -> None:
+        stats = _global_stats(self._collector, self.all_ranks) if self._collector is not None else None
+        hook = None
+        for owner in (rt, getattr(rt, "fssdp", None)):
+            fn = getattr(owner, "replan", None)
+            if callable(fn):
+                hook = fn
+                break
+        if hook is not None:
+            hook(stats)
+        elif not self._warned_replan and self.on_replan is None:
+            logger.warning("HexaMoECallback: placement.replan_every=%d but the runtime has no replan(); "
+                           "routing statistics are still collected and saved", self.replan_every)
+            self._warned_replan = True
+        if self.on_replan is not None:
+            self.on_replan(stats, step)
+        self.replans += 1

@@ -1,0 +1,174 @@
+"""FSSDP checkpoints beside DeepSpeed's, re-sharded by expert id on load, and full-expert export.
+
+Layout inside DeepSpeed's ``<save_dir>/<tag>/``: ``fssdp_rank{r:05d}.pt`` per rank (its shards, fp32
+masters and optimizer state, keyed by layer name and global expert range) and ``fssdp_index.json``
+(world size and every rank's expert ranges). Each file is written to a temporary name and renamed, so
+a crash never leaves a half-written file under the final name. A rank loading with a different world
+size reads only the files whose expert ranges overlap the experts it owns now.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+FORMAT = 1
+INDEX = "fssdp_index.json"
+
+
+def _rank_file(r: int) -> str:
+    return f"fssdp_rank{r:05d}.pt"
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if isinstance(obj, (dict, list)) and path.endswith(".json"):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_shards(mgr, directory: str) -> None:
+    """Write this rank's shards and optimizer state under ``directory`` (a collective: ends in a barrier)."""
+    mgr.synchronize()
+    os.makedirs(directory, exist_ok=True)
+    layers = {}
+    opt = mgr.optimizer
+    entries = {e.key: e for e in opt.entries} if opt is not None else {}
+    for layer in mgr.layers:
+        rec = {"index": layer.index, "num_experts": layer.num_experts,
+               "experts": [layer.first, layer.first + layer.local_count], "params": {}, "optim": {}}
+        for n, p in layer.shards.items():
+            e = entries.get((layer.index, n))
+            rec["params"][n] = (e.master if e is not None else p).detach().clone()
+            if e is not None:
+                rec["optim"][n] = {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.state(e).items()}
+        layers[layer.name] = rec
+    payload = {"format": FORMAT, "world_size": mgr.world_size, "rank": mgr.rank, "layers": layers,
+               "optimizer": opt.spec.__dict__ if opt is not None else None}
+    _atomic_save(payload, os.path.join(directory, _rank_file(mgr.rank)))
+    if mgr.rank == 0:
+        index = {"format": FORMAT, "world_size": mgr.world_size,
+                 "layers": {layer.name: list(layer.ownership.starts) for layer in mgr.layers}}
+        _atomic_save(index, os.path.join(directory, INDEX))
+    dist.barrier(group=mgr.group)
+
+
+def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None:
+    """Fill this rank's shards (and optimizer state) from a checkpoint saved with any number of ranks."""
+    mgr.synchronize()
+    path = os.path.join(directory, INDEX)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"FSSDP checkpoint index {path!r} is missing: the checkpoint was not saved by an "
+                                "engine with FSSDP attached (or is incomplete)")
+    with open(path) as fh:
+        index = json.load(fh)
+    need: dict[int, list] = {}
+    for layer in mgr.layers:
+        if layer.name not in index["layers"]:
+            raise KeyError(f"FSSDP checkpoint {directory!r} has no experts module {layer.name!r}")
+        starts = index["layers"][layer.name]
+        if starts[-1] != layer.num_experts:
+            raise ValueError(f"FSSDP checkpoint: {layer.name!r} has {starts[-1]} experts, the model {layer.num_experts}")
+        lo, hi = layer.first, layer.first + layer.local_count
+        for r in range(len(starts) - 1):
+            if starts[r] < hi and lo < starts[r + 1]:
+                need.setdefault(r, []).append(layer)
+    opt = mgr.optimizer
+    entries = {e.key: e for e in opt.entries} if opt is not None else {}
+    states: dict[tuple[int, str], dict] = {}
+    for r, layers in sorted(need.items()):
+        data = torch.load(os.path.join(directory, _rank_file(r)), map_location="cpu", weights_only=True)
+        for layer in layers:
+            rec = data["layers"][layer.name]
+            f_lo, f_hi = rec["experts"]
+            lo, hi = max(layer.first, f_lo), min(layer.first + layer.local_count, f_hi)
+            dst = slice(lo - layer.first, hi - layer.first)
+            src = slice(lo - f_lo, hi - f_lo)
+            for n, p in layer.shards.items():
+                e = entries.get((layer.index, n))
+                with torch.no_grad():
+                    p[dst].copy_(rec["params"][n][src])
+                    if e is not None and e.master is not p:
+                        e.master[dst].copy_(rec["params"][n][src])
+                if e is None or not load_optimizer_states or n not in rec["optim"]:
+                    continue
+                st = states.setdefault((layer.index, n), {})
+                for k, v in rec["optim"][n].items():
+                    if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == f_hi - f_lo:  # per-expert state
+                        if k not in st:
+                            st[k] = torch.zeros((layer.local_count, *v.shape[1:]), dtype=v.dtype)
+                        st[k][dst].copy_(v[src])
+                    elif k not in st:
+                        st[k] = v.clone() if torch.is_tensor(v) else v
+    if opt is not None and load_optimizer_states:
+        for key, st in states.items():
+            opt.set_state(entries[key], st)
+    mgr.zero_grad()
+    dist.barrier(group=mgr.group)
+
+
+def _tag_dir(engine, root: str, tag) -> str | None:
+    if tag is None:
+        latest = os.path.join(root, "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as fh:
+            tag = fh.read().strip()
+    return os.path.join(root, str(tag))
+
+
+def wrap_checkpointing(mgr, engine) -> None:
+    inner_save, inner_load = engine.save_checkpoint, engine.load_checkpoint
+
+    @functools.wraps(inner_save)
+    def save_checkpoint(save_dir, tag=None, *args, **kwargs):
+        mgr.synchronize()
+        tag = f"global_step{engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
+        out = inner_save(save_dir, tag, *args, **kwargs)
+        save_shards(mgr, os.path.join(save_dir, str(tag)))
+        return out
+
+    @functools.wraps(inner_load)
+    def load_checkpoint(load_dir, tag=None, *args, expert_optimizer_states: bool | None = None, **kwargs):
+        """DeepSpeed's ``load_checkpoint`` plus the FSSDP shards. ``expert_optimizer_states`` (default: follow
+        ``load_optimizer_states``) restores the experts' optimizer state even where DeepSpeed cannot re-partition
+        the dense one (a different world size needs ``load_optimizer_states=False`` on DeepSpeed's side)."""
+        mgr.synchronize()
+        out = inner_load(load_dir, tag, *args, **kwargs)
+        load_path = out[0] if isinstance(out, tuple) else out
+        if load_path is None:
+            return out
+        directory = _tag_dir(engine, load_dir, tag)
+        if expert_optimizer_states is None:
+            expert_optimizer_states = kwargs.get("load_optimizer_states", True) and not kwargs.get("load_module_only", False)
+        load_shards(mgr, directory, load_optimizer_states=expert_optimizer_states)
+        return out
+
+    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
+
+
+def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Dense state dict plus full ``[E, ...]`` experts, assembled on rank 0 (or everywhere)."""
+    mgr.synchronize()
+    group, world = mgr.group, mgr.world_size
+    out = {k: v.detach().clone() for k, v in mgr.model.state_dict().items()} if (mgr.rank == 0 or not rank0_only) else {}
+    for layer in mgr.layers:
+        counts = [layer.ownership.count(r) for r in range(world)]
+        cap = max(counts)
+        for n, p in layer.shards.items():
+            shape = layer.expert_shapes[n]
+            send = torch.zeros((cap, *shape), dtype=p.dtype, device=p.device)
+            send[: p.size(0)].copy_(p.detach())
+            bufs = [torch.empty_like(send) for _ in range(world)]
+            dist.all_gather(bufs, send, group=group)
+            if mgr.rank == 0 or not rank0_only:
+                full = torch.cat([b[:c] for b, c in zip(bufs, counts)], dim=0)
+                prefix = f"{layer.name}." if layer.name else ""
+                out[prefix + n] = full
+    return out

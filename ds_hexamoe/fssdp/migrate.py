@@ -1,0 +1,137 @@
+"""Re-sharding a live FSSDP model to new shard weights: parameters, fp32 masters and optimizer state.
+
+The in-memory counterpart of :mod:`.checkpoint`'s N->M re-sharding: there each rank reads, from the
+files of the old layout, the expert ranges that overlap its new range; here each old owner sends the
+same overlaps straight to the new owners, one ``all_to_all_single`` per (layer, parameter) with
+variable splits (contiguous expert ranges in rank order make every overlap one contiguous block of
+rows on both sides). What moves per expert is the record a checkpoint stores: the fp32 master (the
+parameter itself for fp32 models) and every per-expert optimizer state tensor (Adam's moments);
+scalar state (Adam's ``step``) is the same on every owner and copied.
+
+Call at an optimizer-step boundary (gradients zero), on every rank of the FSSDP group. DeepSpeed's
+dense state is untouched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .plan import LayerOwnership, normalized_weights, split_experts
+
+
+def _overlap(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> int:
+    lo = max(a.starts[r], b.starts[q])
+    hi = min(a.starts[r + 1], b.starts[q + 1])
+    return max(0, hi - lo)
+
+
+def plan_ownership(mgr, weights) -> list[LayerOwnership]:
+    w = normalized_weights(list(weights), mgr.world_size)
+    return [split_experts(layer.num_experts, w, layer=layer.index) for layer in mgr.layers]
+
+
+def migrate_shards(mgr, weights) -> dict:
+    """Move ``mgr``'s expert shards to the ownership ``weights`` gives (see the module docstring).
+
+    Returns ``{"moved_experts": n, "bytes_sent": b, "counts": {layer: [experts per rank]}}`` (``moved_experts``
+    counts experts changing owner over all layers, the same on every rank; ``bytes_sent`` is this rank's)."""
+    mgr.synchronize()
+    new_owns = plan_ownership(mgr, weights)
+    counts = {layer.name: [o.count(r) for r in range(mgr.world_size)] for layer, o in zip(mgr.layers, new_owns)}
+    moved = sum(sum(1 for e in range(layer.num_experts) if layer.ownership.owner(e) != o.owner(e))
+                for layer, o in zip(mgr.layers, new_owns))
+    if moved == 0:
+        return {"moved_experts": 0, "bytes_sent": 0, "counts": counts}
+    for g in mgr.grads.values():
+        if g.numel() and bool(g.ne(0).any()):
+            raise RuntimeError("migrate_shards: expert gradients are pending; migrate between optimizer steps "
+                               "(after engine.step() at an accumulation boundary)")
+    opt = mgr.optimizer
+    entries = {e.key: e for e in opt.entries} if opt is not None else {}
+    # which per-expert and scalar optimizer state each (layer, parameter) has, agreed over ranks (a rank
+    # owning no expert of a layer has no state for it)
+    local = {}
+    for layer in mgr.layers:
+        for n in layer.param_names:
+            e = entries.get((layer.index, n))
+            st = opt.state(e) if e is not None else {}
+            per = sorted(k for k, v in st.items() if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == layer.local_count)
+            scal = {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items() if k not in per}
+            local[(layer.index, n)] = (per, scal) if layer.local_count > 0 else (None, None)
+    every = [None] * mgr.world_size
+    dist.all_gather_object(every, local, group=mgr.group)
+    rank, world = mgr.rank, mgr.world_size
+    sent = 0
+    new_rows: dict[tuple[int, str], torch.Tensor] = {}
+    layouts: dict[tuple[int, str], tuple[list[str], dict]] = {}
+    for layer, new in zip(mgr.layers, new_owns):
+        old = layer.ownership
+        send_splits = [_overlap(old, rank, new, q) for q in range(world)]
+        recv_splits = [_overlap(old, o, new, rank) for o in range(world)]
+        for n in layer.param_names:
+            key = (layer.index, n)
+            per, scal = next(((p, s) for p, s in (d[key] for d in every) if p is not None), ([], {}))
+            layouts[key] = (per, scal)
+            p = layer.shards[n]
+            e = entries.get(key)
+            master = e.master if e is not None else p
+            st = opt.state(e) if e is not None else {}
+            k = layer.expert_numel(n)
+            dtype = master.dtype if master.dtype in (torch.float32, torch.float64) else torch.float32
+            cols = [master.detach().reshape(layer.local_count, k).to(dtype)]
+            for s in per:
+                v = st.get(s)
+                cols.append(v.detach().reshape(layer.local_count, k).to(dtype) if v is not None
+                            else torch.zeros(layer.local_count, k, dtype=dtype, device=p.device))
+            send = torch.cat(cols, dim=1).contiguous()
+            recv = torch.empty(new.count(rank), send.size(1), dtype=dtype, device=p.device)
+            dev = torch.device("cpu") if dist.get_backend(mgr.group) == "gloo" else p.device
+            r_cpu = recv.to(dev)
+            dist.all_to_all_single(r_cpu, send.to(dev), output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                                   group=mgr.group)
+            new_rows[key] = r_cpu.to(p.device)
+            sent += sum(send_splits[q] for q in range(world) if q != rank) * send.size(1) * send.element_size()
+    # rebuild shards, gradient buffers and the optimizer on the new ownership
+    spec = opt.spec if opt is not None else None
+    for layer, new in zip(mgr.layers, new_owns):
+        layer.ownership = new
+        lo, hi = new.starts[rank], new.starts[rank + 1]
+        for n in layer.param_names:
+            old_p = layer.shards[n]
+            rows = new_rows[(layer.index, n)]
+            k = layer.expert_numel(n)
+            shape = (new.count(rank), *layer.expert_shapes[n])
+            shard = nn.Parameter(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), requires_grad=old_p.requires_grad)
+            shard._hexamoe_fssdp = True
+            shard.ds_optim_param = True
+            shard._hexamoe_experts = (lo, hi)
+            del layer.module._parameters[n]
+            layer.module.register_parameter(n, shard)
+            layer.shards[n] = shard
+            mgr.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)
+    mgr._ids = {id(p) for layer in mgr.layers for p in layer.shards.values()}
+    mgr._records, mgr._forward_record = [], None
+    for attr in ("_transfers", "_slice_plans"):  # expert-parallel / model-centric caches built on the old owners
+        cache = getattr(mgr, attr, None)
+        if isinstance(cache, dict):
+            cache.clear()
+    if spec is not None:
+        new_opt = mgr.build_optimizer(spec)
+        for e in new_opt.entries:
+            layer = mgr.layers[e.key[0]]
+            rows = new_rows[e.key]
+            k = layer.expert_numel(e.key[1])
+            c = layer.local_count
+            shape = (c, *layer.expert_shapes[e.key[1]])
+            if e.master is not e.param:
+                with torch.no_grad():
+                    e.master.copy_(rows[:, :k].reshape(shape))
+            per, scal = layouts[e.key]
+            if e in new_opt.stepped and (per or scal):
+                state = {s: rows[:, k * (i + 1):k * (i + 2)].reshape(shape).to(e.master.dtype).clone()
+                         for i, s in enumerate(per)}
+                for s, v in scal.items():
+                    state[s] = v.clone().to(e.master.device) if torch.is_tensor(v) else v
+                new_opt.set_state(e, state)
+    return {"moved_experts": moved, "bytes_sent": sent, "counts": counts}

@@ -1,0 +1,112 @@
+"""Emulating a slower rank on identical hardware (CPU benchmarks and tests), and timing local work.
+
+A device ``s`` times slower reaches every collective ``s`` times later after the previous one; that
+is all its peers can observe. :class:`CollectiveClock` wraps the ``torch.distributed`` collectives
+(DeepSpeed's and FSSDP's both call them through the module) and, just before a collective starts,
+sleeps ``(s - 1) x`` the wall time this rank spent outside collectives since the previous one
+returned. So the emulated rank does its real compute once, then waits as long as the extra compute
+of a slower device would have taken, at the place where the wait matters. Sleeping, unlike repeating
+compute, leaves the shared CPU cores to the other ranks.
+
+The same clock records, per step, ``busy`` (wall time outside collectives, the emulated extra
+included), ``comm`` (time inside collectives: transfer plus waiting for slower peers) and ``slept``.
+Limits: the time a rank waits on an asynchronous collective's ``wait()`` counts as busy; on GPUs the
+host clock does not see kernel time (emulation is meant for CPU ranks).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+
+import torch.distributed as dist
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+               "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list",
+               "barrier", "reduce", "all_reduce_coalesced", "gather", "scatter", "gather_object", "send", "recv")
+
+_ACTIVE: "CollectiveClock | None" = None
+
+
+class CollectiveClock:
+    """Wraps ``torch.distributed`` collectives in this process; ``slowdown`` > 1 emulates a slower rank."""
+
+    def __init__(self, slowdown: float = 1.0):
+        if not slowdown >= 1.0:
+            raise ValueError(f"slowdown: got {slowdown!r}; expected a number >= 1")
+        self.slowdown = float(slowdown)
+        self._originals: dict[str, object] = {}
+        self._local = threading.local()
+        self.reset()
+
+    # -- accounting ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.busy = self.comm = self.slept = 0.0
+        self.collectives = 0
+        self._mark = time.perf_counter()
+
+    def lap(self) -> dict[str, float]:
+        """Totals since the previous lap (or reset), then starts a new lap; time since the last collective
+        counts as busy (and is slept for now, so the lap's work is complete)."""
+        self._settle()
+        out = {"busy_s": self.busy, "comm_s": self.comm, "slept_s": self.slept, "collectives": self.collectives}
+        self.busy = self.comm = self.slept = 0.0
+        self.collectives = 0
+        return out
+
+    def _settle(self) -> None:
+        now = time.perf_counter()
+        work = now - self._mark
+        extra = (self.slowdown - 1.0) * work
+        if extra > 0:
+            time.sleep(extra)
+            self.slept += extra
+        self.busy += work + extra
+        self._mark = time.perf_counter()
+
+    # -- patching -----------------------------------------------------------------------------------
+    def install(self) -> "CollectiveClock":
+        global _ACTIVE
+        if _ACTIVE is not None and _ACTIVE is not self:
+            _ACTIVE.uninstall()
+        for name in COLLECTIVES:
+            fn = getattr(dist, name, None)
+            if fn is None or getattr(fn, "_hexamoe_clock", False):
+                continue
+            self._originals[name] = fn
+            setattr(dist, name, self._wrap(fn))
+        _ACTIVE = self
+        self.reset()
+        return self
+
+    def uninstall(self) -> None:
+        global _ACTIVE
+        for name, fn in self._originals.items():
+            setattr(dist, name, fn)
+        self._originals.clear()
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            if getattr(self._local, "inside", False):  # a collective built on another one
+                return fn(*args, **kwargs)
+            self._settle()
+            self._local.inside = True
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._local.inside = False
+                t1 = time.perf_counter()
+                self.comm += t1 - t0
+                self.collectives += 1
+                self._mark = t1
+
+        timed._hexamoe_clock = True
+        return timed
+
+
+def active_clock() -> CollectiveClock | None:
+    return _ACTIVE

@@ -1,0 +1,318 @@
+"""The cost model shared by the planner and the simulator: FLOPs per rank, bytes per link, memory.
+
+Per step (forward + backward) and per rank ``r`` with batch share ``B_r`` samples of ``seq`` tokens:
+
+- dense part (attention, routers, dense MLPs, LM head): ``B_r * seq * dense_flops_per_token / attn_flops_r``;
+- a data-centric MoE layer: the rank's own pairs ``B_r * seq * k`` at ``pair_flops / expert_flops_r``,
+  plus SparseAllGather of the experts its tokens activate that it does not own (again for backward
+  when re-materializing) and SparseReduceScatter of their gradients, hidden under the layer's compute
+  when prefetching;
+- a model-centric layer: every pair of the step on the rank's hidden slice ``f_r / f``, plus the token
+  all-gather and output reduce-scatter (twice: forward and backward);
+- expert-parallel layers: see :mod:`.solvers` (compute of the placed load, replica materialization,
+  token hops between home ranks and consecutive experts).
+
+Memory per rank: dense weights and gradients (the dense optimizer state ZeRO-sharded), the rank's FSSDP
+shard of expert weights, gradients and optimizer state, activations of its batch share, and the expert
+cache (one layer, double-buffered when prefetching): every activated expert (data-centric), a hidden
+slice of every expert (model-centric) or the hosted replicas (expert-parallel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ConfigError
+from .model import ModelShape
+from .profiles import DeviceProfile
+from .solvers import PlacementProblem
+from .stats import RoutingStats
+
+MODES = ("data_centric", "expert_parallel", "model_centric")
+
+
+@dataclass
+class PlanOptions:
+    memory_fraction: float = 0.9  # of each device's memory the plan may use
+    memory_limits_gb: list[float] | None = None  # per-rank override of usable memory
+    rematerialize: bool = True
+    prefetch: bool = True
+    use_affinity: bool = True
+    replicas: int | None = None
+    time_limit: float = 10.0
+    mode: str = "auto"
+
+    def validate(self, world_size: int) -> None:
+        if not 0 < self.memory_fraction <= 1:
+            raise ConfigError(f"memory_fraction: got {self.memory_fraction!r}; expected a number in (0, 1]")
+        if self.memory_limits_gb is not None:
+            m = self.memory_limits_gb
+            if len(m) != world_size or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in m):
+                raise ConfigError(f"memory_limits: got {m!r}; expected {world_size} numbers > 0 (GB per rank)")
+        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
+            raise ConfigError(f"replicas: got {self.replicas!r}; expected an integer >= 0 or None (automatic)")
+        if not self.time_limit > 0:
+            raise ConfigError(f"time_limit: got {self.time_limit!r}; expected a number of seconds > 0")
+        if self.mode not in MODES + ("auto",):
+            raise ConfigError(f"mode: got {self.mode!r}; expected one of {list(MODES) + ['auto']}")
+
+
+def integer_shares(weights, total: int, caps=None, what: str = "global_batch") -> list[int]:
+    """Integers proportional to ``weights`` summing to ``total``, each at most ``caps[r]`` (largest remainder)."""
+    w = np.asarray(weights, dtype=float)
+    R = len(w)
+    caps = np.full(R, np.inf) if caps is None else np.asarray(caps, dtype=float)
+    if caps.sum() < total:
+        raise ConfigError(f"{what}: got {total}; the ranks' memory holds at most {int(caps.sum())} "
+                          f"(per rank {[int(c) for c in caps[:8]]}{' ...' if R > 8 else ''}); reduce {what} or add memory")
+    x = np.zeros(R)
+    free = np.ones(R, dtype=bool)
+    left = float(total)
+    for _ in range(R + 1):  # water-fill: cap, then share the rest among uncapped ranks
+        if left <= 1e-12 or not free.any():
+            break
+        ww = np.where(free, w, 0.0)
+        if ww.sum() <= 0:
+            ww = free.astype(float)
+        x_new = x + left * ww / ww.sum()
+        over = free & (x_new > caps)
+        if not over.any():
+            x = x_new
+            break
+        x[over] = caps[over]
+        free &= ~over
+        left = total - x.sum()
+    out = np.floor(x + 1e-9).astype(int)
+    rem = total - int(out.sum())
+    order = np.argsort(-(x - out), kind="stable")
+    for r in order:
+        if rem <= 0:
+            break
+        if out[r] + 1 <= caps[r]:
+            out[r] += 1
+            rem -= 1
+    i = 0
+    while rem > 0:  # all fractional parts used: any rank with room
+        r = order[i % R]
+        if out[r] + 1 <= caps[r]:
+            out[r] += 1
+            rem -= 1
+        i += 1
+    return [int(v) for v in out]
+
+
+def water_fill(weights, caps) -> np.ndarray:
+    """Fractions proportional to ``weights`` summing to 1 with ``x[r] <= caps[r]`` (``sum(caps) >= 1``)."""
+    w = np.asarray(weights, dtype=float)
+    caps = np.asarray(caps, dtype=float)
+    x = np.zeros(len(w))
+    free = np.ones(len(w), dtype=bool)
+    for _ in range(len(w) + 1):
+        left = 1.0 - x[~free].sum()
+        ww = np.where(free, w, 0.0)
+        if left <= 1e-15 or ww.sum() <= 0:
+            break
+        trial = left * ww / ww.sum()
+        over = free & (trial > caps)
+        if not over.any():
+            x[free] = trial[free]
+            break
+        x[over] = caps[over]
+        free &= ~over
+    return x / x.sum()
+
+
+class CostModel:
+    """Everything per rank the planner and simulator need, from profiles, statistics and model shape."""
+
+    def __init__(self, profiles: list[DeviceProfile], stats: RoutingStats, model: ModelShape, global_batch: int,
+                 options: PlanOptions | None = None):
+        self.options = options or PlanOptions()
+        if not profiles:
+            raise ConfigError("devices: got an empty list; expected one profile per rank")
+        R = len(profiles)
+        self.options.validate(R)
+        if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+            raise ConfigError(f"global_batch: got {global_batch!r}; expected an integer >= 1 (samples per step)")
+        if len(stats.layers) != model.num_moe_layers:
+            raise ConfigError(f"stats.layers: {len(stats.layers)} MoE layers, but model.num_moe_layers is "
+                              f"{model.num_moe_layers}; profile the same model or pass a matching model shape")
+        for l in stats.layers:
+            if stats.num_experts(l) != model.num_experts:
+                raise ConfigError(f"stats.per_layer[{l!r}].counts: {stats.num_experts(l)} experts, but "
+                                  f"model.num_experts is {model.num_experts}")
+        self.profiles, self.stats, self.model, self.G = profiles, stats, model, global_batch
+        self.R, self.L, self.E, self.seq = R, len(stats.layers), model.num_experts, model.seq_len
+        self.sa = np.array([p.attn_flops for p in profiles])
+        self.se = np.array([p.expert_flops for p in profiles])
+        self.bw = np.array([p.bandwidth for p in profiles])
+        if self.options.memory_limits_gb is not None:
+            self.mem = np.array(self.options.memory_limits_gb, dtype=float) * 1e9
+        else:
+            self.mem = np.array([p.memory_bytes for p in profiles], dtype=float) * self.options.memory_fraction
+        tokens = self.G * self.seq
+        self.k = np.array([stats.top_k[l] for l in stats.layers], dtype=float)
+        p = np.array([stats.counts[l] for l in stats.layers], dtype=float)
+        tot = p.sum(axis=1, keepdims=True)
+        self.p = np.where(tot > 0, p / np.maximum(tot, 1), 1.0 / self.E)  # [L, E] routing probabilities
+        self.loads = self.p * tokens * self.k[:, None]  # pairs per step
+        self.hops_indep, self.hops_true = [], []
+        for l in range(self.L - 1):
+            indep = np.outer(self.p[l], self.loads[l + 1])
+            a, b = stats.layers[l], stats.layers[l + 1]
+            raw = stats.affinity.get((a, b))
+            if raw is None or stats.tokens[a] == 0:
+                true = indep
+            else:
+                m = np.array(raw, dtype=float)
+                true = m / max(m.sum(), 1.0) * self.loads[l + 1].sum() if m.sum() > 0 else indep
+            self.hops_indep.append(indep)
+            self.hops_true.append(true)
+        self.dense_per_sample = self.seq * model.dense_flops_per_token / self.sa  # seconds
+        self.pair_cost = model.pair_flops / self.se
+        self.hop_cost = 2.0 * model.token_bytes / self.bw
+        self.cache_unit = float(model.expert_bytes + model.expert_grad_bytes)  # a materialized expert + its grad
+        self.buffers = 2 if self.options.prefetch else 1
+        self.act_per_sample = self.seq * model.activation_bytes()
+
+    # -- memory -------------------------------------------------------------------------------------
+    def dense_state(self) -> np.ndarray:
+        m = self.model
+        per = m.dense_params * (m.param_bytes + m.grad_bytes) + m.dense_params * m.optimizer_bytes / self.R
+        return np.full(self.R, float(per))
+
+    def expert_state_total(self) -> float:
+        m = self.model
+        return float(self.L * self.E * m.expert_params * (m.param_bytes + m.grad_bytes + m.optimizer_bytes))
+
+    def shard_weights(self, by: str = "memory") -> np.ndarray:
+        """FSSDP shard weights (heterogeneous sharding), summing to 1.
+
+        ``by="memory"``: in proportion to the memory left after the dense state. ``by="speed"``: in
+        proportion to expert speed (an owner steps its experts' optimizer and packs them for every
+        SparseAllGather, so a slow rank owning as much as a fast one makes everyone wait), each rank capped
+        at the share its free memory holds (water-filled: what a capped rank cannot hold goes to the others
+        by speed)."""
+        if by not in ("memory", "speed"):
+            raise ConfigError(f"shard_by: got {by!r}; expected 'memory' or 'speed'")
+        free = self.mem - self.dense_state()
+        bad = np.flatnonzero(free <= 0)
+        if len(bad):
+            r = int(bad[0])
+            raise ConfigError(f"devices[{r}] ({self.profiles[r].name}): the dense model state needs "
+                              f"{self.dense_state()[r] / 1e9:.1f} GB, more than its usable {self.mem[r] / 1e9:.1f} GB")
+        total = self.expert_state_total()
+        if total > free.sum():
+            raise ConfigError(f"devices: total memory is too small: expert shards need {total / 1e9:.1f} GB and the ranks "
+                              f"have {free.sum() / 1e9:.1f} GB left after the dense state; add devices or memory")
+        if by == "memory":
+            return free / free.sum()
+        return water_fill(self.se, free / total)
+
+    def fixed_bytes(self, sw: np.ndarray) -> np.ndarray:
+        return self.dense_state() + sw * self.expert_state_total()
+
+    def check_expert_fits(self, sw: np.ndarray) -> None:
+        room = self.mem - self.fixed_bytes(sw)
+        need = self.cache_unit * self.buffers
+        if need > room.max():
+            r = int(np.argmax(room))
+            raise ConfigError(f"model: one expert with its gradient needs {need / 1e9:.2f} GB of cache "
+                              f"({'double-buffered' if self.buffers == 2 else 'single'}), more than any device has free "
+                              f"(best: devices[{r}] {self.profiles[r].name} with {max(room[r], 0) / 1e9:.2f} GB); "
+                              "use devices with more memory or a smaller expert")
+
+    def cache_bytes(self, mode: str, hosted: np.ndarray | None = None, slices: np.ndarray | None = None) -> np.ndarray:
+        """Expert cache bytes per rank for a layer in ``mode``."""
+        unit = self.cache_unit * self.buffers
+        if mode == "data_centric":
+            return np.full(self.R, self.E * unit)
+        if mode == "model_centric":
+            return self.E * unit * slices / self.model.expert_ffn
+        return hosted * unit
+
+    def batch_caps(self, sw: np.ndarray, reserve: np.ndarray) -> np.ndarray:
+        room = self.mem - self.fixed_bytes(sw) - reserve
+        return np.maximum(0, np.floor(room / self.act_per_sample))
+
+    def slots(self, sw: np.ndarray, shares) -> np.ndarray:
+        room = self.mem - self.fixed_bytes(sw) - np.asarray(shares) * self.act_per_sample
+        return np.clip(np.floor(room / (self.cache_unit * self.buffers)), 0, self.E).astype(int)
+
+    def memory_used(self, sw, shares, cache: np.ndarray) -> np.ndarray:
+        return self.fixed_bytes(sw) + np.asarray(shares, dtype=float) * self.act_per_sample + cache
+
+    # -- time per rank ------------------------------------------------------------------------------
+    def dense_time(self, shares) -> np.ndarray:
+        return np.asarray(shares, dtype=float) * self.dense_per_sample
+
+    def overlap(self, shares) -> np.ndarray:
+        """Dense seconds per MoE layer, under which weight movement of the next layer can hide."""
+        return self.dense_time(shares) / self.L if self.options.prefetch else np.zeros(self.R)
+
+    def dc_layer(self, l: int, shares, sw) -> np.ndarray:
+        n = np.asarray(shares, dtype=float) * self.seq * self.k[l]
+        compute = n * self.pair_cost
+        active = (1.0 - np.exp(-np.outer(n, self.p[l]))).sum(axis=1)  # expected distinct experts used
+        m = self.model
+        moves = (1 + int(self.options.rematerialize)) * m.expert_bytes + m.expert_grad_bytes
+        comm = active * (1.0 - sw) * moves / self.bw
+        if self.options.prefetch:
+            return np.maximum(compute, comm - self.overlap(shares))
+        return compute + comm
+
+    def mc_layer(self, l: int, shares, slices) -> np.ndarray:
+        pairs = self.loads[l].sum()
+        compute = pairs * (np.asarray(slices) / self.model.expert_ffn) * self.pair_cost
+        own = np.asarray(shares, dtype=float) * self.seq
+        comm = 4.0 * (self.G * self.seq - own) * self.model.token_bytes / self.bw
+        return compute + comm
+
+    def host_cost(self, sw) -> np.ndarray:
+        m = self.model
+        return (1.0 - sw) * ((1 + int(self.options.rematerialize)) * m.expert_bytes + m.expert_grad_bytes) / self.bw
+
+    def ep_problem(self, shares, sw, layers: range | None = None, true_affinity: bool = False,
+                   base: np.ndarray | None = None) -> PlacementProblem:
+        """The placement problem of a run of expert-parallel layers (all by default)."""
+        layers = layers if layers is not None else range(self.L)
+        a, b = layers.start, layers.stop
+        hops = self.hops_true if (true_affinity or self.options.use_affinity) else self.hops_indep
+        shares = np.asarray(shares, dtype=float)
+        return PlacementProblem(
+            loads=self.loads[a:b], hops=hops[a:b - 1], home=shares / shares.sum(), pair_cost=self.pair_cost,
+            hop_cost=self.hop_cost, host_cost=self.host_cost(sw), overlap=self.overlap(shares),
+            base=self.dense_time(shares) if base is None else base, slots=self.slots(sw, shares),
+            replicas=self.options.replicas, time_limit=self.options.time_limit)
+
+    def hidden_slices(self) -> list[int]:
+        """Model-centric hidden slice sizes ``f_r`` in proportion to expert speed (HEXA-MoE)."""
+        return integer_shares(self.se, self.model.expert_ffn, what="model.expert_ffn")
+
+    def ideal_step_time(self) -> float:
+        """Total work over total speed: ``min tau`` such that the dense and expert FLOPs of the step can be
+        split over ranks with every rank done by ``tau`` (an LP; no communication, no memory limits)."""
+        from scipy.optimize import linprog
+
+        R = self.R
+        D = self.G * self.seq * self.model.dense_flops_per_token
+        X = float(self.loads.sum()) * self.model.pair_flops
+        t0 = D / self.sa.sum() + X / self.se.sum()  # the answer when speed ratios agree; the LP's scale
+        # variables (in units of t0): a_r dense seconds, x_r expert seconds, tau
+        c = np.zeros(2 * R + 1)
+        c[-1] = 1.0
+        A_ub = np.zeros((R, 2 * R + 1))
+        for r in range(R):
+            A_ub[r, r] = A_ub[r, R + r] = 1.0
+            A_ub[r, -1] = -1.0
+        A_eq = np.zeros((2, 2 * R + 1))
+        A_eq[0, :R] = self.sa * t0 / D
+        A_eq[1, R:2 * R] = self.se * t0 / X if X > 0 else 1.0
+        b_eq = [1.0, 1.0 if X > 0 else 0.0]
+        res = linprog(c, A_ub=A_ub, b_ub=np.zeros(R), A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * (2 * R + 1),
+                      method="highs")
+        if res.status != 0:  # cannot happen for positive speeds; the closed form is then the estimate
+            return t0
+        return float(res.x[-1]) * t0
+

@@ -1,0 +1,285 @@
+"""Placement: profiles, the ILP against brute force, memory limits, batch shares, infeasible inputs,
+the simulator's ordering (uniform >= planned >= ideal) and the CLI on the shipped examples."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ds_hexamoe.config import ConfigError, DeviceSpec
+from ds_hexamoe.placement import solvers as S
+from ds_hexamoe.placement.costs import CostModel, PlanOptions, integer_shares
+from ds_hexamoe.placement.model import MODEL_SHAPES, ModelShape
+from ds_hexamoe.placement.plan import Plan
+from ds_hexamoe.placement.planner import plan, problem_for
+from ds_hexamoe.placement.profiles import DeviceProfile, builtin_profile, load_profiles, measure_profile
+from ds_hexamoe.placement.simulator import ideal_step_time, simulate, uniform_plan
+from ds_hexamoe.placement.stats import synthetic_stats
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "ds_hexamoe", "placement", "examples")
+
+# a small MoE whose numbers land in a GPU-like regime (seconds per step, GBs)
+SMALL = ModelShape(hidden=1024, expert_ffn=2048, num_experts=8, top_k=2, num_moe_layers=4, seq_len=1024,
+                   num_heads=16, vocab_size=8192)
+
+
+# ------------------------------------------------------------------------------------------ profiles
+def test_load_profiles_table_fill_and_count(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"devices": [
+        {"name": "A100-40GB"},
+        {"name": "h100", "tflops": 500, "count": 2},
+        {"name": "custom", "attn_tflops": 50, "expert_tflops": 40, "memory_gb": 24, "bandwidth_gbps": 16, "slowdown": 2},
+    ]}))
+    p = load_profiles(path)
+    assert [x.name for x in p] == ["A100-40GB", "H100-SXM", "H100-SXM", "custom"]
+    assert p[0].attn_tflops == 312 and p[0].memory_bytes == 40e9 and p[0].bandwidth_gbps == 300
+    assert p[1].attn_tflops == 500 and p[1].memory_bytes == 80e9  # declared number wins, table fills the rest
+    assert p[3].expert_flops == 40e12 / 2  # slowdown divides speed
+    # config DeviceSpec entries and names work too
+    q = load_profiles([DeviceSpec(name="V100", memory_gb=16.0), "T4"])
+    assert q[0].name == "V100-32GB" and q[0].memory_bytes == 16e9 and q[1].attn_tflops == 65
+    assert builtin_profile("NVIDIA H100 80GB HBM3").name == "H100-SXM"
+
+
+@pytest.mark.parametrize("devices,field", [
+    ([{"name": "A100-40GB"}, {"name": "x", "tflops": -1, "memory_gb": 1, "bandwidth_gbps": 1}], "devices[1].tflops: got -1"),
+    ([{"name": "A100-40GB"}, {"name": "unknown-gpu", "memory_gb": 8, "bandwidth_gbps": 8}], "devices[1].tflops: missing"),
+    ([{"name": "T4", "memory_gb": "lots"}], "devices[0].memory_gb"),
+    ([{"name": "T4", "slowdown": 0.5}], "devices[0].slowdown"),
+    ([{"name": "T4", "count": 0}], "devices[0].count"),
+    ([{"name": "T4", "speed": 3}], "devices[0].speed: unknown key"),
+    ([], "devices: got []"),
+])
+def test_malformed_devices_name_the_field(tmp_path, devices, field):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"devices": devices}))
+    with pytest.raises(ConfigError) as e:
+        load_profiles(path)
+    assert field in str(e.value)
+
+
+def test_measure_profile_on_cpu():
+    p = measure_profile("cpu", tokens=256, hidden=128, ffn=256, num_experts=4, repeats=2)
+    assert p.attn_tflops > 0 and p.expert_tflops > 0 and p.memory_bytes > 1e9
+    assert p.attn_tflops < 100  # a CPU core does not do 100 TFLOP/s: the FLOP count and timing are sane
+
+
+# ---------------------------------------------------------------------------------------- ILP = brute force
+def _random_problem(rng, L, E, R, replicas=0, slots=None):
+    return S.PlacementProblem(
+        loads=rng.integers(1, 100, size=(L, E)).astype(float),
+        hops=[rng.integers(0, 30, size=(E, E)).astype(float) for _ in range(L - 1)],
+        home=rng.dirichlet(np.ones(R)), pair_cost=rng.uniform(1, 3, R), hop_cost=rng.uniform(0.1, 1, R),
+        host_cost=rng.uniform(0, 20, R), overlap=rng.uniform(0, 30, R), base=rng.uniform(0, 50, R),
+        slots=np.array(slots if slots is not None else [E] * R), replicas=replicas)
+
+
+def _brute_force(P):
+    """Every placement of the replica units onto ranks, scored by the same objective."""
+    L, E, R = P.shape
+    n = S._units(P)
+    units = [(l, e) for l in range(L) for e in range(E) for _ in range(n[l][e])]
+    best = np.inf
+    for assign in itertools.product(range(R), repeat=len(units)):
+        F = np.zeros((L, E, R))
+        ok = True
+        for (l, e), r in zip(units, assign):
+            if F[l, e, r] > 0:  # two replicas of one expert on one rank
+                ok = False
+                break
+            F[l, e, r] = 1.0 / n[l][e]
+        if ok and not ((F > 0).sum(axis=1) > P.slots[None]).any():
+            best = min(best, S.objective(P, F))
+    return best
+
+
+@pytest.mark.parametrize("seed,L,E,R,replicas,slots", [
+    (0, 2, 4, 2, 0, None),
+    (1, 2, 3, 3, 1, None),
+    (2, 1, 5, 2, 0, None),
+    (3, 2, 4, 2, 0, [2, 2]),  # memory binds: exactly 2 experts per rank and layer
+    (4, 3, 3, 2, 1, None),
+])
+def test_ilp_equals_brute_force(seed, L, E, R, replicas, slots):
+    P = _random_problem(np.random.default_rng(seed), L, E, R, replicas, slots)
+    best = _brute_force(P)
+    r = S.solve_ilp(P, joint=True)
+    assert r.status == "optimal"
+    assert r.objective == pytest.approx(best, rel=1e-6)
+    S.check_solution(P, r.F)
+    # the ilp solver (with its greedy fallback) is never worse than greedy or the optimum
+    res = S.solve("ilp", P)
+    assert res.objective <= min(best, S.greedy(P).objective) * (1 + 1e-6)
+
+
+def test_objective_matches_an_explicit_token_walk():
+    """rank_times' vectorized hop terms equal walking every (i, j) flow between concrete ranks."""
+    rng = np.random.default_rng(5)
+    P = _random_problem(rng, 2, 3, 3, 0)
+    F = rng.dirichlet(np.ones(3), size=(2, 3))
+    t = S.rank_times(P, F)
+    ref = P.base.copy()
+    for r in range(3):
+        ref[r] += P.pair_cost[r] * sum(P.loads[l, e] * F[l, e, r] for l in range(2) for e in range(3))
+        ref[r] += sum(max(0.0, (F[l, :, r] > 0).sum() * P.host_cost[r] - P.overlap[r]) for l in range(2))
+        hops = 0.0
+        for l in (0, 1):  # home dispatch into layer 0 and combine out of layer 1
+            for e in range(3):
+                for src in range(3):
+                    for dst in range(3):
+                        v = P.loads[l, e] * P.home[src] * F[l, e, dst]
+                        if src != dst and r in (src, dst):
+                            hops += v
+        for i in range(3):
+            for j in range(3):
+                for a in range(3):
+                    for b in range(3):
+                        v = P.hops[0][i, j] * F[0, i, a] * F[1, j, b]
+                        if a != b and r in (a, b):
+                            hops += v
+        ref[r] += P.hop_cost[r] * hops
+    np.testing.assert_allclose(t, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["greedy", "eplb", "ilp"])
+def test_solvers_respect_memory_slots(solver):
+    rng = np.random.default_rng(7)
+    P = _random_problem(rng, 3, 6, 3, replicas=2, slots=[1, 2, 3])  # 6 slots for 6 experts: tight
+    P.loads[:, 0] *= 20  # a very hot expert tempts every solver to replicate it
+    r = S.solve(solver, P)
+    hosted = (r.F > S.EPS).sum(axis=1)
+    assert (hosted <= P.slots[None, :]).all()
+    np.testing.assert_allclose(r.F.sum(axis=2), 1.0)
+    P.slots = np.array([1, 2, 2])  # 5 slots < 6 experts: infeasible before any solving
+    with pytest.raises(ConfigError, match="total memory is too small"):
+        S.solve(solver, P)
+
+
+def test_greedy_balances_by_speed():
+    """Asym-EA: with no communication, per-rank expert time levels out across speeds 1x, 2x, 4x."""
+    L, E, R = 1, 16, 3
+    rng = np.random.default_rng(0)
+    P = S.PlacementProblem(loads=rng.uniform(50, 150, (L, E)), hops=[], home=np.ones(R) / R,
+                           pair_cost=np.array([4.0, 2.0, 1.0]), hop_cost=np.zeros(R), host_cost=np.zeros(R),
+                           overlap=np.zeros(R), base=np.zeros(R), slots=np.full(R, E))
+    r = S.solve("greedy", P)
+    t = S.rank_times(P, r.F)
+    assert t.max() / t.min() < 1.05
+    assert t.max() == pytest.approx(P.loads.sum() / (1 / 4 + 1 / 2 + 1), rel=0.05)
+
+
+# ----------------------------------------------------------------------------------------- planner
+def _stats(model, seed=0):
+    return synthetic_stats(model.num_moe_layers, model.num_experts, 500, model.top_k, seed=seed)
+
+
+def test_three_times_slower_rank_gets_a_quarter_of_the_batch():
+    profiles = [DeviceProfile("fast", 300, 300, int(80e9), 300), DeviceProfile("slow", 100, 100, int(80e9), 300)]
+    p = plan(profiles, _stats(SMALL), global_batch=100, model_shape=SMALL, mode="data_centric")
+    assert p.batch_shares == [75, 25]
+    # the same through the slowdown factor of a declared profile
+    p2 = plan(load_profiles([{"name": "A100-80GB"}, {"name": "A100-80GB", "slowdown": 3}]), _stats(SMALL),
+              global_batch=100, model_shape=SMALL, mode="data_centric")
+    assert p2.batch_shares == [75, 25]
+    assert sum(p.batch_shares) == 100
+
+
+def test_integer_shares_keep_total_and_caps():
+    s = integer_shares([3, 1, 1], 10, caps=[5, 10, 10])
+    assert sum(s) == 10 and s[0] == 5
+    assert integer_shares([1, 1, 1], 10) in ([4, 3, 3], [3, 4, 3], [3, 3, 4])
+    with pytest.raises(ConfigError, match="global_batch: got 30"):
+        integer_shares([1, 1], 30, caps=[10, 10])
+
+
+@pytest.mark.parametrize("solver", ["greedy", "eplb", "ilp"])
+def test_plan_orders_uniform_planned_ideal_and_fits_memory(solver):
+    profiles = load_profiles(["H100", "A100-80GB", "A40", "V100-32GB"])
+    stats = _stats(SMALL, seed=1)
+    p = plan(profiles, stats, global_batch=32, model_shape=SMALL, solver=solver, time_limit=5)
+    pr = p.predicted
+    assert pr["uniform_step_time"] >= pr["step_time"] >= pr["ideal_step_time"] > 0
+    assert pr["speedup_vs_uniform"] > 1.3  # a 6.6x spread of speeds leaves a lot for the plan
+    assert all(u <= m for u, m in zip(pr["per_rank"]["memory_gb"], pr["per_rank"]["memory_limit_gb"]))
+    assert sum(p.batch_shares) == 32 and abs(sum(p.shard_weights) - 1) < 1e-9
+    # the plan re-simulates to the same prediction, also after a JSON round-trip
+    cost = CostModel(profiles, stats, SMALL, 32, PlanOptions())
+    q = Plan.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert simulate(q, cost).step_time == pytest.approx(pr["step_time"])
+    assert q.placement == p.placement and q.modes == p.modes
+    for l in p.layers:
+        for e, ranks in p.placement[l].items():
+            assert abs(sum(p.token_fractions[l][e].values()) - 1) < 1e-9 and ranks
+    assert ideal_step_time(cost) == pytest.approx(pr["ideal_step_time"])
+    assert simulate(uniform_plan(cost), cost).step_time == pytest.approx(pr["uniform_step_time"])
+
+
+def test_homogeneous_cluster_gains_nothing_from_batch_shares():
+    profiles = load_profiles([{"name": "H100", "count": 4}])
+    p = plan(profiles, _stats(SMALL), global_batch=32, model_shape=SMALL, mode="data_centric")
+    assert p.batch_shares == [8, 8, 8, 8]
+    assert p.predicted["step_time"] == pytest.approx(p.predicted["uniform_step_time"])
+
+
+def test_planner_memory_limits_respected():
+    profiles = load_profiles(["H100", "H100"])
+    stats = _stats(SMALL)
+    cost = CostModel(profiles, stats, SMALL, 8, PlanOptions())
+    sw = cost.shard_weights()
+    fixed = cost.fixed_bytes(sw)[0]
+    unit = cost.cache_unit * 2
+    # room for 3 experts of cache and 2 samples of activations on rank 0; rank 1 roomy
+    lim0 = (fixed + 3 * unit + 2 * cost.act_per_sample) / 1e9 * 1.0001
+    def used0(p):  # rank 0's bytes recomputed from the plan itself: shards, activations, hosted experts
+        hosted = max(sum(0 in r for r in p.placement[l].values()) for l in p.layers)
+        fixed0 = cost.dense_state()[0] + p.shard_weights[0] * cost.expert_state_total()
+        return (fixed0 + p.batch_shares[0] * cost.act_per_sample + hosted * unit) / 1e9
+
+    free = plan(profiles, stats, global_batch=8, model_shape=SMALL, mode="expert_parallel")
+    assert used0(free) > lim0  # without the limit the plan would not fit: the limit binds
+    for solver in ("greedy", "eplb", "ilp"):
+        p = plan(profiles, stats, global_batch=8, model_shape=SMALL, solver=solver, mode="expert_parallel",
+                 memory_limits=[lim0, 80.0])
+        assert used0(p) <= lim0
+        assert p.predicted["per_rank"]["memory_gb"][0] == pytest.approx(used0(p))
+
+
+def test_infeasible_inputs_raise_before_solving():
+    stats = _stats(MODEL_SHAPES["mixtral-8x7b"])
+    with pytest.raises(ConfigError, match="total memory is too small"):  # 47B params on 2 GPUs
+        plan(load_profiles(["H100", "H100"]), stats, global_batch=8, model_shape="mixtral-8x7b")
+    big_expert = ModelShape(hidden=16384, expert_ffn=131072, num_experts=2, top_k=1, num_moe_layers=1, seq_len=128,
+                            vocab_size=1000)  # one expert: 6.4B params, 25.8 GB with its gradient, double-buffered
+    s2 = synthetic_stats(1, 2, 100, 1)
+    with pytest.raises(ConfigError, match="more than any device has free"):
+        plan(load_profiles([{"name": "T4", "count": 32}]), s2, global_batch=4, model_shape=big_expert)
+    with pytest.raises(ConfigError, match="global_batch"):
+        plan(load_profiles(["H100"]), _stats(SMALL), global_batch=100000, model_shape=SMALL)
+    with pytest.raises(ConfigError, match="solver"):
+        plan(load_profiles(["H100"]), _stats(SMALL), global_batch=8, model_shape=SMALL, solver="magic")
+    with pytest.raises(ConfigError, match="num_moe_layers"):
+        plan(load_profiles(["H100"]), synthetic_stats(2, 8, 50, 2), global_batch=8, model_shape=SMALL)
+    with pytest.raises(ConfigError, match="model: missing"):
+        plan(load_profiles(["H100"]), _stats(SMALL), global_batch=8)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_plan_cli_on_examples(tmp_path, capsys):
+    from ds_hexamoe.placement.cli import plan_main, report
+
+    out, png = tmp_path / "plan.json", tmp_path / "load.png"
+    rc = plan_main(["--devices", os.path.join(EXAMPLES, "devices.json"), "--stats", os.path.join(EXAMPLES, "routing.json"),
+                    "--global-batch", "48", "--solver", "eplb", "--out", str(out), "--png", str(png)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "uniform" in text and "ideal" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    p = Plan.load_json(out)
+    assert p.world_size == 8 and sum(p.batch_shares) == 48
+    assert "predicted step" in report(p)
+    rc = plan_main(["--devices", str(tmp_path / "none.json"), "--stats", os.path.join(EXAMPLES, "routing.json")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
