@@ -191,16 +191,28 @@ class HexaMoECallback(TrainerCallback):
                                                                       if k not in figs):
             hist[-1].update(figs)
 
-    def on_save(self, args, state, control, **kwargs):
-        if self._collector is None:
-            return
+    def on_save(self, args, state, control, model=None, **kwargs):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._save_full_experts(folder, state, model)
+        if self._collector is None:
+            return
         stats = _global_stats(self._collector, self.all_ranks)
         if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             stats.save_json(os.path.join(folder, STATS_FILE))
+
+    def _save_full_experts(self, folder: str, state, model) -> None:
+        """With FSSDP the Trainer's weights file lacks the expert shards (they live in DeepSpeed's folder):
+        gather full experts (a collective; on_save runs on every rank) and rewrite the Hugging Face weights."""
+        rt = getattr(model, "_hexamoe_runtime", None) or self.runtime()
+        fssdp = getattr(rt, "fssdp", None)
+        if fssdp is None:
+            return
+        full = rt.export_state_dict()
+        if state.is_world_process_zero and hasattr(model, "save_pretrained"):
+            model.save_pretrained(folder, state_dict=full)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._collector is not None:

@@ -48,8 +48,11 @@ class DeviceSpec:
     bandwidth_gbps: float | None = None
     # a multiplier the runtime applies to emulate a slower rank (benchmarks, tests)
     slowdown: float = 1.0
+    # how many consecutive ranks this entry describes
+    count: int = 1
 
     def validate(self, path: str) -> None:
+        _check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
         for name in ("tflops", "memory_gb", "bandwidth_gbps"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"{path}.{name}", v, "a number > 0 or null")
@@ -200,20 +203,25 @@ def _coerce(tp, value: Any, path: str):
     return value
 
 
+def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is a :class:`ConfigError` naming ``what`` (and ``fix``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what}: file {path!r} does not exist; {fix}")
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{what} {path!r}: invalid JSON ({e})") from None
+
+
 def load_ds_config(config: str | os.PathLike | dict | None) -> dict:
     """A DeepSpeed config given as a dict or a JSON path, as a dict (a missing file is a clear error)."""
     if config is None:
         return {}
     if isinstance(config, dict):
         return config
-    path = os.fspath(config)
-    if not os.path.exists(path):
-        raise ConfigError(f"deepspeed config: file {path!r} does not exist; pass an existing JSON file or a dict")
-    with open(path) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed config {path!r}: invalid JSON ({e})") from None
+    return read_json(config, "deepspeed config", "pass an existing JSON file or a dict")
 
 
 def hexamoe_section(ds_config: dict) -> HexaMoEConfig | None:

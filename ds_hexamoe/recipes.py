@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import ConfigError, HexaMoEConfig, _check, _coerce
+from .config import ConfigError, HexaMoEConfig, _check, _coerce, read_json
 
 PKG_PREFIX = "pkg://"
 DEFAULT_RECIPE = "pkg://ds_hexamoe/data/recipes/mixtral-tiny.json"
@@ -314,13 +314,7 @@ def load_recipe(
         spec = os.fspath(path) if path is not None else DEFAULT_RECIPE
         source = resolve_path(spec, os.getcwd())
         where = spec
-        if not os.path.isfile(source):
-            raise ConfigError(f"recipe: file {spec!r} does not exist; pass a recipe JSON file (or none for the embedded default)")
-        with open(source) as fh:
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"recipe {spec!r}: invalid JSON ({e})") from None
+        data = read_json(source, "recipe", "pass a recipe JSON file (or none for the embedded default)")
         base_dir = os.path.dirname(source)
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {where}: got {type(data).__name__}; expected a JSON object")

@@ -22,11 +22,16 @@ class HexaMoERuntime:
         self.experts = experts_modules(model)
         self.step_hooks: list = []  # called as hook(runtime, global_step) after each optimizer step
         self.stats = None
+        self.plan = None  # the placement plan, when device profiles drive the run
+        self.hetero = None  # the heterogeneous-placement controller (ds_hexamoe.hetero)
         if config.collect_stats:
-            from .placement.stats import RoutingStatsCollector, set_collector
+            from .placement.stats import RoutingStatsCollector, get_collector, set_collector
 
-            self.stats = RoutingStatsCollector()
-            set_collector(self.stats)
+            # share a collector someone already installed (the Trainer callback), never replace it
+            self.stats = get_collector()
+            if self.stats is None:
+                self.stats = RoutingStatsCollector(affinity=config.placement.use_affinity)
+                set_collector(self.stats)
             # one forward boundary per micro-batch, so re-materialized layers are not counted twice
             model.register_forward_pre_hook(lambda _module, _args: self.stats.step())
         model._hexamoe_runtime = self
@@ -63,7 +68,17 @@ class HexaMoERuntime:
         out["comm_bytes"] = int(sum(v for k, v in comm.items() if k.endswith("bytes"))) if comm else 0
         if comm:
             out["comm"] = comm
+        if self.fssdp is not None and hasattr(self.fssdp, "accounting_summary"):
+            out["moe_accounting"] = self.fssdp.accounting_summary()
         return out
+
+    def replan(self, stats=None, profiles=None):
+        """Plan again from fresh routing statistics (and profiles) and apply it: batch shares, shards, modes."""
+        if self.hetero is not None:
+            return self.hetero.replan(stats, profiles=profiles)
+        if self.fssdp is not None and hasattr(self.fssdp, "replan"):
+            return self.fssdp.replan(stats)
+        return None
 
     def after_step(self, global_step: int) -> None:
         for hook in self.step_hooks:

@@ -210,6 +210,37 @@ class BatchPlan:
             i += 1
 
 
+class SharedBatchPlan(BatchPlan):
+    """Heterogeneous placement: every rank reads the same global micro-batch ``i`` (``micro_batch_size x
+    world`` samples of a seeded permutation) and keeps its plan share, read at every batch so a re-plan
+    applies from the next one. Loss scaling in the loop keeps the result equal to one process."""
+
+    def __init__(self, dataset, micro_batch_size: int, rank: int, world_size: int, seed: int, hetero):
+        self.rank, self.hetero, self.seed, self.n = rank, hetero, seed, len(dataset)
+        self.global_size = micro_batch_size * world_size
+        self.mbs = micro_batch_size
+        self.per_epoch = self.n // self.global_size
+        if self.per_epoch == 0:
+            raise ConfigError(f"training.micro_batch_size: {micro_batch_size} x {world_size} ranks needs at least "
+                              f"{self.global_size} training blocks but the data has {self.n}; lower "
+                              "micro_batch_size or data.seq_len, or add data")
+        self._epoch, self._order = None, None
+
+    def indices(self, i: int) -> list[int]:
+        from ds_hexamoe.hetero import share_bounds
+
+        epoch, j = divmod(i, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=g).tolist()
+        shares = list(self.hetero.batch_shares)
+        if sum(shares) != self.global_size:  # the plan's global batch is micro_batch_size x world
+            raise RuntimeError(f"plan batch shares {shares} do not sum to the global micro-batch {self.global_size}")
+        lo, hi = share_bounds(shares, self.rank)
+        base = j * self.global_size
+        return self._order[base + lo : base + hi]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: DeepSpeed's files, plus per-rank RNG states, then an atomic "latest".
 
@@ -503,7 +534,11 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     else:
         _seed_all(t.seed + rank)  # per-rank streams for anything stochastic in training (dropout)
     start_step = step
-    plan = BatchPlan(parts.train, t.micro_batch_size, rank, world, t.seed)
+    hetero = getattr(getattr(engine, "hexamoe", None), "hetero", None)
+    if hetero is not None:
+        plan = SharedBatchPlan(parts.train, t.micro_batch_size, rank, world, t.seed, hetero)
+    else:
+        plan = BatchPlan(parts.train, t.micro_batch_size, rank, world, t.seed)
     batches = plan.batches(parts.train, parts.collate, start=step * t.grad_accum)
 
     metrics_path = os.path.join(t.output_dir, METRICS_FILE)
@@ -527,9 +562,17 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
         lr = float(lrs[0]) if lrs else None  # the rate this step applies (the scheduler moves after it)
         for _ in range(t.grad_accum):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            units += parts.count(batch)
+            n_local = parts.count(batch)
+            units += n_local
             out = engine(**batch)
-            engine.backward(out.loss)
+            loss_for_grad = out.loss
+            if hetero is not None:
+                # uneven shares: weight each rank's mean loss by its share of the micro-batch's units, so
+                # DeepSpeed's equal averaging over ranks gives the mean over the union
+                from ds_hexamoe.hetero import global_token_count, loss_scale
+
+                loss_for_grad = out.loss * loss_scale(n_local, global_token_count(n_local), world)
+            engine.backward(loss_for_grad)
             engine.step()
             step_loss += out.loss.detach().to(torch.float64) / t.grad_accum
             aux = getattr(out, "aux_loss", None)  # the router's balancing loss, already inside out.loss

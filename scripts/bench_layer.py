@@ -11,8 +11,9 @@ Methods, all with the same weights and (except DeepSpeed's capacity drops) the s
   dense_limit    a dense gated MLP on T*k rows: the same expert FLOPs with no routing at all
 
 Time: median of ``--repeats`` forward+backward passes, methods interleaved, all in this process.
-Memory: each method again in a fresh subprocess; peak RSS (``resource.getrusage`` maxrss) after one
-forward+backward minus maxrss just before it, i.e. the activation/workspace peak of the step. Every
+Memory: each method again in a fresh subprocess; the RSS high-water mark is reset just before one
+forward+backward (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after it minus ``VmRSS`` before it,
+i.e. the activation/workspace peak of the step (``resource.getrusage`` maxrss delta off Linux). Every
 ratio is against the hexamoe run. ``transformers``' ``batched_mm`` is left out: it allocates tens of
 GiB at these sizes on CPU.
 """
@@ -185,11 +186,35 @@ def _maxrss_bytes() -> int:
     return r if platform.system() == "Darwin" else r * 1024
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def memory_child(method, shape):
-    """Run in a subprocess: peak RSS growth over one forward+backward after a warm-up in a smaller batch."""
+    """Run in a subprocess: peak RSS growth over one forward+backward (weights and inputs already built).
+
+    Imports leave a high-water mark above a layer step, so on Linux the mark is reset first
+    (``/proc/self/clear_refs``) and the step's peak is ``VmHWM`` after it minus ``VmRSS`` before it;
+    elsewhere it falls back to the ``ru_maxrss`` delta (a lower bound).
+    """
     step, _ = build(method, shape)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        rss_before = _status_kib("VmRSS")
+    except OSError:
+        rss_before = None
     before = _maxrss_bytes()
     step()
+    if rss_before is not None and _status_kib("VmHWM") is not None:
+        return (_status_kib("VmHWM") - rss_before) * 1024
     return _maxrss_bytes() - before
 
 
@@ -245,7 +270,7 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (2 if args.quick else 5)
     results = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats,
-               "memory_method": "subprocess per method: ru_maxrss after one fwd+bwd minus before it",
+               "memory_method": "subprocess per method: VmHWM after one fwd+bwd (mark reset via clear_refs) minus VmRSS before",
                "command": " ".join([os.path.basename(sys.executable), "scripts/bench_layer.py", *(argv or sys.argv[1:])]),
                "shapes": {}}
     for name, shape in shapes.items():

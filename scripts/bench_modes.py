@@ -13,6 +13,14 @@ A step is forward + backward (+ the gradient all-reduce for the baseline). Bytes
 sends to other ranks per step (the accounting in :mod:`ds_hexamoe.parallel.accounting`; the ring
 all-reduce counts ``2 (W-1)/W`` of the gradient bytes). Ratios are against the baseline in the same run.
 
+Trained-model path (``--path train``, default ``both``): the tiny Mixtral trained through
+``ds_hexamoe.initialize`` with ``"sharding": "fssdp"`` under ZeRO-2, one engine per mode
+(``data_centric``, ``expert_parallel``, ``expert_parallel+lsh``, ``model_centric``, and ``auto``: the
+planner's per-layer modes from the routing statistics of the warm-up steps). Per optimizer step: wall
+time (slowest rank, median) and bytes one rank sends (``manager.last_step_comm_stats()["total"]``: FSSDP
+weight gathers, re-gathers, gradient reduce-scatters, masks and norms, plus the token collectives). The
+planner's choice is compared with the fastest mode measured.
+
     python scripts/bench_modes.py --world 2 --out bench_modes.json
 """
 from __future__ import annotations
@@ -86,6 +94,116 @@ def _bench_rank(rank: int, world: int, args) -> dict:
     return results
 
 
+MODES_TRAINED = ("data_centric", "expert_parallel", "expert_parallel+lsh", "model_centric", "auto")
+
+
+def _tiny_mixtral(args):
+    import ds_hexamoe  # noqa: F401
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.t_dim, intermediate_size=args.t_ffn,
+                        num_hidden_layers=args.t_layers, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=max(64, args.seq), num_local_experts=args.experts,
+                        num_experts_per_tok=args.topk, router_jitter_noise=0.0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, experts_implementation="hexamoe").float()
+
+
+def _train_rank(rank: int, world: int, args) -> dict:
+    import logging
+    import os
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    import ds_hexamoe
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    deepspeed.init_distributed("gloo")
+    results = {}
+    for name in args.modes:
+        mode = name.split("+")[0]
+        hex_cfg = {"sharding": "fssdp", "mode": mode}
+        if name.endswith("+lsh"):
+            hex_cfg["lsh"] = {"enabled": True, "num_hashes": args.num_hashes, "num_rotations": args.num_rotations,
+                              "hash_dim": args.hash_dim, "residual": False}
+        ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "hexamoe": hex_cfg}
+        model = _tiny_mixtral(args)
+        engine, _, _, _ = ds_hexamoe.initialize(model=model, config=ds)
+        mgr = engine.hexamoe.fssdp
+        g = torch.Generator().manual_seed(1 + rank)
+        times, sent = [], []
+        plan_modes = None
+        for it in range(args.warmup + args.iters):
+            if name == "auto" and it == args.warmup:  # the planner, on the statistics of the warm-up steps
+                collector = engine.hexamoe.stats
+                collector.all_reduce()
+                plan = mgr.replan(collector.snapshot(), global_batch=args.micro * world)
+                plan_modes = dict(plan.modes)
+            x = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            dist.barrier()
+            if it >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                sent.append(mgr.last_step_comm_stats()["total"])
+        c = mgr.last_step_comm_stats()
+        res = {"step_s": statistics.median(times), "bytes_sent": statistics.median(sent),
+               "weight_bytes": c["total"] - c.get("token_bytes", 0), "token_bytes": c.get("token_bytes", 0)}
+        if "lsh_compression" in c:
+            res["lsh_compression"] = c["lsh_compression"]
+        if plan_modes is not None:
+            res["plan_modes"] = plan_modes
+        results[name] = res
+        del engine, model, mgr
+    return results
+
+
+def train_bench(args) -> dict:
+    per_rank = run_distributed(_train_rank, args.world, args, timeout=3000, init_process_group=False)
+    rows = {}
+    for name in per_rank[0]:
+        step = max(r[name]["step_s"] for r in per_rank)
+        rows[name] = {
+            "step_ms": step * 1e3,
+            "bytes_per_rank": sum(r[name]["bytes_sent"] for r in per_rank) / args.world,
+            "weight_bytes_per_rank": sum(r[name]["weight_bytes"] for r in per_rank) / args.world,
+            "token_bytes_per_rank": sum(r[name]["token_bytes"] for r in per_rank) / args.world,
+        }
+        for key in ("lsh_compression", "plan_modes"):
+            if key in per_rank[0][name]:
+                rows[name][key] = per_rank[0][name][key]
+    base = rows.get("data_centric")
+    for r in rows.values():
+        if base:
+            r["time_vs_data_centric"] = r["step_ms"] / base["step_ms"]
+    exact = {n: r for n, r in rows.items() if n != "auto" and "+lsh" not in n}
+    best = min(exact, key=lambda n: exact[n]["step_ms"]) if exact else None
+    tokens = args.micro * args.seq
+    print(f"\ntrained tiny Mixtral, {args.world} CPU ranks, ZeRO-2 + FSSDP, {tokens} tokens/rank/step, d={args.t_dim}, "
+          f"f={args.t_ffn}, E={args.experts}, k={args.topk}, {args.t_layers} layers, fp32")
+    print(f"{'mode':<22}{'step ms':>10}{'x time':>9}{'KB sent/rank':>14}{'weights KB':>12}{'tokens KB':>11}  notes")
+    for name, r in rows.items():
+        note = ""
+        if "lsh_compression" in r:
+            note = f"compression {r['lsh_compression']:.3f}"
+        if "plan_modes" in r:
+            note = "planner: " + ", ".join(f"{k.split('.')[2]}={v}" for k, v in r["plan_modes"].items())
+        print(f"{name:<22}{r['step_ms']:>10.1f}{r.get('time_vs_data_centric', 1.0):>9.2f}{r['bytes_per_rank'] / 1e3:>14.1f}"
+              f"{r['weight_bytes_per_rank'] / 1e3:>12.1f}{r['token_bytes_per_rank'] / 1e3:>11.1f}  {note}")
+    out = {"results": rows, "best_exact_mode": best}
+    if best is not None and "auto" in rows:
+        out["planner_vs_best"] = rows["auto"]["step_ms"] / rows[best]["step_ms"]
+        print(f"fastest exact mode measured: {best}; the planner's choice (auto) takes {out['planner_vs_best']:.2f}x its time")
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2)
@@ -101,7 +219,25 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default="bench_modes.json")
+    p.add_argument("--path", choices=("layer", "train", "both"), default="both",
+                   help="layer: one MoE layer with replicated weights; train: the tiny Mixtral trained with FSSDP")
+    p.add_argument("--modes", nargs="+", default=list(MODES_TRAINED), help="trained path: modes to run")
+    p.add_argument("--micro", type=int, default=8, help="trained path: sequences per rank per step")
+    p.add_argument("--seq", type=int, default=32, help="trained path: tokens per sequence")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--t-dim", type=int, default=128, help="trained path: hidden size")
+    p.add_argument("--t-ffn", type=int, default=256, help="trained path: expert hidden size")
+    p.add_argument("--t-layers", type=int, default=2)
+    p.add_argument("--hash-dim", type=int, default=4, help="trained path: LSH hash_dim (coarser: more compression)")
     args = p.parse_args(argv)
+    report = {"config": vars(args)}
+    if args.path in ("train", "both"):
+        report["trained"] = train_bench(args)
+    if args.path == "train":
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=2)
+        print(f"wrote {args.out}")
+        return report
 
     per_rank = run_distributed(_bench_rank, args.world, args, timeout=1200)
     base = per_rank[0]["data_centric"]
@@ -128,7 +264,7 @@ def main(argv=None) -> dict:
             note = f"compression {r['lsh_compression']:.3f}, rel. output error {r['lsh_rel_error']:.4f}"
         print(f"{name:<22}{r['step_ms']:>10.2f}{r['time_vs_data_centric']:>9.2f}{r['bytes_per_rank'] / 1e6:>14.3f}"
               f"{r['bytes_vs_data_centric']:>9.3f}  {note}")
-    report = {"config": vars(args), "baseline": "data_centric", "results": rows}
+    report.update({"baseline": "data_centric", "results": rows})
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=2)
     print(f"wrote {args.out}")

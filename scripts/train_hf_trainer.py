@@ -29,7 +29,7 @@ def synthetic_tokens(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[di
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def default_ds_config(replan_every: int) -> dict:
+def default_ds_config(replan_every: int, sharding: str = "none") -> dict:
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -40,7 +40,7 @@ def default_ds_config(replan_every: int) -> dict:
         "steps_per_print": 10**9,
         # no "auto" strings inside "hexamoe": accelerate fills every "auto" of the file from TrainingArguments
         # and rejects keys it does not know (leave "kernels"/"mode" out to get their defaults)
-        "hexamoe": {"collect_stats": True, "placement": {"replan_every": replan_every}},
+        "hexamoe": {"collect_stats": True, "sharding": sharding, "placement": {"replan_every": replan_every}},
     }
 
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--seq_len", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--sharding", choices=["none", "fssdp"], default="none", help="hexamoe.sharding of the generated config")
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         ds_path = os.path.join(args.output_dir, "ds_config.json")
         if int(os.environ.get("RANK", "0")) == 0:
             with open(ds_path + ".tmp", "w") as fh:
-                json.dump(default_ds_config(args.replan_every), fh, indent=2)
+                json.dump(default_ds_config(args.replan_every, args.sharding), fh, indent=2)
             os.replace(ds_path + ".tmp", ds_path)
         else:  # the other ranks wait for rank 0's file (no process group exists yet)
             import time

@@ -26,15 +26,9 @@ TRAINING_KEYS = {
 
 
 def load_recipe(path: str) -> tuple[dict, dict]:
-    from ds_hexamoe.config import ConfigError
+    from ds_hexamoe.config import ConfigError, read_json
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe: {path!r} does not exist; pass a recipe JSON such as recipes/swin-moe-tiny.json")
-    with open(path) as fh:
-        try:
-            recipe = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"recipe {path!r}: invalid JSON ({e})") from None
+    recipe = read_json(path, "recipe", "pass a recipe JSON such as recipes/swin-moe-tiny.json")
     training = dict(TRAINING_KEYS)
     for key, value in (recipe.get("training") or {}).items():
         if key not in TRAINING_KEYS:

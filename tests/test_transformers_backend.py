@@ -121,7 +121,7 @@ def test_generated_doc_covers_every_discovered_model():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("HEXAMOE_FULL_SWEEP"), reason="full model sweep (~3-5 min on 2 CPU cores): set HEXAMOE_FULL_SWEEP=1")
+@pytest.mark.skipif(not os.environ.get("HEXAMOE_FULL_SWEEP"), reason="full model sweep (2-6 min on 2 shared CPU cores): set HEXAMOE_FULL_SWEEP=1")
 def test_full_sweep_matches_tables(tmp_path):
     """Re-run the sweep: nothing fails, and the doc (and README, once it has the block) list exactly the passing models."""
     results = [hf_tiny.check_model(m, workdir=str(tmp_path)) for m in hf_tiny.discover()]

@@ -243,7 +243,7 @@ class FSSDPManager:
         if mode == "expert_parallel":
             placement = self.placement(layer.index)
             key = tuple(tuple(placement[e]) for e in range(layer.num_experts))
-            tk = (layer.index, key)
+            tk = (layer.index, layer.ownership.starts, key)  # ownership may change (re-sharding)
             if tk not in self._transfers:
                 self._transfers[tk] = placement_transfer(layer, key, self.rank)
             mat = PlacedMaterializer(self, layer, self._transfers[tk])

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..ops.activations import activation_name
 from ..parallel.weights import ExpertSpec, ExpertWeights
-from .collectives import CommStats, Transfer, plan_transfer
+from .collectives import Transfer, plan_transfer
 from .layer import ExpertLayer
 
 MODES = ("data_centric", "expert_parallel", "model_centric")
@@ -328,5 +328,6 @@ def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> d
     return {e: list(r) for e, r in enumerate(key)}
 
 
-__all__ = ["MODES", "CommStats", "PlacedMaterializer", "SliceMaterializer", "MaterializeSlices", "SlicePlan",
-           "default_placement", "expert_spec", "placement_transfer", "agree", "normalize_placement"]
+__all__ = ["MODES", "PlacedMaterializer", "SliceMaterializer", "MaterializeSlices", "SlicePlan",
+           "check_parallel_module", "default_placement", "expert_spec", "placement_transfer", "agree",
+           "normalize_placement"]

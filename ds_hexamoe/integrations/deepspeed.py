@@ -3,13 +3,18 @@
 Steps: parse and validate the section (before any work), switch the model's MoE experts to the
 ``"hexamoe"`` implementation, shard experts with FSSDP when asked (before DeepSpeed sees the
 parameters, so ZeRO only ever holds dense ones), build expert/dense parameter groups, call DeepSpeed,
-and attach :class:`~ds_hexamoe.runtime.HexaMoERuntime` as ``engine.hexamoe``.
+and attach :class:`~ds_hexamoe.runtime.HexaMoERuntime` as ``engine.hexamoe``. With ``"profile"``
+"measure" or "declared", device profiles and the heterogeneity plan come first (before converting or
+sharding: infeasible inputs fail before any work); FSSDP shards with the plan's weights unless
+``shard_weights`` is set, and the plan's controller is attached as ``engine.hexamoe.hetero``
+(``engine.hexamoe.plan``, ``engine.hexamoe.replan``; see :mod:`ds_hexamoe.hetero`).
 
 After ``import ds_hexamoe``, a plain ``deepspeed.initialize`` whose config has a ``"hexamoe"`` section
 is routed here too, so ``accelerate`` and the Hugging Face ``Trainer`` pick it up.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any
@@ -137,6 +142,14 @@ def initialize(
     if not hcfg.enabled:
         return _original_initialize()(model=model, optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs)
 
+    hetero = None
+    if hcfg.profile != "uniform":
+        # profiles and the plan come first: bad device files and infeasible plans fail before any work
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(distributed_port=distributed_port)
+        from ..hetero import HeteroController
+
+        hetero = HeteroController.from_config(model, hcfg, ds_config)
     convert_model(model, hcfg)
     manager = None
     if hcfg.sharding == "fssdp":
@@ -144,7 +157,10 @@ def initialize(
             deepspeed.init_distributed(distributed_port=distributed_port)
         from ..fssdp import FSSDPManager
 
-        manager = FSSDPManager.shard_model(model, hcfg)
+        shard_cfg = hcfg
+        if hetero is not None and hetero.fssdp_weights() is not None:
+            shard_cfg = dataclasses.replace(hcfg, shard_weights=hetero.fssdp_weights())
+        manager = FSSDPManager.shard_model(model, shard_cfg)
     owns = manager.owns if manager is not None else None
     if optimizer is None and model_parameters is None:
         model_parameters = build_param_groups(model, ds_config, exclude=owns)
@@ -162,6 +178,9 @@ def initialize(
     engine.hexamoe = runtime
     if manager is not None:
         manager.attach(engine, optimizer_config=ds_config.get("optimizer"), lr_scheduler=sched)
+    if hetero is not None:
+        hetero.engine = engine
+        hetero.attach(runtime)  # engine.hexamoe.hetero / .plan / .replan, step hook, slowdown emulation
     return engine, opt, loader, sched
 
 

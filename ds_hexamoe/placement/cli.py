@@ -8,7 +8,6 @@ routing statistics (with the model shape) as JSON. Both return a process exit co
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -139,13 +138,9 @@ def _plan_parser() -> argparse.ArgumentParser:
 def _load_model_arg(arg: str | None) -> Any:
     if arg is None or not arg.endswith(".json"):
         return arg
-    if not os.path.isfile(arg):
-        raise ConfigError(f"--model: file {arg!r} does not exist; pass a preset name or a JSON file of model shape fields")
-    with open(arg) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--model {arg!r}: invalid JSON ({e})") from None
+    from ..config import read_json
+
+    return read_json(arg, "--model", "pass a preset name or a JSON file of model shape fields")
 
 
 def plan_main(argv: list[str] | None = None) -> int:

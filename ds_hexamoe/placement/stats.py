@@ -151,15 +151,9 @@ class RoutingStats:
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> "RoutingStats":
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"stats file {path!r}: does not exist; create one with `ds-hexamoe profile-routing RECIPE.json`")
-        with open(path) as fh:
-            try:
-                d = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"stats file {path!r}: invalid JSON ({e})") from None
-        return cls.from_dict(d)
+        from ..config import read_json
+
+        return cls.from_dict(read_json(path, "stats file", "create one with `ds-hexamoe profile-routing RECIPE.json`"))
 
 
 def _int(v: Any, path: str, low: int = 0) -> int:
