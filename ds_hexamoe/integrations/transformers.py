@@ -14,6 +14,16 @@ from ..ops.activations import activation_name
 IMPLEMENTATION = "hexamoe"
 
 
+# Flags set by @use_experts_implementation; older transformers v5 releases lack some (e.g. 5.17 has no
+# has_post_expert_norm), so read them with transformers' own defaults.
+_FLAG_DEFAULTS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                  "has_post_expert_norm": False}
+
+
+def _flag(module, name: str) -> bool:
+    return getattr(module, name, _FLAG_DEFAULTS[name])
+
+
 def _stats_collector():
     """The active routing-statistics collector, if the placement package is present and one is set."""
     try:
@@ -38,14 +48,14 @@ def expert_weights(module, index=None) -> dict[str, torch.Tensor | None]:
     if provider is not None:
         raw = provider(index)
     else:
-        up = "gate_up_proj" if module.has_gate else "up_proj"
+        up = "gate_up_proj" if _flag(module, "has_gate") else "up_proj"
         raw = {
             "w1": getattr(module, up),
             "w2": module.down_proj,
-            "b1": getattr(module, f"{up}_bias", None) if module.has_bias else None,
-            "b2": getattr(module, "down_proj_bias", None) if module.has_bias else None,
+            "b1": getattr(module, f"{up}_bias", None) if _flag(module, "has_bias") else None,
+            "b2": getattr(module, "down_proj_bias", None) if _flag(module, "has_bias") else None,
         }
-    if not module.is_transposed:  # transformers stores [E, out, in]
+    if not _flag(module, "is_transposed"):  # transformers stores [E, out, in]
         raw = dict(raw, w1=raw["w1"].transpose(1, 2), w2=raw["w2"].transpose(1, 2))
     return raw
 
@@ -72,18 +82,19 @@ def hexamoe_experts_forward(
     if getattr(self, "_is_expert_parallel", False):
         row_scale = row_scale.masked_fill(top_k_index.reshape(-1) >= num_experts, 0.0)
     act = activation_name(self.act_fn) if hasattr(self, "act_fn") else None
-    simple = act is not None and not self.has_post_expert_norm and (not self.has_gate or _default_gate(self))
+    gated, post_norm = _flag(self, "has_gate"), _flag(self, "has_post_expert_norm")
+    simple = act is not None and not post_norm and (not gated or _default_gate(self))
     if simple:
         out = expert_mlp(
-            hidden_states, w["w1"], w["w2"], index, act=act, gated=self.has_gate,
-            interleaved=not self.is_concatenated, b1=w["b1"], b2=w["b2"], row_scale=row_scale,
+            hidden_states, w["w1"], w["w2"], index, act=act, gated=gated,
+            interleaved=not _flag(self, "is_concatenated"), b1=w["b1"], b2=w["b2"], row_scale=row_scale,
         )
         return out.to(hidden_states.dtype)
     # A model-specific gate (clamped SwiGLU, ...) or a post-expert norm: the two expert linears still
     # run on the operators; the element-wise part in between is differentiated by autograd.
     h = expert_linear(hidden_states, w["w1"], index, gather_div=index.k, bias=w["b1"])
-    a = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-    if self.has_post_expert_norm:
+    a = self._apply_gate(h) if gated else self.act_fn(h)
+    if post_norm:
         y = expert_linear(a, w["w2"], index, scatter=True, bias=w["b2"])
         y = self.post_expert_norm(y) * row_scale.unsqueeze(-1).to(y.dtype)
     else:
