@@ -87,11 +87,17 @@ def build_engine(case: dict, seed: int = 0):
     return engine, manager
 
 
-def train_steps(engine, manager, case: dict, rank: int, world: int, steps: range) -> dict:
-    """Run optimizer steps ``steps``; each rank reads its rows of the global batch of every micro-step."""
+def train_steps(engine, manager, case: dict, rank: int, world: int, steps: range, *, out: dict | None = None,
+                before_step=None, after_step=None) -> dict:
+    """Run optimizer steps ``steps``; each rank reads its rows of the global batch of every micro-step.
+
+    ``before_step(s, out)`` / ``after_step(s, out)`` run around each optimizer step (placement changes,
+    extra records)."""
     rows = case["global_rows"] // world
-    out = {"loss": [], "lr": [], "norm": [], "comm": []}
+    out = out if out is not None else {"loss": [], "lr": [], "norm": [], "comm": []}
     for s in steps:
+        if before_step is not None:
+            before_step(s, out)
         out["lr"].append(engine.get_lr()[0])
         losses = []
         for m in range(case["gas"]):
@@ -106,6 +112,8 @@ def train_steps(engine, manager, case: dict, rank: int, world: int, steps: range
         out["loss"].append(float(t) / world)
         out["norm"].append(float(engine.get_global_grad_norm()))
         out["comm"].append(manager.last_step_comm_stats())
+        if after_step is not None:
+            after_step(s, out)
     return out
 
 

@@ -9,10 +9,9 @@ bounded first-step error and reported compression.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ds_hexamoe.testing import run_distributed
-from test_fssdp import _check_equivalence, batch, ds_config, make_model, quiet, reference, set_routing
+from test_fssdp import _check_equivalence, ds_config, make_model, quiet, reference, set_routing, train_steps
 
 
 def _engine(case: dict):
@@ -49,25 +48,13 @@ def _worker(rank: int, world: int, case: dict) -> dict:
 
     deepspeed.init_distributed("gloo")
     engine, manager = _engine(case)
-    rows = case["global_rows"] // world
-    out = {"loss": [], "lr": [], "norm": [], "comm": [], "acc": [], "log": {}}
-    for s in range(case["steps"]):
+    def before_step(s, out):
         for kind, arg in case.get("actions", {}).get(s, []):
             _act(engine, manager, kind, arg, out["log"])
-        out["lr"].append(engine.get_lr()[0])
-        losses = []
-        for m in range(case["gas"]):
-            x = batch(s, m, case["global_rows"])[rank * rows:(rank + 1) * rows]
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-        t = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        out["loss"].append(float(t) / world)
-        out["norm"].append(float(engine.get_global_grad_norm()))
-        out["comm"].append(manager.last_step_comm_stats())
-        out["acc"].append(manager.accounting_summary())
+
+    out = {"loss": [], "lr": [], "norm": [], "comm": [], "acc": [], "log": {}}
+    train_steps(engine, manager, case, rank, world, range(case["steps"]), out=out, before_step=before_step,
+                after_step=lambda s, out: out["acc"].append(manager.accounting_summary()))
     out["state"] = manager.full_state_dict()
     out["modes_final"] = manager.modes()
     return out
