@@ -50,9 +50,12 @@ class DeviceSpec:
     slowdown: float = 1.0
     # how many consecutive ranks this entry describes
     count: int = 1
+    # seconds per optimizer step that do not scale with the batch (optimizer, framework), at full speed
+    step_overhead_s: float = 0.0
 
     def validate(self, path: str) -> None:
         _check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
+        _check(self.step_overhead_s >= 0, f"{path}.step_overhead_s", self.step_overhead_s, "a number >= 0")
         for name in ("tflops", "memory_gb", "bandwidth_gbps"):
             v = getattr(self, name)
             _check(v is None or v > 0, f"{path}.{name}", v, "a number > 0 or null")

@@ -95,26 +95,41 @@ def _bench_batch(step: int, rows: int, seq: int):
     return torch.randint(0, BENCH_MODEL["vocab_size"], (rows, seq), generator=g)
 
 
-def calibrate(seq: int, sizes=(2, 8), repeats: int = 3) -> dict:
-    """Seconds per sample and per step (fixed) of one unslowed rank training the bench model alone (one
-    thread, no communication): a line through fwd+bwd+AdamW step times at two batch sizes."""
+def _calib_worker(rank, world, seq, sizes, repeats):
     import torch
 
-    torch.set_num_threads(1)
-    model = _bench_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    import deepspeed
+
+    import ds_hexamoe
+
+    deepspeed.init_distributed("gloo")
     times = []
     for b in sizes:
-        best = float("inf")
-        for i in range(repeats + 1):
+        cfg = {"train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+               "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
+               "hexamoe": {"kernels": "torch", "sharding": "fssdp"}}
+        engine, *_ = ds_hexamoe.initialize(model=_bench_model(), config=cfg)
+        walls = []
+        for i in range(repeats + 2):
             x = _bench_batch(i, b, seq)
             t0 = time.perf_counter()
-            model(input_ids=x, labels=x).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            if i:
-                best = min(best, time.perf_counter() - t0)
-        times.append(best)
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+            if i >= 2:
+                walls.append(time.perf_counter() - t0)
+        times.append(statistics.median(walls))
+    return times
+
+
+def calibrate(seq: int, sizes=(4, 24), repeats: int = 5) -> dict:
+    """Seconds per sample and per step (fixed) of one unslowed rank: the same DeepSpeed + ds-hexamoe engine
+    the measured runs use, alone on one gloo rank with one thread; a line through the median step times
+    at two batch sizes. The fixed part (optimizer step, engine overhead) is declared as the profiles'
+    ``step_overhead_s``, which a slowed rank pays ``slowdown`` times like its compute."""
+    from ds_hexamoe.testing import run_distributed
+
+    (times,) = run_distributed(_calib_worker, 1, seq, sizes, repeats, init_process_group=False, timeout=600)
     per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
     return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
             "times_s": times}
@@ -174,8 +189,8 @@ def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0),
     k = BENCH_MODEL["num_experts_per_tok"]
     flops_per_sample = seq * (shape.dense_flops_per_token + shape.num_moe_layers * k * shape.pair_flops)
     tflops = flops_per_sample / cal["per_sample_s"] / 1e12
-    devices = [{"name": f"cpu-x{s:g}", "tflops": tflops, "memory_gb": 4.0, "bandwidth_gbps": 2.0, "slowdown": s}
-               for s in slowdowns]
+    devices = [{"name": f"cpu-x{s:g}", "tflops": tflops, "memory_gb": 4.0, "bandwidth_gbps": 2.0, "slowdown": s,
+                "step_overhead_s": cal["fixed_s"]} for s in slowdowns]
     hexamoe = {"kernels": "torch", "profile": "declared", "devices": devices}
     if fssdp:
         hexamoe["sharding"] = "fssdp"
@@ -194,10 +209,12 @@ def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0),
         runs["ideal_predicted_s"] = pred["ideal_step_time"]
     G = micro * world_size
     speed = sum(1.0 / s for s in slowdowns)
-    ideal_measured = G * cal["per_sample_s"] / speed  # the work of one step over the ranks' summed speed
+    # the work of one step over the ranks' summed speed, every rank also paying its own fixed per-step cost
+    # (valid while no rank's overhead alone exceeds it, as here)
+    ideal_measured = (G * cal["per_sample_s"] + world_size * cal["fixed_s"]) / speed
     out = {"world_size": world_size, "slowdowns": list(slowdowns), "global_batch": G, "seq_len": seq, "fssdp": fssdp,
            "calibration": cal, "declared_tflops": tflops, "ideal_s": ideal_measured,
-           "ideal_with_fixed_s": ideal_measured + cal["fixed_s"] * max(slowdowns) / len(slowdowns), **runs}
+           "ideal_without_overhead_s": G * cal["per_sample_s"] / speed, **runs}
     p = runs["planned"]
     out["planned_vs_ideal"] = ideal_measured / p["measured_s"]
     out["prediction_error"] = {n: runs[n]["predicted_s"] / runs[n]["measured_s"] - 1 for n in ("uniform", "planned")}

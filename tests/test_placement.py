@@ -188,6 +188,33 @@ def test_three_times_slower_rank_gets_a_quarter_of_the_batch():
     assert sum(p.batch_shares) == 100
 
 
+def test_step_overhead_enters_simulation_ideal_and_shares():
+    stats = _stats(SMALL)
+    base = plan(load_profiles([{"name": "A100-80GB"}, {"name": "A100-80GB", "slowdown": 3}]), stats,
+                global_batch=100, model_shape=SMALL, mode="data_centric")
+    step = base.predicted["step_time"]
+    # a per-step overhead of a fifth of the step, paid 3x by the slow rank
+    ov = 0.2 * step
+    profiles = load_profiles([{"name": "A100-80GB", "step_overhead_s": ov},
+                              {"name": "A100-80GB", "slowdown": 3, "step_overhead_s": ov}])
+    assert profiles[1].step_overhead == pytest.approx(3 * ov)
+    p = plan(profiles, stats, global_batch=100, model_shape=SMALL, mode="data_centric")
+    cost = CostModel(profiles, stats, SMALL, 100, PlanOptions())
+    sim = simulate(p, cost)
+    busy = [d + m + f for d, m, f in zip(sim.dense, sim.moe, cost.fixed)]
+    assert sim.step_time == pytest.approx(max(busy))
+    # the slow rank's larger fixed cost leaves it less of the batch than its speed alone would
+    assert p.batch_shares[1] < base.batch_shares[1] and sum(p.batch_shares) == 100
+    # the ideal bound: every rank pays its own overhead, the rest of the work is spread by speed
+    # (closed form while no rank's overhead alone exceeds the bound)
+    work = base.predicted["ideal_step_time"] * (1 + 1 / 3)
+    tau = (work + ov * 1 + 3 * ov / 3) / (1 + 1 / 3)
+    assert 3 * ov < tau and ideal_step_time(cost) == pytest.approx(tau, rel=1e-3)
+    assert p.predicted["step_time"] >= p.predicted["ideal_step_time"]
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.step_overhead_s: got -1; expected a number >= 0"):
+        load_profiles([{"name": "A100-80GB", "step_overhead_s": -1}])
+
+
 def test_integer_shares_keep_total_and_caps():
     s = integer_shares([3, 1, 1], 10, caps=[5, 10, 10])
     assert sum(s) == 10 and s[0] == 5

@@ -147,6 +147,7 @@ class CostModel:
         self.sa = np.array([p.attn_flops for p in profiles])
         self.se = np.array([p.expert_flops for p in profiles])
         self.bw = np.array([p.bandwidth for p in profiles])
+        self.fixed = np.array([getattr(p, "step_overhead", 0.0) for p in profiles])  # seconds per step, per rank
         if self.options.memory_limits_gb is not None:
             self.mem = np.array(self.options.memory_limits_gb, dtype=float) * 1e9
         else:
@@ -292,13 +293,14 @@ class CostModel:
 
     def ideal_step_time(self) -> float:
         """Total work over total speed: ``min tau`` such that the dense and expert FLOPs of the step can be
-        split over ranks with every rank done by ``tau`` (an LP; no communication, no memory limits)."""
+        split over ranks with every rank, its fixed per-step overhead included, done by ``tau`` (an LP; no
+        communication, no memory limits)."""
         from scipy.optimize import linprog
 
         R = self.R
         D = self.G * self.seq * self.model.dense_flops_per_token
         X = float(self.loads.sum()) * self.model.pair_flops
-        t0 = D / self.sa.sum() + X / self.se.sum()  # the answer when speed ratios agree; the LP's scale
+        t0 = D / self.sa.sum() + X / self.se.sum() + float(self.fixed.max())  # the LP's scale
         # variables (in units of t0): a_r dense seconds, x_r expert seconds, tau
         c = np.zeros(2 * R + 1)
         c[-1] = 1.0
@@ -310,7 +312,7 @@ class CostModel:
         A_eq[0, :R] = self.sa * t0 / D
         A_eq[1, R:2 * R] = self.se * t0 / X if X > 0 else 1.0
         b_eq = [1.0, 1.0 if X > 0 else 0.0]
-        res = linprog(c, A_ub=A_ub, b_ub=np.zeros(R), A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * (2 * R + 1),
+        res = linprog(c, A_ub=A_ub, b_ub=-self.fixed / t0, A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * (2 * R + 1),
                       method="highs")
         if res.status != 0:  # cannot happen for positive speeds; the closed form is then the estimate
             return t0

@@ -38,6 +38,9 @@ class DeviceProfile:
     memory_bytes: int
     bandwidth_gbps: float
     slowdown: float = 1.0
+    # seconds per optimizer step that do not scale with the batch (optimizer step, framework overhead),
+    # at full speed; a slow rank pays it ``slowdown`` times
+    step_overhead_s: float = 0.0
 
     def __post_init__(self):
         self.validate("profile")
@@ -51,6 +54,9 @@ class DeviceProfile:
             raise ConfigError(f"{path}.memory_bytes: got {self.memory_bytes!r}; expected a number > 0")
         if isinstance(self.slowdown, bool) or not isinstance(self.slowdown, (int, float)) or not self.slowdown >= 1:
             raise ConfigError(f"{path}.slowdown: got {self.slowdown!r}; expected a number >= 1")
+        v = self.step_overhead_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"{path}.step_overhead_s: got {v!r}; expected a number >= 0 (seconds per step)")
 
     # effective rates in base units, slowdown applied: what the cost model uses
     @property
@@ -60,6 +66,10 @@ class DeviceProfile:
     @property
     def expert_flops(self) -> float:
         return self.expert_tflops * 1e12 / self.slowdown
+
+    @property
+    def step_overhead(self) -> float:
+        return self.step_overhead_s * self.slowdown
 
     @property
     def bandwidth(self) -> float:
@@ -78,14 +88,13 @@ class DeviceProfile:
         extra = sorted(set(d) - known)
         if extra:
             raise ConfigError(f"{path}.{extra[0]}: unknown key; allowed keys are {sorted(known)}")
-        missing = [f.name for f in fields(cls) if f.name not in d and f.name != "slowdown"]
+        optional = {"slowdown": 1.0, "step_overhead_s": 0.0}
+        missing = [f.name for f in fields(cls) if f.name not in d and f.name not in optional]
         if missing:
-            raise ConfigError(f"{path}.{missing[0]}: missing; every profile needs {sorted(known - {'slowdown'})}")
+            raise ConfigError(f"{path}.{missing[0]}: missing; every profile needs {sorted(known - set(optional))}")
         p = cls.__new__(cls)
-        for k, v in d.items():
+        for k, v in {**optional, **d}.items():
             setattr(p, k, v)
-        if "slowdown" not in d:
-            p.slowdown = 1.0
         p.validate(path)
         return p
 
@@ -158,7 +167,7 @@ def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:
 
 # ------------------------------------------------------------------------------------------- loading
 _ENTRY_KEYS = ("name", "tflops", "attn_tflops", "expert_tflops", "memory_gb", "memory_bytes", "bandwidth_gbps",
-               "slowdown", "count")
+               "slowdown", "step_overhead_s", "count")
 
 
 def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) -> float | None:
@@ -194,6 +203,7 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     mem_b = _num(entry, "memory_bytes", path)
     bw = _num(entry, "bandwidth_gbps", path)
     slowdown = _num(entry, "slowdown", path, 1.0, strict=False)
+    overhead = _num(entry, "step_overhead_s", path, 0.0, strict=False)
     count = entry.get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"{path}.count: got {count!r}; expected an integer >= 1 (ranks with this profile)")
@@ -215,7 +225,8 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     memory = mem_b if mem_b is not None else (mem_gb * GB if mem_gb is not None else
                                              need(None, "memory_gb", spec.memory_gb * GB if spec else None))
     bw = need(bw, "bandwidth_gbps", spec.bandwidth_gbps if spec else None)
-    prof = DeviceProfile(key or name, attn, expert, int(memory), bw, 1.0 if slowdown is None else slowdown)
+    prof = DeviceProfile(key or name, attn, expert, int(memory), bw, 1.0 if slowdown is None else slowdown,
+                         0.0 if overhead is None else overhead)
     return [prof] * count
 
 
@@ -256,7 +267,8 @@ def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile
 def save_profiles(profiles: list[DeviceProfile], path: str | os.PathLike) -> None:
     """Write profiles in the format :func:`load_profiles` reads (exact numbers, one entry per rank)."""
     devices = [{"name": p.name, "attn_tflops": p.attn_tflops, "expert_tflops": p.expert_tflops,
-                "memory_bytes": p.memory_bytes, "bandwidth_gbps": p.bandwidth_gbps, "slowdown": p.slowdown}
+                "memory_bytes": p.memory_bytes, "bandwidth_gbps": p.bandwidth_gbps, "slowdown": p.slowdown,
+                "step_overhead_s": p.step_overhead_s}
                for p in profiles]
     with open(path, "w") as fh:
         json.dump({"devices": devices}, fh, indent=2)

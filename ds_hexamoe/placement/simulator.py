@@ -72,7 +72,7 @@ def simulate(plan: Plan, cost: CostModel) -> Simulation:
             cache = np.maximum(cache, cost.cache_bytes(mode, slices=slices))
         moe += t
         segments.append({"mode": mode, "layers": [a, b], "time": float(t.max())})
-    busy = dense + moe
+    busy = dense + moe + cost.fixed
     step = float(busy.max())
     mem = cost.memory_used(sw, shares, cache)
     return Simulation(step, busy.tolist(), (step - busy).tolist(), dense.tolist(), moe.tolist(),
