@@ -25,7 +25,6 @@ import pytest  # noqa: E402
 
 from ds_hexamoe.kernels import autotune, custom_ops, triton_ops  # noqa: E402
 from ds_hexamoe.ops import build_expert_index, expert_linear, expert_mlp, set_backend, torch_ops  # noqa: E402
-from ds_hexamoe.ops.activations import get_activation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IN_PROCESS = triton_ops.INTERPRETED
@@ -136,25 +135,10 @@ def naive_ess(dy, idx, offs, dy_div=None, dy_scale=None):
 
 def naive_moe(x, w1, w2, top, weights, act, gated, interleaved, b1=None, b2=None, scaled=True):
     """``sum_j s[t, j] * expert_{e[t, j]}(x[t])``, token by token (differentiable, dtype of the inputs)."""
-    fn, _ = get_activation(act)
-    E = w1.size(0)
-    out = []
-    for t in range(x.size(0)):
-        acc = torch.zeros(w2.size(2), dtype=x.dtype)
-        for j in range(top.size(1)):
-            e = int(top[t, j])
-            if e >= E:  # sentinel: not this rank's expert
-                continue
-            h = x[t] @ w1[e] + (b1[e] if b1 is not None else 0)
-            if gated:
-                g, u = (h[0::2], h[1::2]) if interleaved else h.chunk(2)
-                a = fn(g) * u
-            else:
-                a = fn(h)
-            y = a @ w2[e] + (b2[e] if b2 is not None else 0)
-            acc = acc + (weights[t, j] * y if scaled else y)
-        out.append(acc)
-    return torch.stack(out)
+    from test_ops import ref_moe
+
+    return ref_moe(x, w1, w2, top, act=act, gated=gated, interleaved=interleaved, b1=b1, b2=b2,
+                   row_scale=weights.reshape(-1) if scaled else None)
 
 
 # ----------------------------------------------------------------------------------------- forward kernels
