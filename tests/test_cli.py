@@ -213,3 +213,25 @@ def test_cli_delegates_plan_and_profile(monkeypatch, capsys):
 def test_load_recipe_error_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         cli.load_recipe(str(tmp_path / "missing.json"))
+
+
+def test_profile_routing_on_a_recipe_feeds_the_planner(tmp_path):
+    """``ds-hexamoe profile-routing`` builds the recipe's tokenizer, model and data like ``train`` does and
+    writes statistics that ``ds-hexamoe plan`` accepts."""
+    from ds_hexamoe.placement.cli import plan_main, profile_main
+    from ds_hexamoe.placement.stats import RoutingStats
+
+    recipe = _tiny_recipe(tmp_path)
+    out = tmp_path / "routing.json"
+    assert profile_main([recipe, "--batches", "3", "--out", str(out)]) == 0
+    stats = RoutingStats.load_json(out)
+    assert stats.layers == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert stats.forwards == 3
+    for layer in stats.layers:
+        assert stats.tokens[layer] == 3 * 4 * 32  # batches x micro_batch_size x seq_len
+        assert sum(stats.counts[layer]) == stats.tokens[layer] * 2  # top-2
+    devices = tmp_path / "devices.json"
+    devices.write_text(json.dumps({"devices": [{"name": "A100-80GB"}, {"name": "A100-80GB", "slowdown": 3}]}))
+    assert plan_main(["--devices", str(devices), "--stats", str(out), "--out", str(tmp_path / "plan.json")]) == 0
+    plan = json.load(open(tmp_path / "plan.json"))
+    assert plan["batch_shares"][0] > plan["batch_shares"][1]

@@ -8,7 +8,6 @@ routing statistics (with the model shape) as JSON. Both return a process exit co
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
@@ -225,75 +224,24 @@ def profile_routing(model, batches, max_batches: int | None = None, collector=No
     return stats
 
 
-def _recipe_model(recipe):
-    """The recipe's model with the hexamoe experts implementation (local checkpoint or config)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _recipe_model_and_batches(recipe, n: int):
+    """The recipe's model and its first ``n`` training micro-batches, built exactly as ``ds-hexamoe train``
+    builds them (tokenizer loaded or trained, packed blocks, the recipe's experts implementation)."""
+    import tempfile
 
-    spec = recipe.model
-    kw = {"experts_implementation": "hexamoe", "trust_remote_code": spec.trust_remote_code}
-    if spec.path:
-        return AutoModelForCausalLM.from_pretrained(spec.path, **({"config": _with_overrides(spec)} if spec.config else {}), **kw)
-    cfg = dict(spec.config)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), **kw)
+    from ..data import build_dataset, build_tokenizer
+    from ..train import build_model
 
-
-def _with_overrides(spec):
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
-    for k, v in spec.config.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def _recipe_batches(recipe, n: int):
-    """``n`` batches of packed token ids from the recipe's training files.
-
-    Uses the data helper's pipeline (``ds_hexamoe.data``) when it offers ``build_train_batches(recipe, n)``;
-    otherwise reads the files through ``datasets`` with the recipe's tokenizer folder.
-    """
-    import importlib
-
-    try:
-        data = importlib.import_module("ds_hexamoe.data")
-    except ImportError:
-        data = None
-    if data is not None and hasattr(data, "build_train_batches"):
-        return data.build_train_batches(recipe, n)
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoTokenizer
-
-    from ..recipes import expand_patterns
-
-    tok_spec = recipe.tokenizer_spec
-    if tok_spec.path is None:
-        raise ConfigError("tokenizer: profile-routing needs a tokenizer folder (tokenizer.path or model.path); "
-                          "a recipe that builds its tokenizer needs ds_hexamoe.data (not installed in this checkout)")
-    tok = AutoTokenizer.from_pretrained(tok_spec.path)
-    d = recipe.data
-    files = expand_patterns(d.train_files, "data.train_files")
-    fmt = d.format
-    if fmt == "auto":
-        ext = os.path.splitext(files[0])[1].lower().lstrip(".")
-        fmt = {"txt": "text", "jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext, "text")
-    ds = load_dataset(fmt, data_files=files, split="train", **({"sample_by": d.sample_by} if fmt == "text" else {}))
-    if d.text_field not in ds.column_names:
-        raise ConfigError(f"data.text_field: got {d.text_field!r}; the files have columns {ds.column_names}")
-    mb, seq = recipe.training.micro_batch_size, d.seq_len
-    need = n * mb * seq
-    ids: list[int] = []
-    for row in ds:
-        ids.extend(tok(row[d.text_field])["input_ids"])
-        if tok.eos_token_id is not None and d.append_eos:
-            ids.append(tok.eos_token_id)
-        if len(ids) >= need:
-            break
-    if len(ids) < mb * seq:
-        raise ConfigError(f"data.train_files: {len(ids)} tokens, fewer than one batch ({mb} x {seq}); add data or "
+    with tempfile.TemporaryDirectory(prefix="hexamoe-profile-") as tmp:
+        tok = build_tokenizer(recipe, save_dir=tmp)
+    model = build_model(recipe, tok)
+    data = build_dataset(recipe, tok)
+    mb = recipe.training.micro_batch_size
+    count = min(n, len(data.train) // mb)
+    if count < 1:
+        raise ConfigError(f"data.train_files: {len(data.train)} blocks, fewer than one batch of {mb}; add data or "
                           "reduce training.micro_batch_size / data.seq_len")
-    t = torch.tensor(ids[: (len(ids) // (mb * seq)) * mb * seq]).view(-1, mb, seq)
-    return [t[i] for i in range(min(n, t.size(0)))]
+    return model, [data.collate([data.train[j] for j in range(i * mb, (i + 1) * mb)]) for i in range(count)]
 
 
 def profile_main(argv: list[str] | None = None) -> int:
@@ -311,8 +259,7 @@ def profile_main(argv: list[str] | None = None) -> int:
         except ImportError as e:
             raise ConfigError(f"profile-routing needs ds_hexamoe.recipes ({e}); it is not installed in this checkout") from None
         recipe = load_recipe(args.recipe)
-        model = _recipe_model(recipe)
-        batches = _recipe_batches(recipe, args.batches)
+        model, batches = _recipe_model_and_batches(recipe, args.batches)
         stats = profile_routing(model, batches, args.batches)
         if stats.model is not None:
             stats.model["seq_len"] = recipe.data.seq_len
