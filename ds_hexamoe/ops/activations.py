@@ -46,6 +46,28 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+_aten = torch.ops.aten
+
+# grad * f'(x) in one fused ATen kernel (the same closed forms as above, without the temporaries)
+FUSED_BACKWARD: dict[str, Callable] = {
+    "silu": lambda grad, x: _aten.silu_backward(grad, x),
+    "swish": lambda grad, x: _aten.silu_backward(grad, x),
+    "gelu": lambda grad, x: _aten.gelu_backward(grad, x, approximate="none"),
+    "gelu_pytorch_tanh": lambda grad, x: _aten.gelu_backward(grad, x, approximate="tanh"),
+    "gelu_new": lambda grad, x: _aten.gelu_backward(grad, x, approximate="tanh"),
+    "gelu_fast": lambda grad, x: _aten.gelu_backward(grad, x, approximate="tanh"),
+    "relu": lambda grad, x: _aten.threshold_backward(grad, x, 0),
+}
+
+
+def backward_fn(name: str) -> Callable:
+    """``(grad, x) -> grad * f'(x)`` for activation ``name``."""
+    if name in FUSED_BACKWARD:
+        return FUSED_BACKWARD[name]
+    _, dfn = get_activation(name)
+    return lambda grad, x: grad * dfn(x)
+
+
 def get_activation(name: str) -> tuple[Callable, Callable]:
     try:
         return ACTIVATIONS[name]

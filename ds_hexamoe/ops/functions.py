@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import get_activation
+from .activations import backward_fn, get_activation
 from .dispatch import get_backend
 from .routing import ExpertIndex
 
@@ -119,17 +119,23 @@ def _activate(h: torch.Tensor, act: str, gated: bool, interleaved: bool) -> torc
     return fn(g) * u
 
 
-def _activate_backward(h: torch.Tensor, da: torch.Tensor, act: str, gated: bool, interleaved: bool) -> torch.Tensor:
-    fn, dfn = get_activation(act)
-    hf, daf = h.to(acc_dtype(h.dtype)), da.to(acc_dtype(h.dtype))
+def _activate_backward(
+    h: torch.Tensor, da: torch.Tensor, act: str, gated: bool, interleaved: bool, act_g: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``dh`` from ``da`` in closed form; ``act_g`` is ``act(gate)`` when the caller already has it."""
+    fn, _ = get_activation(act)
+    bwd = backward_fn(act)
+    acc = acc_dtype(h.dtype)
+    hf, daf = h.to(acc), da.to(acc)
     if not gated:
-        return (daf * dfn(hf)).to(h.dtype)
+        return bwd(daf, hf).to(h.dtype)
     g, u = _split_gate(hf, interleaved)
-    dg = daf * u * dfn(g)
-    du = daf * fn(g)
-    if interleaved:
-        return torch.stack((dg, du), dim=-1).flatten(1).to(h.dtype)
-    return torch.cat((dg, du), dim=1).to(h.dtype)
+    # write both halves straight into dh: no concatenated copy
+    dh = torch.empty(h.shape, dtype=acc, device=h.device)
+    dg, du = _split_gate(dh, interleaved)
+    dg.copy_(bwd(daf * u, g))
+    du.copy_(daf * (act_g if act_g is not None and act_g.dtype == acc else fn(g)))
+    return dh.to(h.dtype)
 
 
 class ExpertMLPFunction(torch.autograd.Function):
@@ -157,7 +163,13 @@ class ExpertMLPFunction(torch.autograd.Function):
         ops = get_backend(dout.device)
         dout = dout.contiguous()
         n_valid = int(offs[-1])
-        a = _activate(h, act, gated, inter)
+        act_g = None
+        if gated:  # act(gate) serves both the recomputed activation and du
+            g, u = _split_gate(h, inter)
+            act_g = get_activation(act)[0](g)
+            a = act_g * u
+        else:
+            a = _activate(h, act, gated, inter)
         t2 = ops.esmm(dout, w2.transpose(1, 2), idx, offs, gather_div=k)  # dy @ W2^T, unscaled
         ds = None
         if row_scale is not None:
@@ -166,12 +178,13 @@ class ExpertMLPFunction(torch.autograd.Function):
                 ds = _scale_grad(ops, dy_rows, t2[:n_valid], a[:n_valid], b2, index).to(row_scale.dtype)
             s = torch.zeros(t2.size(0), dtype=t2.dtype, device=t2.device)
             s[:n_valid] = row_scale.index_select(0, idx[:n_valid]).to(t2.dtype)
-            da = t2 * s.unsqueeze(-1)
-        else:
-            da = t2
+            t2.mul_(s.unsqueeze(-1))  # in place: the unscaled product is no longer needed
+        da, t2 = t2, None
         dw2 = ops.estmm(a, dout, idx, offs, dy_div=k, dy_scale=row_scale).to(w2.dtype)
         db2 = ops.ess(dout, idx, offs, dy_div=k, dy_scale=row_scale).to(b2.dtype) if b2 is not None else None
-        dh = _activate_backward(h, da, act, gated, inter)
+        a = None  # free [P, f] before the activation backward allocates dh
+        dh = _activate_backward(h, da, act, gated, inter, act_g=act_g)
+        da = act_g = None
         dw1 = ops.estmm(x, dh, idx, offs, x_div=k).to(w1.dtype)
         db1 = ops.ess(dh, idx, offs).to(b1.dtype) if b1 is not None else None
         dx = _pairs_to_tokens(ops.esmm(dh, w1.transpose(1, 2), idx, offs, scatter=True), k, x.dtype)
