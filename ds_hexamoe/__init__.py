@@ -10,18 +10,11 @@ __version__ = "0.1.0"
 
 _register_transformers()
 
+# the integration module itself imports deepspeed only inside its functions
+from .integrations.deepspeed import build_param_groups, convert_model, initialize  # noqa: E402
 from .integrations.deepspeed import install_patch as _install_deepspeed_patch  # noqa: E402
 
 _install_deepspeed_patch()
-
-
-def __getattr__(name):
-    # deepspeed is heavy to import; load the engine integration on first use
-    if name in ("initialize", "convert_model", "build_param_groups"):
-        from .integrations import deepspeed as _ds
-
-        return getattr(_ds, name)
-    raise AttributeError(name)
 
 
 __all__ = ["ConfigError", "HexaMoEConfig", "initialize", "convert_model", "build_param_groups", "__version__"]

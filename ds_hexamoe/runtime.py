@@ -60,15 +60,12 @@ class HexaMoERuntime:
             out["balance"] = sum(ratios) / len(ratios)
             out["balance_per_layer"] = dict(zip(load, ratios))
             out["expert_load"] = load
-        comm = {}
-        if self.fssdp is not None:
-            # counters reset at each optimizer step; report the last completed step
-            last = getattr(self.fssdp, "last_step_comm_stats", None)
-            comm = (last() if last is not None else None) or self.fssdp.comm_stats()
+        # counters reset at each optimizer step: report the last completed step
+        comm = self.fssdp.last_step_comm_stats() if self.fssdp is not None else {}
         out["comm_bytes"] = int(sum(v for k, v in comm.items() if k.endswith("bytes"))) if comm else 0
         if comm:
             out["comm"] = comm
-        if self.fssdp is not None and hasattr(self.fssdp, "accounting_summary"):
+        if self.fssdp is not None:
             out["moe_accounting"] = self.fssdp.accounting_summary()
         return out
 
@@ -76,7 +73,7 @@ class HexaMoERuntime:
         """Plan again from fresh routing statistics (and profiles) and apply it: batch shares, shards, modes."""
         if self.hetero is not None:
             return self.hetero.replan(stats, profiles=profiles)
-        if self.fssdp is not None and hasattr(self.fssdp, "replan"):
+        if self.fssdp is not None:
             return self.fssdp.replan(stats)
         return None
 

@@ -178,6 +178,16 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
 # Data order: a seeded DistributedSampler per epoch, addressed by the number of micro-batches consumed.
 
 
+def _micro_batches_per_epoch(samples: int, per_batch: int, micro_batch_size: int, world_size: int,
+                             dataset_len: int) -> int:
+    n = samples // per_batch
+    if n == 0:
+        raise ConfigError(f"training.micro_batch_size: {micro_batch_size} x {world_size} ranks needs at least "
+                          f"{micro_batch_size * world_size} training blocks but the data has {dataset_len}; "
+                          "lower micro_batch_size or data.seq_len, or add data")
+    return n
+
+
 class BatchPlan:
     """Micro-batch ``i`` of this rank, for any ``i``: epoch ``i // per_epoch`` of a ``DistributedSampler``
     with a fixed seed, so a resumed run reads exactly the batches the uninterrupted run would have."""
@@ -188,11 +198,8 @@ class BatchPlan:
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                           drop_last=True)
         self.mbs = micro_batch_size
-        self.per_epoch = len(self.sampler) // micro_batch_size
-        if self.per_epoch == 0:
-            raise ConfigError(f"training.micro_batch_size: {micro_batch_size} x {world_size} ranks needs at least "
-                              f"{micro_batch_size * world_size} training blocks but the data has {len(dataset)}; "
-                              "lower micro_batch_size or data.seq_len, or add data")
+        self.per_epoch = _micro_batches_per_epoch(len(self.sampler), micro_batch_size, micro_batch_size, world_size,
+                                                  len(dataset))
         self._epoch, self._order = None, None
 
     def indices(self, i: int) -> list[int]:
@@ -219,11 +226,7 @@ class SharedBatchPlan(BatchPlan):
         self.rank, self.hetero, self.seed, self.n = rank, hetero, seed, len(dataset)
         self.global_size = micro_batch_size * world_size
         self.mbs = micro_batch_size
-        self.per_epoch = self.n // self.global_size
-        if self.per_epoch == 0:
-            raise ConfigError(f"training.micro_batch_size: {micro_batch_size} x {world_size} ranks needs at least "
-                              f"{self.global_size} training blocks but the data has {self.n}; lower "
-                              "micro_batch_size or data.seq_len, or add data")
+        self.per_epoch = _micro_batches_per_epoch(self.n, self.global_size, micro_batch_size, world_size, self.n)
         self._epoch, self._order = None, None
 
     def indices(self, i: int) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 
 from .activations import backward_fn, get_activation
 from .dispatch import get_backend
-from .routing import ExpertIndex
+from .routing import ExpertIndex, segment_ids
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,14 +30,13 @@ def _pairs_to_tokens(y_pairs: torch.Tensor, k: int, dtype: torch.dtype) -> torch
 
 
 def _scale_grad(
-    ops, dy_rows: torch.Tensor, t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, index: ExpertIndex
+    dy_rows: torch.Tensor, t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, index: ExpertIndex
 ) -> torch.Tensor:
     """Gradient of the per-pair routing weight: ``<dy, a @ W + b>`` written in pair order."""
     n_valid = t.size(0)
     ds = _row_dot(t, a)
     if bias is not None:
-        eids = torch.repeat_interleave(torch.arange(index.num_experts, device=t.device), index.counts, output_size=n_valid)
-        ds = ds + _row_dot(dy_rows, bias.index_select(0, eids))
+        ds = ds + _row_dot(dy_rows, bias.index_select(0, segment_ids(index.offs, n_valid)))
     out = ds.new_zeros(index.num_pairs)
     out.index_copy_(0, index.idx[:n_valid], ds)
     return out
@@ -68,7 +67,7 @@ class ExpertLinearFunction(torch.autograd.Function):
             t = ops.esmm(dy, wt, idx, offs, gather_div=dy_div)[:n_valid]
             dy_rows = dy.index_select(0, idx[:n_valid]) if scatter else dy[:n_valid]
             x_rows = x[:n_valid] if gdiv is None else x.index_select(0, torch.div(idx[:n_valid], gdiv, rounding_mode="floor"))
-            ds = _scale_grad(ops, dy_rows, t, x_rows, bias, index).to(row_scale.dtype)
+            ds = _scale_grad(dy_rows, t, x_rows, bias, index).to(row_scale.dtype)
             if ctx.needs_input_grad[0]:
                 t = t * row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(t.dtype)
                 full = t.new_zeros(index.num_pairs, t.size(1))
@@ -175,7 +174,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         if row_scale is not None:
             if ctx.needs_input_grad[5]:
                 dy_rows = dout.index_select(0, torch.div(idx[:n_valid], k, rounding_mode="floor"))
-                ds = _scale_grad(ops, dy_rows, t2[:n_valid], a[:n_valid], b2, index).to(row_scale.dtype)
+                ds = _scale_grad(dy_rows, t2[:n_valid], a[:n_valid], b2, index).to(row_scale.dtype)
             s = torch.zeros(t2.size(0), dtype=t2.dtype, device=t2.device)
             s[:n_valid] = row_scale.index_select(0, idx[:n_valid]).to(t2.dtype)
             t2.mul_(s.unsqueeze(-1))  # in place: the unscaled product is no longer needed

@@ -40,6 +40,12 @@ class ExpertIndex:
         return torch.nonzero(self.counts > 0, as_tuple=False).flatten()
 
 
+def segment_ids(offs: torch.Tensor, n_valid: int) -> torch.Tensor:
+    """Expert id of each of the first ``n_valid`` positions in expert order (``offs`` from an ExpertIndex)."""
+    counts = offs.diff()
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=offs.device), counts, output_size=n_valid)
+
+
 def build_expert_index(top_k_index: torch.Tensor, num_experts: int) -> ExpertIndex:
     """Sort ``top_k_index[T, k]`` by expert (stable, so pairs keep token order inside a segment).
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .routing import segment_ids
+
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
@@ -21,11 +23,6 @@ def _rows(t: torch.Tensor, idx: torch.Tensor, n_valid: int, div: int | None) -> 
         return t[:n_valid]
     src = idx[:n_valid] if div == 1 else torch.div(idx[:n_valid], div, rounding_mode="floor")
     return t.index_select(0, src)
-
-
-def _expert_ids(offs: torch.Tensor, n_valid: int) -> torch.Tensor:
-    counts = offs.diff()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=offs.device), counts, output_size=n_valid)
 
 
 def _aligned(*ts: torch.Tensor) -> bool:
@@ -89,7 +86,7 @@ def esmm(
         xs = xs.to(w.dtype)
     y = _grouped_matmul(xs.contiguous(), w, offs, bounds)[:n_valid]
     if bias is not None:
-        y = y + bias.index_select(0, _expert_ids(offs, n_valid))
+        y = y + bias.index_select(0, segment_ids(offs, n_valid))
     if row_scale is not None:
         y = y * row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(y.dtype)
     if n_valid == n_pairs and not scatter:
@@ -141,5 +138,5 @@ def ess(
     if dy_scale is not None:
         gs = gs * dy_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(acc)
     out = torch.zeros(offs.numel() - 1, dy.size(1), dtype=acc, device=dy.device)
-    out.index_add_(0, _expert_ids(offs, n_valid), gs)
+    out.index_add_(0, segment_ids(offs, n_valid), gs)
     return out.to(dy.dtype)
