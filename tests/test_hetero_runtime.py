@@ -259,3 +259,37 @@ def test_bad_inputs_fail_before_any_work(one_rank, tmp_path):
         model, ds_hexamoe.config.HexaMoEConfig.from_dict({"profile": "declared", "devices": [FAST]}),
         {"train_micro_batch_size_per_gpu": 4})
     assert ok.batch_shares == [4] and ok.shard_weights == [1.0]
+
+
+def _clock_worker(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    from ds_hexamoe.hetero import CollectiveClock
+
+    clock = CollectiveClock(3.0 if rank == 1 else 1.0).install()
+    try:
+        t = torch.ones(4)
+        dist.barrier()
+        clock.lap()
+        if rank == 0:
+            time.sleep(0.4)  # the fast peer is late: the slow rank waits on its async handle
+            dist.all_reduce(t)
+        else:
+            work = dist.all_reduce(t, async_op=True)
+            work.wait()
+        lap = clock.lap()
+    finally:
+        clock.uninstall()
+    return {"lap": lap, "sum": float(t[0])}
+
+
+def test_slowdown_clock_counts_async_waits_as_collective_time():
+    """Waiting on an async collective is not work: the emulated 3x rank must not sleep 2x the 0.4 s it
+    spent waiting for its peer (it did before handles were wrapped), and the wait shows up as comm."""
+    r0, r1 = run_distributed(_clock_worker, 2, timeout=120)
+    assert r0["sum"] == r1["sum"] == 2.0
+    assert r1["lap"]["comm_s"] > 0.3, r1["lap"]
+    assert r1["lap"]["slept_s"] < 0.1, r1["lap"]
+    assert r1["lap"]["collectives"] == 1

@@ -10,8 +10,10 @@ compute, leaves the shared CPU cores to the other ranks.
 
 The same clock records, per step, ``busy`` (wall time outside collectives, the emulated extra
 included), ``comm`` (time inside collectives: transfer plus waiting for slower peers) and ``slept``.
-Limits: the time a rank waits on an asynchronous collective's ``wait()`` counts as busy; on GPUs the
-host clock does not see kernel time (emulation is meant for CPU ranks).
+An asynchronous collective's handle is wrapped the same way: time spent in its ``wait()`` is
+collective time (waiting for a peer), not work to be stretched, so a slow rank that waits on a fast
+one's prefetch or reduce-scatter does not sleep for that wait too. Limit: on GPUs the host clock does
+not see kernel time (emulation is meant for CPU ranks).
 """
 from __future__ import annotations
 
@@ -92,20 +94,40 @@ class CollectiveClock:
         def timed(*args, **kwargs):
             if getattr(self._local, "inside", False):  # a collective built on another one
                 return fn(*args, **kwargs)
-            self._settle()
-            self._local.inside = True
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._local.inside = False
-                t1 = time.perf_counter()
-                self.comm += t1 - t0
-                self.collectives += 1
-                self._mark = t1
+            work = self._timed(fn, *args, **kwargs)
+            return _TimedWork(work, self) if work is not None and hasattr(work, "wait") else work
 
         timed._hexamoe_clock = True
         return timed
+
+    def _timed(self, fn, *args, _count: bool = True, **kwargs):
+        """Run ``fn`` as collective time: settle the work before it, count its wall time as ``comm``."""
+        if getattr(self._local, "inside", False):
+            return fn(*args, **kwargs)
+        self._settle()
+        self._local.inside = True
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._local.inside = False
+            t1 = time.perf_counter()
+            self.comm += t1 - t0
+            self.collectives += int(_count)
+            self._mark = t1
+
+
+class _TimedWork:
+    """An async collective's handle whose ``wait()`` the clock times as collective time."""
+
+    def __init__(self, work, clock: CollectiveClock):
+        self._work, self._clock = work, clock
+
+    def wait(self, *args, **kwargs):
+        return self._clock._timed(self._work.wait, *args, _count=False, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
 
 
 def active_clock() -> CollectiveClock | None:
