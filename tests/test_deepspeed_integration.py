@@ -47,12 +47,17 @@ def _train_rank(rank, world, stage, use_patch, state):
 
     import ds_hexamoe
 
+    from ds_hexamoe.integrations.deepspeed import shm_workspace_names
+
     deepspeed.init_distributed("gloo")
+    # DeepSpeed's CPU all-reduce workspace: one /dev/shm file per rank, which it never unlinks
+    shm_before = len(shm_workspace_names())
     model = _tiny_mixtral()
     model.load_state_dict(state)
     cfg = _ds_config(stage, {"kernels": "torch"})
     init = deepspeed.initialize if use_patch else ds_hexamoe.initialize
     engine, *_ = init(model=model, config=cfg)
+    shm_after = len(shm_workspace_names())
     assert engine.module.config._experts_implementation == "hexamoe"
     assert hasattr(engine, "hexamoe")
     losses = []
@@ -64,7 +69,7 @@ def _train_rank(rank, world, stage, use_patch, state):
         losses.append(out.loss.item())
     metrics = engine.hexamoe.metrics()
     params = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
-    return {"params": params, "losses": losses, "metrics": metrics}
+    return {"params": params, "losses": losses, "metrics": metrics, "shm": (shm_before, shm_after)}
 
 
 def _reference(state, world):
@@ -94,6 +99,8 @@ def test_two_ranks_match_single_process(stage, use_patch):
     moved = max((ref[n] - state[n]).abs().max().item() for n in ref)
     assert moved > 2e-2
     for r in results:
+        # initialize released the leaked workspace names (the mappings DeepSpeed uses stay)
+        assert r["shm"][1] == 0, r["shm"]
         assert r["metrics"]["dropped_tokens"] == 0 and r["metrics"]["balance"] >= 1.0
         for name, p in ref.items():
             torch.testing.assert_close(r["params"][name], p, rtol=1e-3, atol=2e-4, msg=f"{name} differs after {STEPS} steps")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -111,6 +112,57 @@ def _filter_optimizer(optimizer: torch.optim.Optimizer, keep: set[int]) -> None:
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
 
 
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def shm_workspace_names(port: str | int | None = None, addr: str | None = None) -> list[str]:
+    """``/dev/shm`` files of DeepSpeed's CPU shared-memory all-reduce workspace for this user, on
+    ``MASTER_ADDR:MASTER_PORT`` (default: the environment's; ``port="*"`` any)."""
+    import glob
+
+    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "*")
+    port = port if port is not None else os.environ.get("MASTER_PORT", "*")
+    return glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_*")
+
+
+def release_shm_workspace(group=None) -> int:
+    """Unlink this rank's DeepSpeed CPU all-reduce workspace name (a collective; returns files removed).
+
+    DeepSpeed's CPU accelerator creates a ~69 MB ``/dev/shm`` file per rank at ``init_distributed`` and
+    never unlinks it, so every multi-rank CPU run leaks RAM (tmpfs) until reboot. Once every rank has
+    mapped its peers' files (all are past ``init_distributed``: the barrier) the names can go; the
+    mappings, all DeepSpeed uses, stay valid."""
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_backend(group) != "gloo":
+        return 0
+    rank = dist.get_rank()
+    mine = [f for f in shm_workspace_names() if f.rsplit("_", 1)[-1] == str(rank)]
+    flag = torch.tensor([len(mine)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # the barrier, and every rank agrees to go on
+    removed = 0
+    for f in mine:
+        try:
+            os.unlink(f)
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _init_distributed(port) -> None:
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(distributed_port=port)
+    _release_once()
+
+
+def _release_once() -> None:
+    if torch.distributed.is_initialized() and not getattr(_release_once, "done", False):
+        _release_once.done = True
+        release_shm_workspace()
+
+
 def initialize(
     args=None,
     model: nn.Module | None = None,
@@ -145,16 +197,14 @@ def initialize(
     hetero = None
     if hcfg.profile != "uniform":
         # profiles and the plan come first: bad device files and infeasible plans fail before any work
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(distributed_port=distributed_port)
+        _init_distributed(distributed_port)
         from ..hetero import HeteroController
 
         hetero = HeteroController.from_config(model, hcfg, ds_config)
     convert_model(model, hcfg)
     manager = None
     if hcfg.sharding == "fssdp":
-        if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(distributed_port=distributed_port)
+        _init_distributed(distributed_port)
         from ..fssdp import FSSDPManager
 
         shard_cfg = hcfg
@@ -174,6 +224,7 @@ def initialize(
     engine, opt, loader, sched = _original_initialize()(
         model=model, optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs
     )
+    _release_once()
     runtime = HexaMoERuntime(model, hcfg, fssdp=manager)
     engine.hexamoe = runtime
     if manager is not None:
