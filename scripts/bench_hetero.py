@@ -7,8 +7,8 @@ speed-up over the uniform plan (and the distance to the ideal), for Mixtral 8x7B
 
 The ILP is skipped where one layer's problem exceeds --ilp-max-binaries (the MILP build alone would
 dominate). ``--measured`` (or ``--measured-only``) adds the measured part: ``measured_cpu`` trains a small
-Mixtral on 2 (or more) gloo CPU ranks, one emulated slower by the runtime, with the uniform plan and the
-planner's, against the ideal bound and the simulator's predictions (``"measured_cpu"`` in the JSON).
+Mixtral on 2 (or more) gloo CPU ranks, one emulated slower by the runtime, alternating blocks of steps
+with the uniform plan and the planner's in one process group, against the ideal bound and the simulator's predictions (``"measured_cpu"`` in the JSON).
 """
 from __future__ import annotations
 
@@ -135,12 +135,54 @@ def calibrate(seq: int, sizes=(4, 24), repeats: int = 5) -> dict:
             "times_s": times}
 
 
-def _bench_worker(rank, world, hexamoe, micro, seq, steps, uniform):
+def _link_worker(rank, world, nbytes=8 << 20, repeats=7):
+    import torch
+    import torch.distributed as dist
+
+    from ds_hexamoe.placement.profiles import measure_latency
+
+    lat = measure_latency()
+    x = torch.zeros(nbytes // 4)
+    y = torch.empty_like(x)
+    dist.all_to_all_single(y, x)
+    walls = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_to_all_single(y, x)
+        walls.append(time.perf_counter() - t0)
+    # each rank sends (world - 1) / world of its buffer
+    return {"latency_us": lat, "bandwidth_gbps": nbytes * (world - 1) / world / statistics.median(walls) / 1e9}
+
+
+def calibrate_link(world_size: int) -> dict:
+    """Per-collective latency (median tiny all_reduce) and per-rank bandwidth (an 8 MB all_to_all_single)
+    of ``world_size`` gloo ranks on this machine: the ``latency_us`` and ``bandwidth_gbps`` the devices
+    declare."""
+    from ds_hexamoe.testing import run_distributed
+
+    res = run_distributed(_link_worker, world_size, timeout=300)
+    return {"latency_us": max(r["latency_us"] for r in res), "bandwidth_gbps": min(r["bandwidth_gbps"] for r in res)}
+
+
+def _fit(sizes, times) -> dict:
+    per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
+    return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
+            "times_s": list(times)}
+
+
+def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_sizes, slowdowns, flops_per_sample):
+    """In one process group: (1) calibration, every rank unslowed with equal shares and even shards at two
+    batch sizes, fitting each rank's work outside collectives as ``fixed + per_sample * b`` (so FSSDP's
+    host work and two ranks sharing the machine are in it); (2) a re-plan with the devices declared from
+    that fit (shards migrate); (3) alternating blocks of steps with the uniform plan and the planner's,
+    the order flipping every round so drift on a noisy machine hits both alike."""
     import torch
 
     import deepspeed
 
     import ds_hexamoe
+    from ds_hexamoe.fssdp.migrate import migrate_shards
     from ds_hexamoe.hetero import count_tokens, loss_scale, split_batch
 
     deepspeed.init_distributed("gloo")
@@ -150,73 +192,114 @@ def _bench_worker(rank, world, hexamoe, micro, seq, steps, uniform):
     engine, *_ = ds_hexamoe.initialize(model=_bench_model(), config=cfg)
     rt = engine.hexamoe
     h = rt.hetero
-    if uniform:
-        h.batch_shares = [micro] * world
-    walls = []
-    for step in range(steps):
-        ids = _bench_batch(1000 + step, micro * world, seq)
-        x = split_batch(ids, h, rank)
-        torch.distributed.barrier()
-        t0 = time.perf_counter()
-        loss = engine(input_ids=x, labels=x).loss
-        engine.backward(loss * loss_scale(count_tokens(x), count_tokens(ids), world))
-        engine.step()
-        rt.after_step(engine.global_steps)
-        walls.append(time.perf_counter() - t0)
-    weights = h.shard_weights if h.fssdp_weights() is not None else [w / sum(hexamoe["shard_weights"]) for w in hexamoe["shard_weights"]]
-    return {"walls": walls, "shares": list(h.batch_shares), "shard_weights": list(weights),
-            "owned": [layer.local_count for layer in rt.fssdp.layers] if rt.fssdp is not None else None,
-            "predicted": {k: v for k, v in rt.plan.predicted.items() if not isinstance(v, (dict, list))},
-            "per_rank_busy": rt.plan.predicted["per_rank"]["busy"],
-            "uniform_busy": rt.plan.predicted["uniform_per_rank"]["busy"],
-            "step_times": h.step_times}
+    clock = h.clock
+    step = 0
+
+    def block(shares, weights, n):
+        nonlocal step
+        h.batch_shares = list(shares)
+        if rt.fssdp is not None:
+            migrate_shards(rt.fssdp, weights)
+        walls, laps = [], []
+        for i in range(warmup + n):
+            ids = _bench_batch(1000 + step, sum(shares), seq)
+            step += 1
+            x = split_batch(ids, h, rank)
+            torch.distributed.barrier()
+            clock.lap()
+            t0 = time.perf_counter()
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss * loss_scale(count_tokens(x), count_tokens(ids), world))
+            engine.step()
+            rt.after_step(engine.global_steps)
+            if i >= warmup:
+                walls.append(time.perf_counter() - t0)
+                laps.append(h.step_times[-1])
+        return walls, laps
+
+    even = [1.0 / world] * world
+    slow, clock.slowdown = clock.slowdown, 1.0
+    busy = []
+    for b in cal_sizes:
+        _, laps = block([b] * world, even, steps)
+        t = torch.tensor([statistics.median(lp["busy_s"] for lp in laps)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)  # the ranks' mean: one profile for identical hardware
+        busy.append(float(t) / world)
+    clock.slowdown = slow
+    cal2 = _fit(cal_sizes, busy)
+    devices = [dict(d, tflops=flops_per_sample / cal2["per_sample_s"] / 1e12, step_overhead_s=cal2["fixed_s"])
+               for d in hexamoe["devices"]]
+    h.replan(profiles=devices, step=engine.global_steps)
+    plans = {"uniform": ([micro] * world, even), "planned": (list(h.batch_shares), list(h.shard_weights))}
+    out = {n: {"walls": [], "laps": [], "owned": None} for n in plans}
+    for rnd in range(rounds):
+        for name in (("uniform", "planned") if rnd % 2 == 0 else ("planned", "uniform")):
+            walls, laps = block(*plans[name], steps)
+            out[name]["walls"] += walls
+            out[name]["laps"] += laps
+            if rt.fssdp is not None:
+                out[name]["owned"] = [layer.local_count for layer in rt.fssdp.layers]
+    pred = h.plan.predicted
+    return {"runs": out, "plans": {n: {"shares": s, "shard_weights": w} for n, (s, w) in plans.items()},
+            "calibration_2rank": cal2, "devices": devices,
+            "predicted": {k: v for k, v in pred.items() if not isinstance(v, (dict, list))},
+            "per_rank_busy": pred["per_rank"]["busy"], "uniform_busy": pred["uniform_per_rank"]["busy"]}
+
+
+def _ideal(cal: dict, G: int, slowdowns) -> float:
+    """The work of one step (``G`` samples, each rank's fixed per-step cost) over the ranks' summed speed
+    (valid while no rank's overhead alone exceeds it, as here)."""
+    return (G * cal["per_sample_s"] + len(slowdowns) * cal["fixed_s"]) / sum(1.0 / s for s in slowdowns)
 
 
 def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0), micro: int = 16, seq: int = SEQ,
-                 steps: int = 8, warmup: int = 2, fssdp: bool = True) -> dict:
+                 rounds: int = 3, steps: int = 4, warmup: int = 1, fssdp: bool = True) -> dict:
     """Train the bench Mixtral on ``world_size`` gloo CPU ranks, rank ``r`` emulated ``slowdowns[r]`` times
-    slower by the runtime (it sleeps ``(s - 1) x`` its own work before each collective), once with equal
-    shares and even shards (uniform) and once with the planner's shares and shard weights; the profiles
-    are declared with the TFLOP/s this CPU reaches on the model alone (``calibrate``). Reports the median
-    measured step time of each, the ideal bound, and the simulator's prediction for both plans."""
+    slower by the runtime (it sleeps ``(s - 1) x`` its own work before each collective). The devices are
+    declared from a one-rank calibration of the engine (``calibrate``), then re-planned in the run from a
+    calibration on all ranks unslowed; then alternating blocks of the uniform plan (equal shares, even
+    shards) and the planner's. Reports the median measured step time of each plan, the ideal bound (work
+    measured on all ranks, over summed speed; also from the one-rank calibration) and the simulator's
+    prediction for both."""
     from ds_hexamoe.hetero import model_shape_for
     from ds_hexamoe.testing import run_distributed
 
     if len(slowdowns) != world_size:
         raise ConfigError(f"--slowdowns: got {len(slowdowns)} factors for {world_size} ranks; give one per rank")
     cal = calibrate(seq)
+    link = calibrate_link(world_size)
     shape = model_shape_for(_bench_model(), seq_len=seq)
     k = BENCH_MODEL["num_experts_per_tok"]
     flops_per_sample = seq * (shape.dense_flops_per_token + shape.num_moe_layers * k * shape.pair_flops)
     tflops = flops_per_sample / cal["per_sample_s"] / 1e12
-    devices = [{"name": f"cpu-x{s:g}", "tflops": tflops, "memory_gb": 4.0, "bandwidth_gbps": 2.0, "slowdown": s,
-                "step_overhead_s": cal["fixed_s"]} for s in slowdowns]
+    devices = [{"name": f"cpu-x{s:g}", "tflops": tflops, "memory_gb": 4.0, "bandwidth_gbps": link["bandwidth_gbps"],
+                "latency_us": link["latency_us"], "slowdown": s, "step_overhead_s": cal["fixed_s"]} for s in slowdowns]
     hexamoe = {"kernels": "torch", "profile": "declared", "devices": devices}
     if fssdp:
         hexamoe["sharding"] = "fssdp"
+    res = run_distributed(_bench_worker, world_size, hexamoe, micro, seq, rounds, steps, warmup, (4, 24), slowdowns,
+                          flops_per_sample, init_process_group=False, timeout=900)
+    pred = res[0]["predicted"]
     runs = {}
-    for name, uniform in (("uniform", True), ("planned", False)):
-        hx = dict(hexamoe, shard_weights=[1.0] * world_size) if (uniform and fssdp) else hexamoe
-        res = run_distributed(_bench_worker, world_size, hx, micro, seq, steps + warmup, uniform,
-                              init_process_group=False, timeout=900)
-        walls = [max(r["walls"][i] for r in res) for i in range(warmup, steps + warmup)]
-        runs[name] = {"measured_s": statistics.median(walls), "walls_s": walls, "shares": res[0]["shares"],
-                      "shard_weights": res[0]["shard_weights"], "experts_owned": [r["owned"] for r in res],
-                      "busy_s": [statistics.median(t["busy_s"] for t in r["step_times"][warmup:]) for r in res],
-                      "comm_s": [statistics.median(t["comm_s"] for t in r["step_times"][warmup:]) for r in res]}
-        pred = res[0]["predicted"]
-        runs[name]["predicted_s"] = pred["uniform_step_time"] if uniform else pred["step_time"]
-        runs["ideal_predicted_s"] = pred["ideal_step_time"]
+    for name in ("uniform", "planned"):
+        n = len(res[0]["runs"][name]["walls"])
+        walls = [max(r["runs"][name]["walls"][i] for r in res) for i in range(n)]
+        laps = [r["runs"][name]["laps"] for r in res]
+        runs[name] = {"measured_s": statistics.median(walls), "walls_s": walls, **res[0]["plans"][name],
+                      "experts_owned": [r["runs"][name]["owned"] for r in res],
+                      "busy_s": [statistics.median(t["busy_s"] for t in lp) for lp in laps],
+                      "comm_s": [statistics.median(t["comm_s"] for t in lp) for lp in laps],
+                      "predicted_s": pred["uniform_step_time"] if name == "uniform" else pred["step_time"]}
+    runs["ideal_predicted_s"] = pred["ideal_step_time"]
     G = micro * world_size
-    speed = sum(1.0 / s for s in slowdowns)
-    # the work of one step over the ranks' summed speed, every rank also paying its own fixed per-step cost
-    # (valid while no rank's overhead alone exceeds it, as here)
-    ideal_measured = (G * cal["per_sample_s"] + world_size * cal["fixed_s"]) / speed
+    cal2 = res[0]["calibration_2rank"]
     out = {"world_size": world_size, "slowdowns": list(slowdowns), "global_batch": G, "seq_len": seq, "fssdp": fssdp,
-           "calibration": cal, "declared_tflops": tflops, "ideal_s": ideal_measured,
-           "ideal_without_overhead_s": G * cal["per_sample_s"] / speed, **runs}
+           "rounds": rounds, "steps_per_block": steps, "calibration": cal, "calibration_all_ranks": cal2, "link": link,
+           "declared_tflops": flops_per_sample / cal2["per_sample_s"] / 1e12, "devices": res[0]["devices"],
+           "ideal_s": _ideal(cal2, G, slowdowns), "ideal_one_rank_s": _ideal(cal, G, slowdowns), **runs}
     p = runs["planned"]
-    out["planned_vs_ideal"] = ideal_measured / p["measured_s"]
+    out["planned_vs_ideal"] = out["ideal_s"] / p["measured_s"]
+    out["planned_vs_ideal_one_rank"] = out["ideal_one_rank_s"] / p["measured_s"]
     out["prediction_error"] = {n: runs[n]["predicted_s"] / runs[n]["measured_s"] - 1 for n in ("uniform", "planned")}
     out["speedup_vs_uniform"] = runs["uniform"]["measured_s"] / p["measured_s"]
     out["goals"] = {"within_10pct_of_ideal": out["planned_vs_ideal"] >= 1 / 1.1,
@@ -226,8 +309,11 @@ def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0),
 
 def print_measured(m: dict) -> None:
     print(f"\nmeasured on {m['world_size']} CPU ranks (slowdowns {m['slowdowns']}, global batch {m['global_batch']} x "
-          f"{m['seq_len']} tokens, FSSDP {m['fssdp']}); calibrated {m['declared_tflops'] * 1e3:.2f} GFLOP/s, "
-          f"{m['calibration']['per_sample_s'] * 1e3:.1f} ms/sample + {m['calibration']['fixed_s'] * 1e3:.1f} ms/step")
+          f"{m['seq_len']} tokens, FSSDP {m['fssdp']}); calibrated on all ranks {m['declared_tflops'] * 1e3:.2f} GFLOP/s, "
+          f"{m['calibration_all_ranks']['per_sample_s'] * 1e3:.1f} ms/sample + "
+          f"{m['calibration_all_ranks']['fixed_s'] * 1e3:.1f} ms/step (one rank alone: "
+          f"{m['calibration']['per_sample_s'] * 1e3:.1f} + {m['calibration']['fixed_s'] * 1e3:.1f}); "
+          f"link {m['link']['latency_us']:.0f} us/collective, {m['link']['bandwidth_gbps']:.2f} GB/s")
     hdr = f"{'plan':<10}{'shares':>12}{'shards':>16}{'measured s':>12}{'predicted s':>13}{'pred err':>10}{'busy s/rank':>22}"
     print(hdr)
     print("-" * len(hdr))
@@ -237,7 +323,8 @@ def print_measured(m: dict) -> None:
         busy = "/".join(f"{b:.3f}" for b in r["busy_s"])
         print(f"{n:<10}{str(r['shares']):>12}{sw:>16}{r['measured_s']:>12.3f}{r['predicted_s']:>13.3f}"
               f"{100 * m['prediction_error'][n]:>9.1f}%{busy:>22}")
-    print(f"{'ideal':<10}{'':>28}{m['ideal_s']:>12.3f}{m['ideal_predicted_s']:>13.3f}   (work / summed speed)")
+    print(f"{'ideal':<10}{'':>28}{m['ideal_s']:>12.3f}{m['ideal_predicted_s']:>13.3f}   (work / summed speed; "
+          f"{m['ideal_one_rank_s']:.3f} s from the one-rank calibration)")
     print(f"planned: x{m['speedup_vs_uniform']:.2f} vs uniform, {100 * m['planned_vs_ideal']:.0f}% of ideal; goals: "
           f"within 10% of ideal {'met' if m['goals']['within_10pct_of_ideal'] else 'NOT met'}, prediction within 15% "
           f"{'met' if m['goals']['prediction_within_15pct'] else 'NOT met'}")
@@ -257,13 +344,14 @@ def main(argv=None) -> int:
     ap.add_argument("--measured-only", action="store_true", help="only the measured CPU part")
     ap.add_argument("--slowdowns", type=float, nargs="+", default=[1.0, 3.0], help="per-rank slowdown (measured part)")
     ap.add_argument("--micro", type=int, default=16, help="nominal samples per rank and micro-step (measured part)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per run (measured part)")
+    ap.add_argument("--rounds", type=int, default=3, help="blocks per plan, alternating (measured part)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per block (measured part)")
     ap.add_argument("--no-fssdp", action="store_true", help="measured part with replicated experts (ZeRO-2 only)")
     args = ap.parse_args(argv)
     rows = []
     measured = None
     if args.measured or args.measured_only:
-        measured = measured_cpu(len(args.slowdowns), tuple(args.slowdowns), micro=args.micro, steps=args.steps,
+        measured = measured_cpu(len(args.slowdowns), tuple(args.slowdowns), micro=args.micro, rounds=args.rounds, steps=args.steps,
                                 fssdp=not args.no_fssdp)
         print_measured(measured)
     if args.measured_only:

@@ -202,7 +202,7 @@ def test_step_overhead_enters_simulation_ideal_and_shares():
     cost = CostModel(profiles, stats, SMALL, 100, PlanOptions())
     sim = simulate(p, cost)
     busy = [d + m + f for d, m, f in zip(sim.dense, sim.moe, cost.fixed)]
-    assert sim.step_time == pytest.approx(max(busy))
+    assert sim.sync > 0 and sim.step_time == pytest.approx(max(busy) + sim.sync)
     # the slow rank's larger fixed cost leaves it less of the batch than its speed alone would
     assert p.batch_shares[1] < base.batch_shares[1] and sum(p.batch_shares) == 100
     # the ideal bound: every rank pays its own overhead, the rest of the work is spread by speed
@@ -213,6 +213,32 @@ def test_step_overhead_enters_simulation_ideal_and_shares():
     assert p.predicted["step_time"] >= p.predicted["ideal_step_time"]
     with pytest.raises(ConfigError, match=r"devices\[0\]\.step_overhead_s: got -1; expected a number >= 0"):
         load_profiles([{"name": "A100-80GB", "step_overhead_s": -1}])
+
+
+def test_collective_latency_and_dense_sync_in_the_step():
+    """Every rank pays the slowest link's latency per collective (4 for the dense sync, 4 per FSSDP
+    data-centric layer with re-materialization) and ZeRO-2's dense-gradient sync on the slowest link; the
+    ideal bound has neither; idle is waiting for the busiest peer."""
+    stats = _stats(SMALL)
+    slow_link = [{"name": "A100-80GB", "latency_us": 50.0}, {"name": "A100-PCIe"}]
+    profiles = load_profiles(slow_link)
+    assert [p.latency_us for p in profiles] == [50.0, 20.0]  # declared, then the table's PCIe value
+    p = plan(profiles, stats, global_batch=100, model_shape=SMALL, mode="data_centric")
+    cost = CostModel(profiles, stats, SMALL, 100, PlanOptions())
+    sim = simulate(p, cost)
+    n = 4 + SMALL.num_moe_layers * 4
+    dense = 2 * 0.5 * SMALL.dense_params * 2 / (32 * 1e9)  # (R-1)/R of bf16 dense bytes, twice, at PCIe 32 GB/s
+    assert sim.sync == pytest.approx(50e-6 * n + dense)
+    assert sim.step_time == pytest.approx(max(sim.busy) + sim.sync) and min(sim.idle) == 0.0
+    assert p.predicted["sync_time"] == pytest.approx(sim.sync)
+    no_lat = CostModel(load_profiles([{"name": "A100-80GB", "latency_us": 0}, {"name": "A100-PCIe", "latency_us": 0}]),
+                       stats, SMALL, 100, PlanOptions())
+    assert no_lat.sync_time(["data_centric"] * SMALL.num_moe_layers) == pytest.approx(dense)
+    assert ideal_step_time(cost) == pytest.approx(ideal_step_time(no_lat))
+    one = CostModel(load_profiles([{"name": "A100-80GB"}]), stats, SMALL, 100, PlanOptions())
+    assert one.sync_time(["data_centric"] * SMALL.num_moe_layers) == 0.0
+    with pytest.raises(ConfigError, match=r"devices\[1\]\.latency_us: got -1; expected a number >= 0"):
+        load_profiles([{"name": "A100-80GB"}, {"name": "A100-80GB", "latency_us": -1}])
 
 
 def test_integer_shares_keep_total_and_caps():

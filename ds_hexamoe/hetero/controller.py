@@ -125,6 +125,8 @@ def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
             prof.memory_bytes = int(override.memory_gb * GB)
         if override.bandwidth_gbps is not None:
             prof.bandwidth_gbps = override.bandwidth_gbps
+        if override.step_overhead_s:
+            prof.step_overhead_s = override.step_overhead_s
         if override.name != "cpu":
             prof.name = override.name
     return prof
@@ -135,9 +137,16 @@ def resolve_profiles(cfg: HexaMoEConfig, world: int, rank: int, group=None) -> l
     if cfg.profile == "declared":
         return _load_declared(cfg, world)
     if cfg.profile == "measure":
-        from ..placement.profiles import gather_profiles
+        from ..placement.profiles import gather_profiles, measure_latency
 
-        return gather_profiles(_measure_local(cfg, rank, world), group=group)
+        local = _measure_local(cfg, rank, world)
+        if _dist_on() and world > 1:  # every rank measures (a collective), a declared value then wins
+            dev = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
+            local.latency_us = measure_latency(group, device=dev)
+        declared = cfg.devices[rank if len(cfg.devices) == world else 0].latency_us if cfg.devices else None
+        if declared is not None:
+            local.latency_us = declared
+        return gather_profiles(local, group=group)
     raise ConfigError(f'hexamoe.profile: got {cfg.profile!r}; the controller plans only for "measure" or "declared"')
 
 

@@ -24,7 +24,8 @@ def report(plan: Plan, max_ranks: int = 16) -> str:
     lines = [f"hexamoe plan: {plan.world_size} ranks, global batch {plan.global_batch}, solver {plan.solver}, "
              f"modes {_mode_summary(plan)}"]
     if p:
-        lines.append(f"  predicted step {p['step_time']:.4g} s; uniform {p['uniform_step_time']:.4g} s "
+        lines.append(f"  predicted step {p['step_time']:.4g} s (collectives {p.get('sync_time', 0.0):.3g} s); "
+                     f"uniform {p['uniform_step_time']:.4g} s "
                      f"(x{p['speedup_vs_uniform']:.2f}); ideal {p['ideal_step_time']:.4g} s "
                      f"({100 * p['efficiency_vs_ideal']:.0f}% of ideal)")
     per = p.get("per_rank", {}) if p else {}
@@ -68,7 +69,7 @@ def _print_table(plan: Plan, max_ranks: int = 64) -> None:
     s = Table(title="predicted step time")
     for col in ("plan", "step s", "vs plan"):
         s.add_column(col, justify="right")
-    s.add_row("this plan", f"{p['step_time']:.4g}", "1.00")
+    s.add_row(f"this plan (collectives {p.get('sync_time', 0.0):.3g} s)", f"{p['step_time']:.4g}", "1.00")
     s.add_row("uniform" + ("" if p["uniform_memory_ok"] else " (over memory)"), f"{p['uniform_step_time']:.4g}",
               f"{p['uniform_step_time'] / p['step_time']:.2f}")
     s.add_row("ideal (work / speed)", f"{p['ideal_step_time']:.4g}", f"{p['ideal_step_time'] / p['step_time']:.2f}")

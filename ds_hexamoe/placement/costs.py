@@ -4,13 +4,19 @@ Per step (forward + backward) and per rank ``r`` with batch share ``B_r`` sample
 
 - dense part (attention, routers, dense MLPs, LM head): ``B_r * seq * dense_flops_per_token / attn_flops_r``;
 - a data-centric MoE layer: the rank's own pairs ``B_r * seq * k`` at ``pair_flops / expert_flops_r``,
-  plus SparseAllGather of the experts its tokens activate that it does not own (again for backward
-  when re-materializing) and SparseReduceScatter of their gradients, hidden under the layer's compute
-  when prefetching;
+  plus SparseAllGather of the experts its tokens activate that it does not own, exposed in forward (what
+  to gather is known only after the router), and in backward the re-materializing gather and the
+  SparseReduceScatter of their gradients, hidden under the layer's backward compute and the dense
+  compute when prefetching;
 - a model-centric layer: every pair of the step on the rank's hidden slice ``f_r / f``, plus the token
   all-gather and output reduce-scatter (twice: forward and backward);
 - expert-parallel layers: see :mod:`.solvers` (compute of the placed load, replica materialization,
   token hops between home ranks and consecutive experts).
+
+Every step also pays, on all ranks alike, its collectives' fixed cost (the slowest link's latency per
+collective: the dense-gradient sync and the per-layer exchanges of each layer's mode) and DeepSpeed's
+dense-gradient sync (ZeRO-2: reduce-scatter of gradients, all-gather of updated parameters, on the
+slowest link); see :meth:`CostModel.sync_time`. The ideal bound leaves both out.
 
 Memory per rank: dense weights and gradients (the dense optimizer state ZeRO-sharded), the rank's FSSDP
 shard of expert weights, gradients and optimizer state, activations of its batch share, and the expert
@@ -30,6 +36,13 @@ from .solvers import PlacementProblem
 from .stats import RoutingStats
 
 MODES = ("data_centric", "expert_parallel", "model_centric")
+# collectives per step: DeepSpeed's dense-gradient sync (gradient reduce, global norm, overflow check,
+# parameter all-gather), and per MoE layer by mode: FSSDP data-centric: active-mask exchange, gather, its
+# re-materialization, gradient reduce-scatter; expert parallel: dispatch and combine, forward and backward,
+# plus replica materialization and gradient return; model-centric: token all-gather and output
+# reduce-scatter, forward and backward
+DENSE_COLLECTIVES = 4
+LAYER_COLLECTIVES = {"data_centric": 3, "expert_parallel": 6, "model_centric": 4}
 
 
 @dataclass
@@ -148,6 +161,7 @@ class CostModel:
         self.se = np.array([p.expert_flops for p in profiles])
         self.bw = np.array([p.bandwidth for p in profiles])
         self.fixed = np.array([getattr(p, "step_overhead", 0.0) for p in profiles])  # seconds per step, per rank
+        self.latency = max(getattr(p, "latency", 0.0) for p in profiles)  # a collective waits for its slowest link
         if self.options.memory_limits_gb is not None:
             self.mem = np.array(self.options.memory_limits_gb, dtype=float) * 1e9
         else:
@@ -257,11 +271,12 @@ class CostModel:
         compute = n * self.pair_cost
         active = (1.0 - np.exp(-np.outer(n, self.p[l]))).sum(axis=1)  # expected distinct experts used
         m = self.model
-        moves = (1 + int(self.options.rematerialize)) * m.expert_bytes + m.expert_grad_bytes
-        comm = active * (1.0 - sw) * moves / self.bw
-        if self.options.prefetch:
-            return np.maximum(compute, comm - self.overlap(shares))
-        return compute + comm
+        gathered = active * (1.0 - sw) / self.bw  # seconds per byte-per-expert
+        forward = gathered * m.expert_bytes  # exposed: the router decides what to gather
+        backward = gathered * (int(self.options.rematerialize) * m.expert_bytes + m.expert_grad_bytes)
+        if self.options.prefetch:  # issued ahead, under the layer's backward (2/3 of its FLOPs) and dense compute
+            return compute + forward + np.maximum(0.0, backward - compute * 2.0 / 3.0 - self.overlap(shares))
+        return compute + forward + backward
 
     def mc_layer(self, l: int, shares, slices) -> np.ndarray:
         pairs = self.loads[l].sum()
@@ -269,6 +284,21 @@ class CostModel:
         own = np.asarray(shares, dtype=float) * self.seq
         comm = 4.0 * (self.G * self.seq - own) * self.model.token_bytes / self.bw
         return compute + comm
+
+    def collectives(self, modes) -> int:
+        """Collectives per step with the MoE layers in ``modes``."""
+        layer = dict(LAYER_COLLECTIVES, data_centric=LAYER_COLLECTIVES["data_centric"] + int(self.options.rematerialize))
+        return DENSE_COLLECTIVES + sum(layer[m] for m in modes)
+
+    def sync_time(self, modes) -> float:
+        """Seconds of collective time every rank pays per step, beyond its own compute: the slowest link's
+        latency per collective, and the ZeRO-2 dense-gradient sync (reduce-scatter of gradients, all-gather
+        of parameters; ``2 (R-1)/R`` of the dense bytes each) on the slowest link."""
+        if self.R == 1:
+            return 0.0
+        m = self.model
+        dense = 2.0 * (self.R - 1) / self.R * m.dense_params * max(m.grad_bytes, m.param_bytes) / float(self.bw.min())
+        return self.latency * self.collectives(modes) + dense
 
     def host_cost(self, sw) -> np.ndarray:
         m = self.model

@@ -230,6 +230,8 @@ def plan(
         "ideal_step_time": ideal,
         "speedup_vs_uniform": su.step_time / sb.step_time,
         "efficiency_vs_ideal": ideal / sb.step_time,
+        "sync_time": sb.sync,
+        "uniform_sync_time": su.sync,
         "per_rank": {"busy": sb.busy, "idle": sb.idle, "dense": sb.dense, "moe": sb.moe, "memory_gb": sb.memory_gb,
                      "memory_limit_gb": sb.memory_limit_gb},
         "uniform_per_rank": {"busy": su.busy, "idle": su.idle},

@@ -29,7 +29,8 @@ class DeviceProfile:
     ``attn_tflops``: dense matmul TFLOP/s on attention-like shapes (large square GEMMs);
     ``expert_tflops``: on expert-like shapes (many skinny per-expert GEMMs); ``bandwidth_gbps``: GB/s
     per direction on the rank's link to its peers; ``slowdown`` >= 1 divides both speeds (a busy or
-    throttled GPU, or an emulated slow rank).
+    throttled GPU, or an emulated slow rank); ``latency_us``: the fixed cost of one collective on that
+    link (launch and synchronization; small messages pay only this), not scaled by ``slowdown``.
     """
 
     name: str
@@ -41,6 +42,7 @@ class DeviceProfile:
     # seconds per optimizer step that do not scale with the batch (optimizer step, framework overhead),
     # at full speed; a slow rank pays it ``slowdown`` times
     step_overhead_s: float = 0.0
+    latency_us: float = 0.0
 
     def __post_init__(self):
         self.validate("profile")
@@ -57,6 +59,9 @@ class DeviceProfile:
         v = self.step_overhead_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError(f"{path}.step_overhead_s: got {v!r}; expected a number >= 0 (seconds per step)")
+        v = self.latency_us
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"{path}.latency_us: got {v!r}; expected a number >= 0 (microseconds per collective)")
 
     # effective rates in base units, slowdown applied: what the cost model uses
     @property
@@ -70,6 +75,10 @@ class DeviceProfile:
     @property
     def step_overhead(self) -> float:
         return self.step_overhead_s * self.slowdown
+
+    @property
+    def latency(self) -> float:
+        return self.latency_us * 1e-6
 
     @property
     def bandwidth(self) -> float:
@@ -88,7 +97,7 @@ class DeviceProfile:
         extra = sorted(set(d) - known)
         if extra:
             raise ConfigError(f"{path}.{extra[0]}: unknown key; allowed keys are {sorted(known)}")
-        optional = {"slowdown": 1.0, "step_overhead_s": 0.0}
+        optional = {"slowdown": 1.0, "step_overhead_s": 0.0, "latency_us": 0.0}
         missing = [f.name for f in fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise ConfigError(f"{path}.{missing[0]}: missing; every profile needs {sorted(known - set(optional))}")
@@ -107,6 +116,12 @@ class GPUSpec:
     memory_gb: float
     bandwidth_gbps: float
     note: str = ""
+
+    @property
+    def latency_us(self) -> float:
+        """A small-message collective's cost, typical of NCCL: ~10 us over NVLink/Infinity Fabric, ~20 us
+        over PCIe (host-staged)."""
+        return 20.0 if "PCIe" in self.note else 10.0
 
 
 # Peak dense (no sparsity) tensor-core TFLOP/s, bf16 unless noted; bandwidth is per direction on the
@@ -162,12 +177,13 @@ def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:
     if key is None:
         raise ConfigError(f"device {name!r}: not in the built-in table; known devices are {sorted(GPU_TABLE)}")
     s = GPU_TABLE[key]
-    return DeviceProfile(key, s.tflops, s.tflops, int(s.memory_gb * GB), s.bandwidth_gbps, slowdown)
+    return DeviceProfile(key, s.tflops, s.tflops, int(s.memory_gb * GB), s.bandwidth_gbps, slowdown,
+                         latency_us=s.latency_us)
 
 
 # ------------------------------------------------------------------------------------------- loading
 _ENTRY_KEYS = ("name", "tflops", "attn_tflops", "expert_tflops", "memory_gb", "memory_bytes", "bandwidth_gbps",
-               "slowdown", "step_overhead_s", "count")
+               "slowdown", "step_overhead_s", "latency_us", "count")
 
 
 def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) -> float | None:
@@ -204,6 +220,7 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     bw = _num(entry, "bandwidth_gbps", path)
     slowdown = _num(entry, "slowdown", path, 1.0, strict=False)
     overhead = _num(entry, "step_overhead_s", path, 0.0, strict=False)
+    latency = _num(entry, "latency_us", path, 0.0, strict=False)
     count = entry.get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"{path}.count: got {count!r}; expected an integer >= 1 (ranks with this profile)")
@@ -225,8 +242,10 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     memory = mem_b if mem_b is not None else (mem_gb * GB if mem_gb is not None else
                                              need(None, "memory_gb", spec.memory_gb * GB if spec else None))
     bw = need(bw, "bandwidth_gbps", spec.bandwidth_gbps if spec else None)
+    if latency is None:  # a known part's typical value; unknown devices: not modelled unless declared
+        latency = spec.latency_us if spec is not None else 0.0
     prof = DeviceProfile(key or name, attn, expert, int(memory), bw, 1.0 if slowdown is None else slowdown,
-                         0.0 if overhead is None else overhead)
+                         0.0 if overhead is None else overhead, latency)
     return [prof] * count
 
 
@@ -235,7 +254,8 @@ def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile
 
     A list entry is a table name (``"H100"``), a :class:`DeviceProfile`, a config ``DeviceSpec`` or an
     object with ``name``, ``tflops`` (or ``attn_tflops`` and ``expert_tflops``), ``memory_gb``,
-    ``bandwidth_gbps``, optional ``slowdown`` and ``count`` (that many ranks alike). A known name fills
+    ``bandwidth_gbps``, optional ``slowdown``, ``step_overhead_s``, ``latency_us`` and ``count`` (that many
+    ranks alike). A known name fills
     missing numbers; otherwise every number is required. Errors name the entry and the field.
     """
     where = "devices"
@@ -268,7 +288,7 @@ def save_profiles(profiles: list[DeviceProfile], path: str | os.PathLike) -> Non
     """Write profiles in the format :func:`load_profiles` reads (exact numbers, one entry per rank)."""
     devices = [{"name": p.name, "attn_tflops": p.attn_tflops, "expert_tflops": p.expert_tflops,
                 "memory_bytes": p.memory_bytes, "bandwidth_gbps": p.bandwidth_gbps, "slowdown": p.slowdown,
-                "step_overhead_s": p.step_overhead_s}
+                "step_overhead_s": p.step_overhead_s, "latency_us": p.latency_us}
                for p in profiles]
     with open(path, "w") as fh:
         json.dump({"devices": devices}, fh, indent=2)
@@ -344,7 +364,36 @@ def measure_profile(
     if bandwidth_gbps is None:
         bandwidth_gbps = GPU_TABLE[key].bandwidth_gbps if key else 16.0
     label = name or (key or dev_name)
-    return DeviceProfile(label, attn, expert, int(memory), float(bandwidth_gbps), float(slowdown))
+    latency = GPU_TABLE[key].latency_us if key else 0.0  # needs a peer: see measure_latency
+    return DeviceProfile(label, attn, expert, int(memory), float(bandwidth_gbps), float(slowdown), latency_us=latency)
+
+
+def measure_latency(group=None, repeats: int = 20, device: Any = "cpu") -> float:
+    """Microseconds one tiny ``all_reduce`` takes on ``group`` (median of ``repeats`` after a warm-up): the
+    per-collective cost the cost model charges every collective of a step. A collective: every rank
+    calls it. 0.0 without torch.distributed or with one rank."""
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+        return 0.0
+    t = torch.zeros(1, device=device)
+    sync = (lambda: torch.cuda.synchronize(t.device)) if t.device.type == "cuda" else (lambda: None)
+    dist.all_reduce(t, group=group)
+    sync()
+    dist.barrier(group=group)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dist.all_reduce(t, group=group)
+        sync()
+        times.append(time.perf_counter() - t0)
+    # every rank adopts the slowest rank's median: a collective costs what its slowest member sees
+    m = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    return float(m) * 1e6
 
 
 def gather_profiles(local: DeviceProfile, group=None) -> list[DeviceProfile]:

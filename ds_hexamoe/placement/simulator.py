@@ -1,8 +1,9 @@
 """Predict a plan's step time and per-rank idle time from profiles and routing statistics.
 
 A rank's busy time is its dense compute plus, per MoE layer, the time of the layer's mode (see
-:mod:`.costs` and :mod:`.solvers` for the formulas). The step ends when the busiest rank ends:
-``step = max_r busy_r``, ``idle_r = step - busy_r``. Waiting inside a step is not modelled per layer
+:mod:`.costs` and :mod:`.solvers` for the formulas). The step ends when the busiest rank ends, plus the
+collective time every rank pays (per-collective latency, dense-gradient sync; :meth:`CostModel.sync_time`):
+``step = max_r busy_r + sync``, ``idle_r = max_r busy_r - busy_r`` (waiting for peers). Waiting inside a step is not modelled per layer
 (ranks that overlap micro-batches absorb it); the per-segment maxima are reported alongside.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Simulation:
     memory_gb: list[float]
     memory_limit_gb: list[float]
     segments: list[dict] = field(default_factory=list)  # consecutive layers of one mode: max over ranks
+    sync: float = 0.0  # seconds of collective latency and dense-gradient sync, paid by every rank
 
     @property
     def memory_ok(self) -> bool:
@@ -73,10 +75,11 @@ def simulate(plan: Plan, cost: CostModel) -> Simulation:
         moe += t
         segments.append({"mode": mode, "layers": [a, b], "time": float(t.max())})
     busy = dense + moe + cost.fixed
-    step = float(busy.max())
+    sync = cost.sync_time(modes)
+    step = float(busy.max()) + sync
     mem = cost.memory_used(sw, shares, cache)
-    return Simulation(step, busy.tolist(), (step - busy).tolist(), dense.tolist(), moe.tolist(),
-                      (mem / 1e9).tolist(), (cost.mem / 1e9).tolist(), segments)
+    return Simulation(step, busy.tolist(), (busy.max() - busy).tolist(), dense.tolist(), moe.tolist(),
+                      (mem / 1e9).tolist(), (cost.mem / 1e9).tolist(), segments, sync)
 
 
 def uniform_plan(cost: CostModel) -> Plan:
