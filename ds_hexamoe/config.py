@@ -54,11 +54,15 @@ class DeviceSpec:
     step_overhead_s: float = 0.0
     # microseconds per collective on this rank's link; None: the built-in table's value for a known name
     latency_us: float | None = None
+    # device memory GB/s (memory-bound work: the optimizer step over the rank's FSSDP shard); None: table
+    memory_bandwidth_gbps: float | None = None
 
     def validate(self, path: str) -> None:
         _check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
         _check(self.latency_us is None or self.latency_us >= 0, f"{path}.latency_us", self.latency_us,
                "a number >= 0 (microseconds per collective) or null")
+        _check(self.memory_bandwidth_gbps is None or self.memory_bandwidth_gbps >= 0, f"{path}.memory_bandwidth_gbps",
+               self.memory_bandwidth_gbps, "a number >= 0 (GB/s) or null")
         _check(self.step_overhead_s >= 0, f"{path}.step_overhead_s", self.step_overhead_s, "a number >= 0")
         for name in ("tflops", "memory_gb", "bandwidth_gbps"):
             v = getattr(self, name)

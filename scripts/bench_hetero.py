@@ -171,10 +171,12 @@ def _fit(sizes, times) -> dict:
             "times_s": list(times)}
 
 
-def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_sizes, slowdowns, flops_per_sample):
-    """In one process group: (1) calibration, every rank unslowed with equal shares and even shards at two
-    batch sizes, fitting each rank's work outside collectives as ``fixed + per_sample * b`` (so FSSDP's
-    host work and two ranks sharing the machine are in it); (2) a re-plan with the devices declared from
+def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_sizes, slowdowns, flops_per_sample,
+                  update_bytes):
+    """In one process group: (1) calibration, every rank unslowed with equal shares, fitting each rank's
+    work outside collectives as ``fixed + per_sample * b + shard * w`` (``b`` samples, shard weight ``w``)
+    from even shards at two batch sizes and uneven shards at one (so FSSDP's host work, the sharded
+    optimizer and two ranks sharing the machine are in it); (2) a re-plan with the devices declared from
     that fit (shards migrate); (3) alternating blocks of steps with the uniform plan and the planner's,
     the order flipping every round so drift on a noisy machine hits both alike."""
     import torch
@@ -218,17 +220,33 @@ def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_s
         return walls, laps
 
     even = [1.0 / world] * world
+    spread = [float(w) for w in torch.linspace(1.5, 0.5, world) / world]  # uneven shards, same hardware
     slow, clock.slowdown = clock.slowdown, 1.0
-    busy = []
-    for b in cal_sizes:
-        _, laps = block([b] * world, even, steps)
-        t = torch.tensor([statistics.median(lp["busy_s"] for lp in laps)], dtype=torch.float64)
-        torch.distributed.all_reduce(t)  # the ranks' mean: one profile for identical hardware
-        busy.append(float(t) / world)
+
+    def busy_per_rank(shares, weights):
+        _, laps = block(shares, weights, steps)
+        t = torch.zeros(world, dtype=torch.float64)
+        t[rank] = statistics.median(lp["busy_s"] for lp in laps)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    busy = [statistics.mean(busy_per_rank([b] * world, even)) for b in cal_sizes]
+    # the owner's share of the work: optimizer step and packing over its experts, linear in its shard
+    uneven = busy_per_rank([cal_sizes[-1]] * world, spread)
     clock.slowdown = slow
     cal2 = _fit(cal_sizes, busy)
-    devices = [dict(d, tflops=flops_per_sample / cal2["per_sample_s"] / 1e12, step_overhead_s=cal2["fixed_s"])
-               for d in hexamoe["devices"]]
+    import numpy as np
+
+    per_shard = max(1e-6, float(np.polyfit(spread, uneven, 1)[0]))  # seconds per step owning every expert
+    cal2.update(shard_s=per_shard, fixed_s=max(0.0, cal2["fixed_s"] - per_shard / world), uneven_busy_s=uneven,
+                uneven_shards=spread)
+    # declared as the effective memory bandwidth of that work: the model's expert-update bytes per second
+    cal2["memory_bandwidth_gbps"] = update_bytes / per_shard / 1e9
+    devices = [dict(d, tflops=flops_per_sample / cal2["per_sample_s"] / 1e12, step_overhead_s=cal2["fixed_s"],
+                    memory_bandwidth_gbps=cal2["memory_bandwidth_gbps"]) for d in hexamoe["devices"]]
+    # the calibration's batches are not the training batch: leave them out of the routing window (the
+    # re-plan reads the sequence length from tokens per forward)
+    h.window_stats()
     h.replan(profiles=devices, step=engine.global_steps)
     plans = {"uniform": ([micro] * world, even), "planned": (list(h.batch_shares), list(h.shard_weights))}
     out = {n: {"walls": [], "laps": [], "owned": None} for n in plans}
@@ -247,9 +265,10 @@ def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_s
 
 
 def _ideal(cal: dict, G: int, slowdowns) -> float:
-    """The work of one step (``G`` samples, each rank's fixed per-step cost) over the ranks' summed speed
-    (valid while no rank's overhead alone exceeds it, as here)."""
-    return (G * cal["per_sample_s"] + len(slowdowns) * cal["fixed_s"]) / sum(1.0 / s for s in slowdowns)
+    """The work of one step (``G`` samples, each rank's fixed per-step cost, one optimizer step over all
+    experts) over the ranks' summed speed (valid while no rank's overhead alone exceeds it, as here)."""
+    work = G * cal["per_sample_s"] + len(slowdowns) * cal["fixed_s"] + cal.get("shard_s", 0.0)
+    return work / sum(1.0 / s for s in slowdowns)
 
 
 def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0), micro: int = 16, seq: int = SEQ,
@@ -278,7 +297,7 @@ def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0),
     if fssdp:
         hexamoe["sharding"] = "fssdp"
     res = run_distributed(_bench_worker, world_size, hexamoe, micro, seq, rounds, steps, warmup, (4, 24), slowdowns,
-                          flops_per_sample, init_process_group=False, timeout=900)
+                          flops_per_sample, shape.expert_update_bytes, init_process_group=False, timeout=900)
     pred = res[0]["predicted"]
     runs = {}
     for name in ("uniform", "planned"):
@@ -311,7 +330,8 @@ def print_measured(m: dict) -> None:
     print(f"\nmeasured on {m['world_size']} CPU ranks (slowdowns {m['slowdowns']}, global batch {m['global_batch']} x "
           f"{m['seq_len']} tokens, FSSDP {m['fssdp']}); calibrated on all ranks {m['declared_tflops'] * 1e3:.2f} GFLOP/s, "
           f"{m['calibration_all_ranks']['per_sample_s'] * 1e3:.1f} ms/sample + "
-          f"{m['calibration_all_ranks']['fixed_s'] * 1e3:.1f} ms/step (one rank alone: "
+          f"{m['calibration_all_ranks']['fixed_s'] * 1e3:.1f} ms/step + {m['calibration_all_ranks']['shard_s'] * 1e3:.1f} "
+          f"ms x shard (one rank alone: "
           f"{m['calibration']['per_sample_s'] * 1e3:.1f} + {m['calibration']['fixed_s'] * 1e3:.1f}); "
           f"link {m['link']['latency_us']:.0f} us/collective, {m['link']['bandwidth_gbps']:.2f} GB/s")
     hdr = f"{'plan':<10}{'shares':>12}{'shards':>16}{'measured s':>12}{'predicted s':>13}{'pred err':>10}{'busy s/rank':>22}"

@@ -181,10 +181,15 @@ def test_three_times_slower_rank_gets_a_quarter_of_the_batch():
     profiles = [DeviceProfile("fast", 300, 300, int(80e9), 300), DeviceProfile("slow", 100, 100, int(80e9), 300)]
     p = plan(profiles, _stats(SMALL), global_batch=100, model_shape=SMALL, mode="data_centric")
     assert p.batch_shares == [75, 25]
-    # the same through the slowdown factor of a declared profile
+    # the same through the slowdown factor of a declared table profile, whose memory bandwidth also makes
+    # the slow rank's optimizer step over its expert shard 3x longer: one sample fewer
     p2 = plan(load_profiles([{"name": "A100-80GB"}, {"name": "A100-80GB", "slowdown": 3}]), _stats(SMALL),
               global_batch=100, model_shape=SMALL, mode="data_centric")
-    assert p2.batch_shares == [75, 25]
+    assert p2.batch_shares == [76, 24]
+    p3 = plan(load_profiles([{"name": "A100-80GB", "memory_bandwidth_gbps": 0},
+                             {"name": "A100-80GB", "slowdown": 3, "memory_bandwidth_gbps": 0}]), _stats(SMALL),
+              global_batch=100, model_shape=SMALL, mode="data_centric")
+    assert p3.batch_shares == [75, 25]
     assert sum(p.batch_shares) == 100
 
 
@@ -201,8 +206,11 @@ def test_step_overhead_enters_simulation_ideal_and_shares():
     p = plan(profiles, stats, global_batch=100, model_shape=SMALL, mode="data_centric")
     cost = CostModel(profiles, stats, SMALL, 100, PlanOptions())
     sim = simulate(p, cost)
-    busy = [d + m + f for d, m, f in zip(sim.dense, sim.moe, cost.fixed)]
+    busy = [d + m + f + u for d, m, f, u in zip(sim.dense, sim.moe, cost.fixed, sim.update)]
     assert sim.sync > 0 and sim.step_time == pytest.approx(max(busy) + sim.sync)
+    # the optimizer step over each shard: its bytes at the rank's memory bandwidth (slowdown applied)
+    upd = [w * SMALL.expert_update_bytes / (2039e9 / s) for w, s in zip(p.shard_weights, (1, 3))]
+    assert sim.update == pytest.approx(upd)
     # the slow rank's larger fixed cost leaves it less of the batch than its speed alone would
     assert p.batch_shares[1] < base.batch_shares[1] and sum(p.batch_shares) == 100
     # the ideal bound: every rank pays its own overhead, the rest of the work is spread by speed

@@ -127,6 +127,8 @@ def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
             prof.bandwidth_gbps = override.bandwidth_gbps
         if override.step_overhead_s:
             prof.step_overhead_s = override.step_overhead_s
+        if override.memory_bandwidth_gbps is not None:
+            prof.memory_bandwidth_gbps = override.memory_bandwidth_gbps
         if override.name != "cpu":
             prof.name = override.name
     return prof

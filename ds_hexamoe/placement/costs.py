@@ -162,6 +162,7 @@ class CostModel:
         self.bw = np.array([p.bandwidth for p in profiles])
         self.fixed = np.array([getattr(p, "step_overhead", 0.0) for p in profiles])  # seconds per step, per rank
         self.latency = max(getattr(p, "latency", 0.0) for p in profiles)  # a collective waits for its slowest link
+        self.mbw = np.array([getattr(p, "memory_bandwidth", 0.0) for p in profiles])  # bytes/s, 0: not modelled
         if self.options.memory_limits_gb is not None:
             self.mem = np.array(self.options.memory_limits_gb, dtype=float) * 1e9
         else:
@@ -285,6 +286,13 @@ class CostModel:
         comm = 4.0 * (self.G * self.seq - own) * self.model.token_bytes / self.bw
         return compute + comm
 
+    def update_time(self, sw) -> np.ndarray:
+        """Seconds per step of the optimizer step over each rank's FSSDP shard (memory-bound: the shard's
+        share of :attr:`ModelShape.expert_update_bytes` at the rank's memory bandwidth; 0 where that is
+        not declared)."""
+        total = float(self.model.expert_update_bytes)
+        return np.where(self.mbw > 0, np.asarray(sw, dtype=float) * total / np.where(self.mbw > 0, self.mbw, 1.0), 0.0)
+
     def collectives(self, modes) -> int:
         """Collectives per step with the MoE layers in ``modes``."""
         layer = dict(LAYER_COLLECTIVES, data_centric=LAYER_COLLECTIVES["data_centric"] + int(self.options.rematerialize))
@@ -322,29 +330,33 @@ class CostModel:
         return integer_shares(self.se, self.model.expert_ffn, what="model.expert_ffn")
 
     def ideal_step_time(self) -> float:
-        """Total work over total speed: ``min tau`` such that the dense and expert FLOPs of the step can be
-        split over ranks with every rank, its fixed per-step overhead included, done by ``tau`` (an LP; no
-        communication, no memory limits)."""
+        """Total work over total speed: ``min tau`` such that the step's dense FLOPs, expert FLOPs and the
+        expert optimizer step (where memory bandwidths are declared) can be split over ranks with every
+        rank, its fixed per-step overhead included, done by ``tau`` (an LP; no communication, no memory
+        limits)."""
         from scipy.optimize import linprog
 
         R = self.R
-        D = self.G * self.seq * self.model.dense_flops_per_token
-        X = float(self.loads.sum()) * self.model.pair_flops
-        t0 = D / self.sa.sum() + X / self.se.sum() + float(self.fixed.max())  # the LP's scale
-        # variables (in units of t0): a_r dense seconds, x_r expert seconds, tau
-        c = np.zeros(2 * R + 1)
+        works = [(self.G * self.seq * self.model.dense_flops_per_token, self.sa),
+                 (float(self.loads.sum()) * self.model.pair_flops, self.se)]
+        if (self.mbw > 0).any():
+            works.append((float(self.model.expert_update_bytes), self.mbw))
+        works = [(w, s) for w, s in works if w > 0]
+        t0 = sum(w / s.sum() for w, s in works) + float(self.fixed.max())  # the LP's scale
+        K = len(works)
+        # variables (in units of t0): y[k, r] seconds rank r spends on work k, then tau
+        n = K * R + 1
+        c = np.zeros(n)
         c[-1] = 1.0
-        A_ub = np.zeros((R, 2 * R + 1))
+        A_ub = np.zeros((R, n))
         for r in range(R):
-            A_ub[r, r] = A_ub[r, R + r] = 1.0
+            A_ub[r, r:K * R:R] = 1.0
             A_ub[r, -1] = -1.0
-        A_eq = np.zeros((2, 2 * R + 1))
-        A_eq[0, :R] = self.sa * t0 / D
-        A_eq[1, R:2 * R] = self.se * t0 / X if X > 0 else 1.0
-        b_eq = [1.0, 1.0 if X > 0 else 0.0]
-        res = linprog(c, A_ub=A_ub, b_ub=-self.fixed / t0, A_eq=A_eq, b_eq=b_eq, bounds=[(0, None)] * (2 * R + 1),
+        A_eq = np.zeros((K, n))
+        for k, (w, speed) in enumerate(works):
+            A_eq[k, k * R:(k + 1) * R] = speed * t0 / w
+        res = linprog(c, A_ub=A_ub, b_ub=-self.fixed / t0, A_eq=A_eq, b_eq=np.ones(K), bounds=[(0, None)] * n,
                       method="highs")
         if res.status != 0:  # cannot happen for positive speeds; the closed form is then the estimate
             return t0
         return float(res.x[-1]) * t0
-

@@ -88,6 +88,14 @@ class ModelShape:
         return (self.layers * self.attn_params + self.num_moe_layers * (self.hidden * self.num_experts + mlp)
                 + dense_blocks * mlp + 2 * self.vocab_size * self.hidden)
 
+    @property
+    def expert_update_bytes(self) -> int:
+        """Bytes an optimizer step over every expert of the model reads and writes: gradient and weight,
+        and each fp32 state tensor (master, Adam moments) read and written; memory-bound, so this over a
+        device's memory bandwidth is its time (an FSSDP owner pays its shard's part)."""
+        per = self.param_bytes + self.grad_bytes + 2 * self.optimizer_bytes
+        return self.num_moe_layers * self.num_experts * self.expert_params * per
+
     # -- FLOPs (forward + backward = 3x forward; 4x with activation checkpointing) -------------------
     @property
     def passes(self) -> float:

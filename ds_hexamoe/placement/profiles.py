@@ -30,7 +30,9 @@ class DeviceProfile:
     ``expert_tflops``: on expert-like shapes (many skinny per-expert GEMMs); ``bandwidth_gbps``: GB/s
     per direction on the rank's link to its peers; ``slowdown`` >= 1 divides both speeds (a busy or
     throttled GPU, or an emulated slow rank); ``latency_us``: the fixed cost of one collective on that
-    link (launch and synchronization; small messages pay only this), not scaled by ``slowdown``.
+    link (launch and synchronization; small messages pay only this), not scaled by ``slowdown``;
+    ``memory_bandwidth_gbps``: device memory GB/s, which memory-bound work runs at (the optimizer step
+    over the rank's FSSDP shard), divided by ``slowdown``; 0: not modelled.
     """
 
     name: str
@@ -43,6 +45,7 @@ class DeviceProfile:
     # at full speed; a slow rank pays it ``slowdown`` times
     step_overhead_s: float = 0.0
     latency_us: float = 0.0
+    memory_bandwidth_gbps: float = 0.0
 
     def __post_init__(self):
         self.validate("profile")
@@ -62,6 +65,9 @@ class DeviceProfile:
         v = self.latency_us
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ConfigError(f"{path}.latency_us: got {v!r}; expected a number >= 0 (microseconds per collective)")
+        v = self.memory_bandwidth_gbps
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ConfigError(f"{path}.memory_bandwidth_gbps: got {v!r}; expected a number >= 0 (GB/s; 0: not modelled)")
 
     # effective rates in base units, slowdown applied: what the cost model uses
     @property
@@ -75,6 +81,11 @@ class DeviceProfile:
     @property
     def step_overhead(self) -> float:
         return self.step_overhead_s * self.slowdown
+
+    @property
+    def memory_bandwidth(self) -> float:
+        """Bytes per second of memory-bound work, slowdown applied (0.0: not modelled)."""
+        return self.memory_bandwidth_gbps * GB / self.slowdown
 
     @property
     def latency(self) -> float:
@@ -97,7 +108,7 @@ class DeviceProfile:
         extra = sorted(set(d) - known)
         if extra:
             raise ConfigError(f"{path}.{extra[0]}: unknown key; allowed keys are {sorted(known)}")
-        optional = {"slowdown": 1.0, "step_overhead_s": 0.0, "latency_us": 0.0}
+        optional = {"slowdown": 1.0, "step_overhead_s": 0.0, "latency_us": 0.0, "memory_bandwidth_gbps": 0.0}
         missing = [f.name for f in fields(cls) if f.name not in d and f.name not in optional]
         if missing:
             raise ConfigError(f"{path}.{missing[0]}: missing; every profile needs {sorted(known - set(optional))}")
@@ -110,12 +121,14 @@ class DeviceProfile:
 
 @dataclass(frozen=True)
 class GPUSpec:
-    """A datasheet row: peak dense tensor TFLOP/s in bf16 (fp16 where bf16 is absent), memory, link GB/s."""
+    """A datasheet row: peak dense tensor TFLOP/s in bf16 (fp16 where bf16 is absent), memory, link GB/s,
+    memory GB/s."""
 
     tflops: float
     memory_gb: float
     bandwidth_gbps: float
     note: str = ""
+    memory_bandwidth_gbps: float = 0.0
 
     @property
     def latency_us(self) -> float:
@@ -125,29 +138,30 @@ class GPUSpec:
 
 
 # Peak dense (no sparsity) tensor-core TFLOP/s, bf16 unless noted; bandwidth is per direction on the
-# usual interconnect of the part (NVLink for SXM/OAM modules, PCIe for PCIe cards).
+# usual interconnect of the part (NVLink for SXM/OAM modules, PCIe for PCIe cards); last, the datasheet
+# memory bandwidth (HBM/GDDR) in GB/s.
 GPU_TABLE: dict[str, GPUSpec] = {
-    "B200": GPUSpec(2250.0, 180.0, 900.0, "NVLink 5"),
-    "H200": GPUSpec(989.0, 141.0, 450.0, "SXM, NVLink 4"),
-    "H100-SXM": GPUSpec(989.0, 80.0, 450.0, "NVLink 4"),
-    "H100-PCIe": GPUSpec(756.0, 80.0, 64.0, "PCIe 5"),
-    "GH200": GPUSpec(989.0, 96.0, 450.0, "NVLink 4"),
-    "MI300X": GPUSpec(1307.0, 192.0, 448.0, "Infinity Fabric"),
-    "MI250X": GPUSpec(383.0, 128.0, 200.0, "Infinity Fabric"),
-    "A100-80GB": GPUSpec(312.0, 80.0, 300.0, "SXM, NVLink 3"),
-    "A100-40GB": GPUSpec(312.0, 40.0, 300.0, "SXM, NVLink 3"),
-    "A100-PCIe": GPUSpec(312.0, 80.0, 32.0, "PCIe 4"),
-    "L40S": GPUSpec(362.0, 48.0, 32.0, "PCIe 4"),
-    "L40": GPUSpec(181.0, 48.0, 32.0, "PCIe 4"),
-    "A40": GPUSpec(150.0, 48.0, 32.0, "PCIe 4"),
-    "A10": GPUSpec(125.0, 24.0, 32.0, "PCIe 4"),
-    "L4": GPUSpec(121.0, 24.0, 32.0, "PCIe 4"),
-    "RTX-4090": GPUSpec(165.0, 24.0, 32.0, "PCIe 4; fp32 accumulate"),
-    "RTX-3090": GPUSpec(71.0, 24.0, 32.0, "PCIe 4; fp32 accumulate"),
-    "RTX-A6000": GPUSpec(155.0, 48.0, 32.0, "PCIe 4"),
-    "V100-32GB": GPUSpec(125.0, 32.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)"),
-    "V100-16GB": GPUSpec(125.0, 16.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)"),
-    "T4": GPUSpec(65.0, 16.0, 16.0, "PCIe 3; fp16 (no bf16)"),
+    "B200": GPUSpec(2250.0, 180.0, 900.0, "NVLink 5", 8000.0),
+    "H200": GPUSpec(989.0, 141.0, 450.0, "SXM, NVLink 4", 4800.0),
+    "H100-SXM": GPUSpec(989.0, 80.0, 450.0, "NVLink 4", 3350.0),
+    "H100-PCIe": GPUSpec(756.0, 80.0, 64.0, "PCIe 5", 2000.0),
+    "GH200": GPUSpec(989.0, 96.0, 450.0, "NVLink 4", 4000.0),
+    "MI300X": GPUSpec(1307.0, 192.0, 448.0, "Infinity Fabric", 5300.0),
+    "MI250X": GPUSpec(383.0, 128.0, 200.0, "Infinity Fabric", 3277.0),
+    "A100-80GB": GPUSpec(312.0, 80.0, 300.0, "SXM, NVLink 3", 2039.0),
+    "A100-40GB": GPUSpec(312.0, 40.0, 300.0, "SXM, NVLink 3", 1555.0),
+    "A100-PCIe": GPUSpec(312.0, 80.0, 32.0, "PCIe 4", 1935.0),
+    "L40S": GPUSpec(362.0, 48.0, 32.0, "PCIe 4", 864.0),
+    "L40": GPUSpec(181.0, 48.0, 32.0, "PCIe 4", 864.0),
+    "A40": GPUSpec(150.0, 48.0, 32.0, "PCIe 4", 696.0),
+    "A10": GPUSpec(125.0, 24.0, 32.0, "PCIe 4", 600.0),
+    "L4": GPUSpec(121.0, 24.0, 32.0, "PCIe 4", 300.0),
+    "RTX-4090": GPUSpec(165.0, 24.0, 32.0, "PCIe 4; fp32 accumulate", 1008.0),
+    "RTX-3090": GPUSpec(71.0, 24.0, 32.0, "PCIe 4; fp32 accumulate", 936.0),
+    "RTX-A6000": GPUSpec(155.0, 48.0, 32.0, "PCIe 4", 768.0),
+    "V100-32GB": GPUSpec(125.0, 32.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0),
+    "V100-16GB": GPUSpec(125.0, 16.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0),
+    "T4": GPUSpec(65.0, 16.0, 16.0, "PCIe 3; fp16 (no bf16)", 320.0),
 }
 _ALIASES = {"H100": "H100-SXM", "A100": "A100-80GB", "V100": "V100-32GB", "4090": "RTX-4090", "3090": "RTX-3090",
             "A6000": "RTX-A6000", "MI300": "MI300X"}
@@ -178,12 +192,12 @@ def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:
         raise ConfigError(f"device {name!r}: not in the built-in table; known devices are {sorted(GPU_TABLE)}")
     s = GPU_TABLE[key]
     return DeviceProfile(key, s.tflops, s.tflops, int(s.memory_gb * GB), s.bandwidth_gbps, slowdown,
-                         latency_us=s.latency_us)
+                         latency_us=s.latency_us, memory_bandwidth_gbps=s.memory_bandwidth_gbps)
 
 
 # ------------------------------------------------------------------------------------------- loading
 _ENTRY_KEYS = ("name", "tflops", "attn_tflops", "expert_tflops", "memory_gb", "memory_bytes", "bandwidth_gbps",
-               "slowdown", "step_overhead_s", "latency_us", "count")
+               "slowdown", "step_overhead_s", "latency_us", "memory_bandwidth_gbps", "count")
 
 
 def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) -> float | None:
@@ -221,6 +235,7 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     slowdown = _num(entry, "slowdown", path, 1.0, strict=False)
     overhead = _num(entry, "step_overhead_s", path, 0.0, strict=False)
     latency = _num(entry, "latency_us", path, 0.0, strict=False)
+    mem_bw = _num(entry, "memory_bandwidth_gbps", path, 0.0, strict=False)
     count = entry.get("count", 1)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConfigError(f"{path}.count: got {count!r}; expected an integer >= 1 (ranks with this profile)")
@@ -242,10 +257,13 @@ def _entry_to_profiles(entry: Any, path: str) -> list[DeviceProfile]:
     memory = mem_b if mem_b is not None else (mem_gb * GB if mem_gb is not None else
                                              need(None, "memory_gb", spec.memory_gb * GB if spec else None))
     bw = need(bw, "bandwidth_gbps", spec.bandwidth_gbps if spec else None)
-    if latency is None:  # a known part's typical value; unknown devices: not modelled unless declared
+    # a known part's typical values; unknown devices: not modelled unless declared
+    if latency is None:
         latency = spec.latency_us if spec is not None else 0.0
+    if mem_bw is None:
+        mem_bw = spec.memory_bandwidth_gbps if spec is not None else 0.0
     prof = DeviceProfile(key or name, attn, expert, int(memory), bw, 1.0 if slowdown is None else slowdown,
-                         0.0 if overhead is None else overhead, latency)
+                         0.0 if overhead is None else overhead, latency, mem_bw)
     return [prof] * count
 
 
@@ -254,8 +272,8 @@ def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile
 
     A list entry is a table name (``"H100"``), a :class:`DeviceProfile`, a config ``DeviceSpec`` or an
     object with ``name``, ``tflops`` (or ``attn_tflops`` and ``expert_tflops``), ``memory_gb``,
-    ``bandwidth_gbps``, optional ``slowdown``, ``step_overhead_s``, ``latency_us`` and ``count`` (that many
-    ranks alike). A known name fills
+    ``bandwidth_gbps``, optional ``slowdown``, ``step_overhead_s``, ``latency_us``, ``memory_bandwidth_gbps``
+    and ``count`` (that many ranks alike). A known name fills
     missing numbers; otherwise every number is required. Errors name the entry and the field.
     """
     where = "devices"
@@ -288,7 +306,8 @@ def save_profiles(profiles: list[DeviceProfile], path: str | os.PathLike) -> Non
     """Write profiles in the format :func:`load_profiles` reads (exact numbers, one entry per rank)."""
     devices = [{"name": p.name, "attn_tflops": p.attn_tflops, "expert_tflops": p.expert_tflops,
                 "memory_bytes": p.memory_bytes, "bandwidth_gbps": p.bandwidth_gbps, "slowdown": p.slowdown,
-                "step_overhead_s": p.step_overhead_s, "latency_us": p.latency_us}
+                "step_overhead_s": p.step_overhead_s, "latency_us": p.latency_us,
+                "memory_bandwidth_gbps": p.memory_bandwidth_gbps}
                for p in profiles]
     with open(path, "w") as fh:
         json.dump({"devices": devices}, fh, indent=2)
@@ -331,7 +350,8 @@ def measure_profile(
     """Time attention-like and expert-like matmuls on ``device`` and return its profile.
 
     Attention-like: the fused QKV projection ``[T, d] @ [d, 3d]`` (one large GEMM). Expert-like: one
-    ``[T*k/E, d] @ [d, f]`` GEMM per expert, as a batched matmul (the skinny per-expert shape).
+    ``[T*k/E, d] @ [d, f]`` GEMM per expert, as a batched matmul (the skinny per-expert shape). Memory
+    bandwidth: a large tensor copy (bytes read plus written).
     Best of ``repeats`` timings (the minimum is the least noisy estimate of capability). Memory is the
     device's total memory (host RAM for CPU). Bandwidth is not measured (it needs a peer): pass it, or
     it comes from the built-in table by device name, else 16 GB/s (a PCIe 3 x16 guess, flagged in the name).
@@ -355,9 +375,13 @@ def measure_profile(
     per = max(1, tokens * top_k // num_experts)
     xe = torch.randn(num_experts, per, hidden, generator=gen).to(dev, dtype)
     we = torch.randn(num_experts, hidden, ffn, generator=gen).to(dev, dtype)
+    big = torch.empty(64 << 20 if dev.type == "cuda" else 16 << 20, device=dev)  # 256 / 64 MB of fp32
+    big_out = torch.empty_like(big)
     with torch.no_grad():
         t_attn = _time(lambda: x @ w_qkv, sync, repeats)
         t_exp = _time(lambda: torch.bmm(xe, we), sync, repeats)
+        t_copy = _time(lambda: big_out.copy_(big), sync, repeats)
+    mem_bw = 2.0 * big.numel() * big.element_size() / t_copy / GB  # read + write
     attn = 2.0 * tokens * hidden * 3 * hidden / t_attn / 1e12
     expert = 2.0 * num_experts * per * hidden * ffn / t_exp / 1e12
     key = lookup_gpu(dev_name) if dev.type == "cuda" else None
@@ -365,7 +389,8 @@ def measure_profile(
         bandwidth_gbps = GPU_TABLE[key].bandwidth_gbps if key else 16.0
     label = name or (key or dev_name)
     latency = GPU_TABLE[key].latency_us if key else 0.0  # needs a peer: see measure_latency
-    return DeviceProfile(label, attn, expert, int(memory), float(bandwidth_gbps), float(slowdown), latency_us=latency)
+    return DeviceProfile(label, attn, expert, int(memory), float(bandwidth_gbps), float(slowdown), latency_us=latency,
+                         memory_bandwidth_gbps=mem_bw)
 
 
 def measure_latency(group=None, repeats: int = 20, device: Any = "cpu") -> float:

@@ -1,10 +1,11 @@
 """Predict a plan's step time and per-rank idle time from profiles and routing statistics.
 
-A rank's busy time is its dense compute plus, per MoE layer, the time of the layer's mode (see
-:mod:`.costs` and :mod:`.solvers` for the formulas). The step ends when the busiest rank ends, plus the
-collective time every rank pays (per-collective latency, dense-gradient sync; :meth:`CostModel.sync_time`):
-``step = max_r busy_r + sync``, ``idle_r = max_r busy_r - busy_r`` (waiting for peers). Waiting inside a step is not modelled per layer
-(ranks that overlap micro-batches absorb it); the per-segment maxima are reported alongside.
+A rank's busy time is its dense compute, per MoE layer the time of the layer's mode (see :mod:`.costs`
+and :mod:`.solvers` for the formulas), its fixed per-step overhead and the optimizer step over its FSSDP
+shard (memory-bound). The step ends when the busiest rank ends, plus the collective time every rank pays
+(per-collective latency, dense-gradient sync; :meth:`CostModel.sync_time`): ``step = max_r busy_r +
+sync``, ``idle_r = max_r busy_r - busy_r`` (waiting for peers). Waiting inside a step is not modelled per
+layer (ranks that overlap micro-batches absorb it); the per-segment maxima are reported alongside.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Simulation:
     memory_limit_gb: list[float]
     segments: list[dict] = field(default_factory=list)  # consecutive layers of one mode: max over ranks
     sync: float = 0.0  # seconds of collective latency and dense-gradient sync, paid by every rank
+    update: list[float] = field(default_factory=list)  # per rank: optimizer step over its FSSDP shard
 
     @property
     def memory_ok(self) -> bool:
@@ -74,12 +76,13 @@ def simulate(plan: Plan, cost: CostModel) -> Simulation:
             cache = np.maximum(cache, cost.cache_bytes(mode, slices=slices))
         moe += t
         segments.append({"mode": mode, "layers": [a, b], "time": float(t.max())})
-    busy = dense + moe + cost.fixed
+    update = cost.update_time(sw)
+    busy = dense + moe + cost.fixed + update
     sync = cost.sync_time(modes)
     step = float(busy.max()) + sync
     mem = cost.memory_used(sw, shares, cache)
     return Simulation(step, busy.tolist(), (busy.max() - busy).tolist(), dense.tolist(), moe.tolist(),
-                      (mem / 1e9).tolist(), (cost.mem / 1e9).tolist(), segments, sync)
+                      (mem / 1e9).tolist(), (cost.mem / 1e9).tolist(), segments, sync, update.tolist())
 
 
 def uniform_plan(cost: CostModel) -> Plan:
