@@ -142,7 +142,7 @@ def _link_worker(rank, world, nbytes=8 << 20, repeats=7):
     from ds_hexamoe.placement.profiles import measure_latency
 
     lat = measure_latency()
-    x = torch.zeros(nbytes // 4)
+    x = torch.zeros(nbytes // 4 // world * world)  # equal splits
     y = torch.empty_like(x)
     dist.all_to_all_single(y, x)
     walls = []
