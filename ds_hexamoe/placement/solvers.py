@@ -267,16 +267,66 @@ def eplb(P: PlacementProblem) -> SolverResult:
 
 
 # ------------------------------------------------------------------------------------------------ ilp
+class _Rows:
+    """A sparse constraint matrix built a block of rows at a time (numpy, no per-entry Python)."""
+
+    def __init__(self):
+        self.r, self.c, self.v, self.lo, self.hi, self.n = [], [], [], [], [], 0
+
+    def add(self, k: int, rows, cols, vals, lb, ub) -> None:
+        """``k`` rows; entry ``i`` is ``(rows[i], cols[i], vals[i])`` with ``rows`` local to the block."""
+        rows, cols = np.asarray(rows, dtype=np.int64).ravel(), np.asarray(cols, dtype=np.int64).ravel()
+        self.r.append(rows + self.n)
+        self.c.append(cols)
+        self.v.append(np.broadcast_to(np.asarray(vals, dtype=float), rows.shape).ravel())
+        self.lo.append(np.broadcast_to(np.asarray(lb, dtype=float), (k,)))
+        self.hi.append(np.broadcast_to(np.asarray(ub, dtype=float), (k,)))
+        self.n += k
+
+    def matrix(self, nv: int):
+        from scipy.sparse import coo_matrix
+
+        A = coo_matrix((np.concatenate(self.v), (np.concatenate(self.r), np.concatenate(self.c))),
+                       shape=(self.n, nv)).tocsr()
+        return A, np.concatenate(self.lo), np.concatenate(self.hi)
+
+
 def _ilp_window(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fixed: np.ndarray,
                 upper: float | None, time_limit: float) -> tuple[np.ndarray | None, str]:
     """Solve layers ``[l0, l1]`` with layers ``< l0`` fixed in ``F_fixed``; returns (F or None, status)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
 
+    A, lo, hi, nv, nx, oT, ox, ue = _ilp_matrix(P, n, l0, l1, F_fixed)
+    cvec = np.zeros(nv)
+    cvec[oT] = 1.0
+    integrality = np.zeros(nv)
+    integrality[:nx] = 1
+    ub = np.full(nv, np.inf)
+    ub[:nx] = 1.0
+    if upper is not None:
+        ub[oT] = upper
+    res = milp(cvec, integrality=integrality, bounds=Bounds(np.zeros(nv), ub), constraints=LinearConstraint(A, lo, hi),
+               options={"time_limit": max(0.05, time_limit), "mip_rel_gap": P.mip_rel_gap, "disp": False})
+    if res.x is None:
+        return None, f"no solution ({res.message})"
+    R = P.shape[2]
+    F = F_fixed.copy()
+    for l in range(l0, l1 + 1):
+        U = len(ue[l])
+        x = res.x[ox[l]:ox[l] + U * R].reshape(U, R) > 0.5
+        F[l] = 0.0
+        np.add.at(F[l], (np.repeat(ue[l], R).reshape(U, R)[x], np.nonzero(x)[1]), 1.0 / n[l][ue[l]][np.nonzero(x)[0]])
+    status = "optimal" if res.status == 0 else f"feasible ({res.message})"
+    return F, status
+
+
+def _ilp_matrix(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fixed: np.ndarray):
+    """The MILP of layers ``[l0, l1]``: ``x[l, u, r]`` (unit ``u`` of layer ``l`` hosted on rank ``r``,
+    binary), the linearized affinity traffic ``z``/``y``, per-layer materialization left exposed ``m``,
+    and the step time ``T`` (minimized)."""
     L, E, R = P.shape
     W = list(range(l0, l1 + 1))
-    # unit -> expert per layer
-    ue = {l: np.repeat(np.arange(E), n[l]) for l in W}
+    ue = {l: np.repeat(np.arange(E), n[l]) for l in W}  # unit -> expert
     U = {l: len(ue[l]) for l in W}
     w = {l: P.loads[l][ue[l]] / n[l][ue[l]] for l in W}  # pairs per unit
     nv = 0
@@ -290,94 +340,75 @@ def _ilp_window(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fi
         oy[l + 1], nv = nv, nv + U[l + 1] * R
     om, nv = nv, nv + len(W) * R
     oT, nv = nv, nv + 1
-    rows, cols, vals, lo, hi = [], [], [], [], []
-    nrow = 0
-
-    def add(entries, lb, ub):
-        nonlocal nrow
-        for c, v in entries:
-            rows.append(nrow)
-            cols.append(c)
-            vals.append(v)
-        lo.append(lb)
-        hi.append(ub)
-        nrow += 1
-
-    X = lambda l, u, r: ox[l] + u * R + r  # noqa: E731
+    rows = _Rows()
+    ranks = np.arange(R)
     for l in W:
-        for u in range(U[l]):
-            add([(X(l, u, r), 1.0) for r in range(R)], 1.0, 1.0)
-        for r in range(R):
-            add([(X(l, u, r), 1.0) for u in range(U[l])], -np.inf, float(min(P.slots[r], E)))
-            li = l - l0
-            add([(X(l, u, r), P.host_cost[r]) for u in range(U[l])] + [(om + li * R + r, -1.0)], -np.inf,
-                float(P.overlap[r]))
-        start = np.concatenate([[0], np.cumsum(n[l])])
-        for e in np.flatnonzero(n[l] > 1):
-            for r in range(R):
-                add([(X(l, u, r), 1.0) for u in range(start[e], start[e + 1])], -np.inf, 1.0)
+        k = U[l] * R
+        cols = ox[l] + np.arange(k)  # x[l, u, r] in (u, r) order
+        u_of, r_of = np.arange(k) // R, np.arange(k) % R
+        rows.add(U[l], u_of, cols, 1.0, 1.0, 1.0)  # every unit on exactly one rank
+        rows.add(R, r_of, cols, 1.0, -np.inf, np.minimum(P.slots, E).astype(float))  # memory slots
+        # materialization beyond what hides under the overlap window is the exposed m[l, r]
+        mcol = om + (l - l0) * R + ranks
+        rows.add(R, np.concatenate([r_of, ranks]), np.concatenate([cols, mcol]),
+                 np.concatenate([np.tile(P.host_cost, U[l]), -np.ones(R)]), -np.inf, P.overlap.astype(float))
+        multi = np.flatnonzero(n[l] > 1)  # replicas of one expert on distinct ranks
+        if len(multi):
+            idx = np.full(E, -1)
+            idx[multi] = np.arange(len(multi))
+            sel = idx[ue[l]][u_of] >= 0
+            rows.add(len(multi) * R, (idx[ue[l]][u_of] * R + r_of)[sel], cols[sel], 1.0, -np.inf, 1.0)
     # affinity traffic inside the window, exactly linearized for binary x
     for l in W[:-1]:
         M = P.hops[l]
         flow = M[np.ix_(ue[l], ue[l + 1])] / np.outer(n[l][ue[l]], n[l + 1][ue[l + 1]])
         S_out, S_in = flow.sum(axis=1), flow.sum(axis=0)
-        for r in range(R):
-            for u in range(U[l]):
-                ent = [(X(l, u, r), S_out[u]), (oz[l] + u * R + r, -1.0)]
-                ent += [(X(l + 1, v, r), -flow[u, v]) for v in np.flatnonzero(flow[u])]
-                add(ent, -np.inf, 0.0)
-            for v in range(U[l + 1]):
-                ent = [(X(l + 1, v, r), S_in[v]), (oy[l + 1] + v * R + r, -1.0)]
-                ent += [(X(l, u, r), -flow[u, v]) for u in np.flatnonzero(flow[:, v])]
-                add(ent, -np.inf, 0.0)
+        iu, iv = np.nonzero(flow)
+        fv = flow[iu, iv]
+        for Ua, oa, ob, oaux, S, a_idx, b_idx in ((U[l], ox[l], ox[l + 1], oz[l], S_out, iu, iv),
+                                                    (U[l + 1], ox[l + 1], ox[l], oy[l + 1], S_in, iv, iu)):
+            # row (r, a): S[a] x[a, r] - aux[a, r] - sum_b flow x[b, r] <= 0
+            ra = np.arange(R * Ua)
+            r_, a_ = ra // Ua, ra % Ua
+            rr = np.repeat(ranks, len(a_idx))
+            rows.add(R * Ua,
+                     np.concatenate([ra, ra, rr * Ua + np.tile(a_idx, R)]),
+                     np.concatenate([oa + a_ * R + r_, oaux + a_ * R + r_, ob + np.tile(b_idx, R) * R + rr]),
+                     np.concatenate([S[a_], -np.ones(R * Ua), -np.tile(fv, R)]), -np.inf, 0.0)
     # rank time rows: const_r + sum coef x + m + hop_cost (z + y) - T <= 0
     const = rank_times(P, F_fixed, upto=l0) if l0 > 0 else P.base.astype(float).copy()
-    for r in range(R):
-        hc = P.hop_cost[r]
-        ent, c = [], const[r]
-        for l in W:
-            coef = P.pair_cost[r] * w[l]
-            if l == 0:
-                coef = coef + hc * (1 - 2 * P.home[r]) * w[l]
-                c += hc * P.home[r] * P.loads[0].sum()
-            if l == L - 1:
-                coef = coef + hc * (1 - 2 * P.home[r]) * w[l]
-                c += hc * P.home[r] * P.loads[L - 1].sum()
-            if l == l0 and l0 > 0:  # hops from the fixed previous layer: linear in this layer's x
-                M, Fp = P.hops[l0 - 1], F_fixed[l0 - 1]
-                c += hc * float(Fp[:, r] @ M.sum(axis=1))
-                per_e = (M.sum(axis=0) - 2.0 * (Fp[:, r] @ M)) / n[l]
-                coef = coef + hc * per_e[ue[l]]
-            ent += [(X(l, u, r), float(coef[u])) for u in range(U[l])]
-            ent.append((om + (l - l0) * R + r, 1.0))
-        for l in W[:-1]:
-            ent += [(oz[l] + u * R + r, hc) for u in range(U[l])]
-            ent += [(oy[l + 1] + v * R + r, hc) for v in range(U[l + 1])]
-        ent.append((oT, -1.0))
-        add(ent, -np.inf, -c)
-    A = coo_matrix((vals, (rows, cols)), shape=(nrow, nv)).tocsr()
-    cvec = np.zeros(nv)
-    cvec[oT] = 1.0
-    integrality = np.zeros(nv)
-    integrality[:nx] = 1
-    ub = np.full(nv, np.inf)
-    ub[:nx] = 1.0
-    if upper is not None:
-        ub[oT] = upper
-    res = milp(cvec, integrality=integrality, bounds=Bounds(np.zeros(nv), ub),
-               constraints=LinearConstraint(A, np.array(lo), np.array(hi)),
-               options={"time_limit": max(0.05, time_limit), "mip_rel_gap": P.mip_rel_gap, "disp": False})
-    if res.x is None:
-        return None, f"no solution ({res.message})"
-    F = F_fixed.copy()
+    hc = np.asarray(P.hop_cost, dtype=float)
+    home = np.asarray(P.home, dtype=float)
+    r_list, c_list, v_list = [], [], []
     for l in W:
-        x = res.x[ox[l]:ox[l] + U[l] * R].reshape(U[l], R) > 0.5
-        F[l] = 0.0
-        for u in range(U[l]):
-            e = ue[l][u]
-            F[l, e, np.flatnonzero(x[u])] += 1.0 / n[l][e]
-    status = "optimal" if res.status == 0 else f"feasible ({res.message})"
-    return F, status
+        coef = np.outer(P.pair_cost, w[l])  # [R, U]
+        for edge in [e for e in (0, L - 1) if e == l]:  # tokens leave home for the first layer, return after the last
+            coef = coef + (hc * (1 - 2 * home))[:, None] * w[l][None, :]
+            const = const + hc * home * P.loads[edge].sum()
+        if l == l0 and l0 > 0:  # hops from the fixed previous layer: linear in this layer's x
+            Mp, Fp = P.hops[l0 - 1], F_fixed[l0 - 1]
+            const = const + hc * (Fp.T @ Mp.sum(axis=1))
+            per_e = (Mp.sum(axis=0)[None, :] - 2.0 * (Fp.T @ Mp)) / n[l][None, :]
+            coef = coef + hc[:, None] * per_e[:, ue[l]]
+        uu = np.arange(U[l])
+        r_list.append(np.repeat(ranks, U[l]))
+        c_list.append(ox[l] + uu[None, :] * R + ranks[:, None])
+        v_list.append(coef)
+        r_list.append(ranks)
+        c_list.append(om + (l - l0) * R + ranks)
+        v_list.append(np.ones(R))
+    for l in W[:-1]:
+        for off, Uc in ((oz[l], U[l]), (oy[l + 1], U[l + 1])):
+            r_list.append(np.repeat(ranks, Uc))
+            c_list.append(off + np.arange(Uc)[None, :] * R + ranks[:, None])
+            v_list.append(np.repeat(hc, Uc))
+    r_list.append(ranks)
+    c_list.append(np.full(R, oT))
+    v_list.append(-np.ones(R))
+    rows.add(R, np.concatenate([np.ravel(x) for x in r_list]), np.concatenate([np.ravel(x) for x in c_list]),
+             np.concatenate([np.ravel(x) for x in v_list]), -np.inf, -const)
+    A, lo, hi = rows.matrix(nv)
+    return A, lo, hi, nv, nx, oT, ox, ue
 
 
 def solve_ilp(P: PlacementProblem, upper: float | None = None, joint: bool | None = None) -> SolverResult:
