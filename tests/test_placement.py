@@ -66,6 +66,7 @@ def test_measure_profile_on_cpu():
     p = measure_profile("cpu", tokens=256, hidden=128, ffn=256, num_experts=4, repeats=2)
     assert p.attn_tflops > 0 and p.expert_tflops > 0 and p.memory_bytes > 1e9
     assert p.attn_tflops < 100  # a CPU core does not do 100 TFLOP/s: the FLOP count and timing are sane
+    assert 0.1 < p.memory_bandwidth_gbps < 2000  # a copy: read + write bytes over its time
 
 
 # ---------------------------------------------------------------------------------------- ILP = brute force

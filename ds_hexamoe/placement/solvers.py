@@ -117,7 +117,7 @@ def _pair_hops(M: np.ndarray, Fa: np.ndarray, Fb: np.ndarray) -> np.ndarray:
     """``sum_ij M_ij [Fa_ir (1 - Fb_jr) + Fb_jr (1 - Fa_ir)]``: out- plus in-traffic of each rank."""
     out = Fa.T @ M.sum(axis=1)
     inn = Fb.T @ M.sum(axis=0)
-    cross = np.einsum("ir,ij,jr->r", Fa, M, Fb)
+    cross = ((M @ Fb) * Fa).sum(axis=0)  # sum_ij Fa_ir M_ij Fb_jr, through BLAS
     return out + inn - 2.0 * cross
 
 
