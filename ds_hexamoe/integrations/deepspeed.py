@@ -14,6 +14,7 @@ is routed here too, so ``accelerate`` and the Hugging Face ``Trainer`` pick it u
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import inspect
@@ -147,6 +148,22 @@ def release_shm_workspace(group=None) -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+@atexit.register
+def _unlink_own_shm_workspace() -> None:
+    """At exit, this rank's workspace name if it is still there (a path that never reached
+    :func:`release_shm_workspace`, such as ``deepspeed.initialize`` without a ``hexamoe`` section); every
+    peer mapped it during ``init_distributed``, long before."""
+    rank = os.environ.get("RANK")
+    if rank is None or "MASTER_PORT" not in os.environ:
+        return
+    for f in shm_workspace_names():
+        if f.rsplit("_", 1)[-1] == rank:
+            try:
+                os.unlink(f)
+            except OSError:
+                pass
 
 
 def _init_distributed(port) -> None:
