@@ -293,3 +293,31 @@ def test_slowdown_clock_counts_async_waits_as_collective_time():
     assert r1["lap"]["comm_s"] > 0.3, r1["lap"]
     assert r1["lap"]["slept_s"] < 0.1, r1["lap"]
     assert r1["lap"]["collectives"] == 1
+
+
+def _measure_worker(rank, world):
+    import deepspeed
+
+    import ds_hexamoe
+
+    deepspeed.init_distributed("gloo")
+    # measured speeds on identical CPU ranks; rank 1 declares a 3x slowdown and a link latency
+    hexamoe = {"profile": "measure", "devices": [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0, "latency_us": 500.0}]}
+    engine, *_ = ds_hexamoe.initialize(model=make_model(), config=ds_config(hexamoe))
+    h = engine.hexamoe.hetero
+    return {"profiles": [p.to_dict() for p in h.profiles], "shares": list(h.batch_shares),
+            "sync": h.plan.predicted["sync_time"]}
+
+
+def test_measured_profiles_with_declared_overrides():
+    """``"profile": "measure"``: every rank times its own matmuls, copy bandwidth and the group's
+    collective latency, the profiles are all-gathered (the same list on every rank), declared fields win
+    (rank 1's slowdown and latency), and the plan gives the 3x rank about a quarter of the batch."""
+    r0, r1 = run_distributed(_measure_worker, 2, init_process_group=False, timeout=300)
+    assert r0["profiles"] == r1["profiles"] and r0["shares"] == r1["shares"]
+    p0, p1 = r0["profiles"]
+    assert p0["slowdown"] == 1.0 and p1["slowdown"] == 3.0
+    assert p0["expert_tflops"] > 0 and p0["memory_bandwidth_gbps"] > 0
+    assert 0 < p0["latency_us"] < 1e5 and p1["latency_us"] == 500.0
+    assert r0["shares"][1] in (1, 2, 3) and sum(r0["shares"]) == GLOBAL  # a quarter of 8 is 2
+    assert r0["sync"] > 0
