@@ -20,6 +20,7 @@ from ds_hexamoe.parallel import (
     ParallelMoE,
     ReplicatedExperts,
     split_hidden,
+    placement_weights,
     validate_placement,
 )
 from ds_hexamoe.parallel.common import check_routing
@@ -110,6 +111,9 @@ EP_PLACEMENTS = {
     "round_robin": {e: [e % 4] for e in range(E)},
     "replicas": {0: [0, 1, 2, 3], 1: [2, 1], 2: [3], 3: [0, 2], 4: [1], 5: [3, 0]},
     "all_on_rank3": {e: [3] for e in range(E)},
+    # the planner's unequal token fractions (a zero-fraction copy is hosted but sent nothing)
+    "fractions": {0: {0: 0.5, 1: 0.3, 2: 0.2}, 1: {2: 0.9, 1: 0.1}, 2: [3], 3: {0: 0.25, 2: 0.75}, 4: [1],
+                  5: {3: 1.0, 0: 0.0}},
 }
 EP_CASES = {
     "gated_silu": dict(seed=1, skew=True),
@@ -364,6 +368,33 @@ def test_replica_choice_follows_hecate_rule():
     # one node: rank 1 splits expert 3 between ranks 0 and 2
     dest1 = assign_destinations(flat, index.idx, index.offs, tables, rank=1, ranks_per_node=4).view(-1, 2)
     assert torch.bincount(dest1[8:, 1], minlength=4).tolist() == [2, 0, 2, 0]
+
+
+def test_replica_choice_follows_token_fractions():
+    """Experts given fractions: every source rank splits its pairs by them (local copies or not), within
+    one pair per replica; experts given a plain list keep Hecate's rule."""
+    placement = {0: {0: 0.75, 1: 0.25}, 1: [2, 3], 2: {1: 0.5, 3: 0.5}, 3: [0, 2]}
+    key = validate_placement(placement, 4, 4)
+    assert key == ((0, 1), (2, 3), (1, 3), (0, 2))
+    weights = placement_weights(placement, key)
+    assert weights == ((0.75, 0.25), None, (0.5, 0.5), None)
+    tables = PlacementTables.build(key, 4, weights)
+    idx = torch.tensor([[0, 1]] * 40 + [[2, 3]] * 10)
+    index = build_expert_index(idx, 4)
+    flat = idx.reshape(-1)
+    for rank in range(4):
+        dest = assign_destinations(flat, index.idx, index.offs, tables, rank=rank, ranks_per_node=4).view(-1, 2)
+        c0 = torch.bincount(dest[:40, 0], minlength=4).tolist()
+        assert c0[2:] == [0, 0] and abs(c0[0] - 30) <= 1 and sum(c0) == 40, (rank, c0)  # 0.75 / 0.25, even on rank 1
+        c2 = torch.bincount(dest[40:, 0], minlength=4).tolist()
+        assert c2[0] == c2[2] == 0 and abs(c2[1] - 5) <= 1, (rank, c2)
+    # expert 3 (a plain list) still prefers rank 0's local copy
+    dest0 = assign_destinations(flat, index.idx, index.offs, tables, rank=0, ranks_per_node=4).view(-1, 2)
+    assert (dest0[40:, 1] == 0).all()
+    with pytest.raises(ValueError, match=r"placement\[0\]: got fractions"):
+        placement_weights({0: {0: -1.0, 1: 0.5}}, ((0, 1),))
+    with pytest.raises(ValueError, match=r"placement\[0\]: got fractions"):
+        placement_weights({0: {0: 0.0, 1: 0.0}}, ((0, 1),))
 
 
 def test_mode_errors():

@@ -131,7 +131,8 @@ def test_auto_modes_from_set_modes_and_planner_on_three_ranks():
                 hexamoe={"mode": "auto", "rematerialize": True, "prefetch": True},
                 actions={1: [("modes", {0: "expert_parallel", L1: "model_centric"})],
                          2: [("modes", {0: "model_centric", 1: "expert_parallel"}),
-                             ("placement", (1, {e: ([0, 1, 2] if e == 7 else [e % 3]) for e in range(8)}))],
+                             ("placement", (1, {e: ({0: 0.6, 1: 0.3, 2: 0.1} if e == 7 else [e % 3])
+                                                for e in range(8)}))],
                          3: [("replan", profiles)]})
     results = run_distributed(_worker, 3, case, timeout=280, init_process_group=False)
     _check_equivalence(case, results)

@@ -318,8 +318,9 @@ class FSSDPManager:
         return p if p is not None else default_placement(layer)
 
     def set_placement(self, which, placement=None, *, check: bool = True) -> None:
-        """Host layer ``which``'s experts per ``placement`` (``{expert: [ranks]}``, replicas allowed; None: every
-        expert on its FSSDP owner) from the next forward on. A collective (same placement on every rank).
+        """Host layer ``which``'s experts per ``placement`` (``{expert: [ranks]}``, replicas allowed, or
+        ``{expert: {rank: token fraction}}`` for unequal replicas; None: every expert on its FSSDP owner) from
+        the next forward on. A collective (same placement on every rank).
         Replicas are gathered from the owners' shards; their gradients return to the owners."""
         layer = self._layer(which)
         p = None if placement is None else normalize_placement(placement, layer, self.world_size)
@@ -353,7 +354,13 @@ class FSSDPManager:
                              f"expected names from {sorted(names)} (plan from this model's routing statistics)")
         if len(plan.hidden_slices) != self.world_size:
             raise ValueError(f"apply_plan: plan is for {len(plan.hidden_slices)} ranks, this job has {self.world_size}")
-        placements = {n: normalize_placement(p, self._layer(n), self.world_size) for n, p in plan.placement.items()}
+        # experts split between replicas take the plan's token fractions (the split it scored)
+        placements = {}
+        for n, p in plan.placement.items():
+            fr = plan.token_fractions.get(n, {})
+            p = {e: ({r: fr[e][r] for r in ranks} if len(ranks) > 1 and e in fr and all(r in fr[e] for r in ranks)
+                     else ranks) for e, ranks in p.items()}
+            placements[n] = normalize_placement(p, self._layer(n), self.world_size)
         if check:
             agree(self, "apply_plan", (sorted(plan.modes.items()), sorted(placements.items()), plan.hidden_slices))
         self.set_modes(dict(plan.modes), check=False)

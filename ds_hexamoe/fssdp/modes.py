@@ -309,9 +309,13 @@ def agree(mgr, what: str, value) -> None:
                          "with the same arguments")
 
 
-def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> dict[int, list[int]]:
-    """``{expert: [ranks]}`` with JSON string keys accepted; validated (raises naming the entry)."""
-    from ..parallel.plan import validate_placement
+def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> dict[int, list[int] | dict[int, float]]:
+    """``{expert: [ranks]}`` (or ``{expert: {rank: token fraction}}`` entries) with JSON string keys
+    accepted; validated (raises naming the entry)."""
+    from ..parallel.plan import placement_weights, validate_placement
+
+    def num(r):
+        return int(r) if isinstance(r, str) and r.isdigit() else r
 
     if not isinstance(placement, Mapping):
         raise ValueError(f"placement for {layer.name!r}: got {type(placement).__name__}; expected a dict "
@@ -320,12 +324,17 @@ def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> d
     for k, v in placement.items():
         if isinstance(k, str) and k.lstrip("-").isdigit():
             k = int(k)
-        p[k] = [int(r) if isinstance(r, str) and r.isdigit() else r for r in v] if isinstance(v, (list, tuple)) else v
+        if isinstance(v, Mapping):
+            p[k] = {num(r): f for r, f in v.items()}
+        else:
+            p[k] = [num(r) for r in v] if isinstance(v, (list, tuple)) else v
     try:
         key = validate_placement(p, layer.num_experts, world)
+        weights = placement_weights(p, key)
     except ValueError as e:
         raise ValueError(f"placement for {layer.name!r}: {e}") from None
-    return {e: list(r) for e, r in enumerate(key)}
+    return {e: (list(r) if weights is None or weights[e] is None else dict(zip(r, weights[e])))
+            for e, r in enumerate(key)}
 
 
 __all__ = ["MODES", "PlacedMaterializer", "SliceMaterializer", "MaterializeSlices", "SlicePlan",

@@ -10,12 +10,12 @@ from .expert_parallel import ExpertParallelMoE
 from .lsh import CrossPolytopeLSH, LSHCompressor, bucket_pairs, centroids
 from .model_centric import ModelCentricMoE
 from .modes import DataCentricMoE, ParallelMoE
-from .plan import PlacementTables, assign_destinations, validate_placement
+from .plan import PlacementTables, assign_destinations, placement_weights, validate_placement
 from .weights import ExpertSpec, ExpertWeights, Materialize, ReplicatedExperts, split_hidden
 
 __all__ = [
     "CallStats", "CollectiveRecord", "CrossPolytopeLSH", "DataCentricMoE", "ExpertParallelMoE", "ExpertSpec",
     "ExpertWeights", "LSHCompressor", "Materialize", "ModelCentricMoE", "ParallelMoE", "PlacementTables",
-    "ReplicatedExperts", "TokenAccounting", "assign_destinations", "bucket_pairs", "centroids", "split_hidden",
-    "validate_placement",
+    "ReplicatedExperts", "TokenAccounting", "assign_destinations", "bucket_pairs", "centroids", "placement_weights",
+    "split_hidden", "validate_placement",
 ]

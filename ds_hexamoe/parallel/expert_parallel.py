@@ -22,7 +22,7 @@ from .accounting import CallStats, TokenAccounting
 from .comm import all_to_all_rows, all_to_all_v, exchange_counts, group_rank_size
 from .common import check_routing, compute_experts, scatter_rows_add
 from .lsh import LSHCompressor, bucket_pairs, centroids
-from .plan import Placement, TablesCache, assign_destinations, placement_digest, validate_placement
+from .plan import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
 from .weights import ExpertSpec, ExpertWeights, Materialize
 
 
@@ -74,9 +74,10 @@ class ExpertParallelMoE:
         check_routing(hidden, top_k_index, top_k_weights, spec.num_experts)
         k = top_k_index.size(1)
         key = validate_placement(placement, spec.num_experts, self.world)
-        tables = self._tables.get(key, self.world)
+        weights = placement_weights(placement, key)
+        tables = self._tables.get(key, self.world, weights)
         # rides on the counts all-to-all: a rank given another placement or shape raises on every rank
-        check = [placement_digest(key), k, hidden.size(1)]
+        check = [placement_digest((key, weights)), k, hidden.size(1)]
         hosted = list(tables.hosted[self.rank])
 
         index = build_expert_index(top_k_index, spec.num_experts)
