@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -431,7 +431,10 @@ def solve_ilp(P: PlacementProblem, upper: float | None = None, joint: bool | Non
     F, statuses = F0, []
     for l in range(L):
         left = P.time_limit - (time.perf_counter() - t0)
-        Fl, st = _ilp_window(P, n, l, l, F, None, left / (L - l))
+        if left <= 0.05:  # out of time: the remaining layers keep EPLB's packing without building their MILP
+            Fl, st = None, "no solution (time limit reached before this layer)"
+        else:
+            Fl, st = _ilp_window(P, n, l, l, F, None, 0.9 * left / (L - l))  # HiGHS overshoots its limit a little
         statuses.append(st)
         if Fl is None:
             Fl = F.copy()
@@ -447,8 +450,11 @@ def solve_ilp(P: PlacementProblem, upper: float | None = None, joint: bool | Non
 def ilp(P: PlacementProblem) -> SolverResult:
     """MoETuner's ILP; EPLB's packing (a feasible point of the same ILP) bounds the objective, and the
     greedy result is returned when HiGHS finds nothing better within the time limit."""
+    t0 = time.perf_counter()
     g = greedy(P)
     e = eplb(P)
+    # the time limit covers the whole solver: what the heuristics used is gone
+    P = replace(P, time_limit=max(0.05, P.time_limit - (time.perf_counter() - t0)))
     L, E, R = P.shape
     joint = sum(int(x.sum()) for x in _units(P)) * R <= P.joint_max_binaries
     # scipy's milp takes no warm start: the best heuristic bounds T instead (prunes the search)
