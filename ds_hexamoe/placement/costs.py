@@ -272,7 +272,7 @@ class CostModel:
         compute = n * self.pair_cost
         active = (1.0 - np.exp(-np.outer(n, self.p[l]))).sum(axis=1)  # expected distinct experts used
         m = self.model
-        gathered = active * (1.0 - sw) / self.bw  # seconds per byte-per-expert
+        gathered = active * (1.0 - sw) / self.bw  # seconds per byte of an expert, over the experts it fetches
         forward = gathered * m.expert_bytes  # exposed: the router decides what to gather
         backward = gathered * (int(self.options.rematerialize) * m.expert_bytes + m.expert_grad_bytes)
         if self.options.prefetch:  # issued ahead, under the layer's backward (2/3 of its FLOPs) and dense compute
