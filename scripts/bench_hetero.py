@@ -224,7 +224,7 @@ def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_s
     slow, clock.slowdown = clock.slowdown, 1.0
 
     def busy_per_rank(shares, weights):
-        _, laps = block(shares, weights, steps)
+        _, laps = block(shares, weights, 2 * steps)  # twice the steps: every plan's prediction rests on these
         t = torch.zeros(world, dtype=torch.float64)
         t[rank] = statistics.median(lp["busy_s"] for lp in laps)
         torch.distributed.all_reduce(t)
@@ -272,7 +272,7 @@ def _ideal(cal: dict, G: int, slowdowns) -> float:
 
 
 def measured_cpu(world_size: int = 2, slowdowns: tuple[float, ...] = (1.0, 3.0), micro: int = 16, seq: int = SEQ,
-                 rounds: int = 3, steps: int = 4, warmup: int = 1, fssdp: bool = True) -> dict:
+                 rounds: int = 5, steps: int = 4, warmup: int = 1, fssdp: bool = True) -> dict:
     """Train the bench Mixtral on ``world_size`` gloo CPU ranks, rank ``r`` emulated ``slowdowns[r]`` times
     slower by the runtime (it sleeps ``(s - 1) x`` its own work before each collective). The devices are
     declared from a one-rank calibration of the engine (``calibrate``), then re-planned in the run from a
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measured-only", action="store_true", help="only the measured CPU part")
     ap.add_argument("--slowdowns", type=float, nargs="+", default=[1.0, 3.0], help="per-rank slowdown (measured part)")
     ap.add_argument("--micro", type=int, default=16, help="nominal samples per rank and micro-step (measured part)")
-    ap.add_argument("--rounds", type=int, default=3, help="blocks per plan, alternating (measured part)")
+    ap.add_argument("--rounds", type=int, default=5, help="blocks per plan, alternating (measured part)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per block (measured part)")
     ap.add_argument("--no-fssdp", action="store_true", help="measured part with replicated experts (ZeRO-2 only)")
     args = ap.parse_args(argv)
