@@ -52,17 +52,6 @@ def _worker(rank, world_size, port, fn, args, kwargs, out_dir, threads, init_pg)
             torch.distributed.destroy_process_group()
 
 
-def _remove_shm_workspace(port: int) -> None:
-    """DeepSpeed's CPU all-reduce workspace files of a finished run on ``port`` (it never unlinks them)."""
-    from .integrations.deepspeed import shm_workspace_names
-
-    for f in shm_workspace_names(port=port, addr="127.0.0.1"):
-        try:
-            os.unlink(f)
-        except OSError:
-            pass
-
-
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -100,7 +89,10 @@ def run_distributed(
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        _remove_shm_workspace(port)
+        # DeepSpeed never unlinks its CPU all-reduce workspace files; ranks that died before doing it leave them
+        from .integrations.deepspeed import unlink_shm_workspace
+
+        unlink_shm_workspace(port=port, addr="127.0.0.1")
         results, errors = [], []
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pt")

@@ -18,6 +18,8 @@ import platform
 import statistics
 import time
 
+import numpy as np
+
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.placement.model import MODEL_SHAPES
 from ds_hexamoe.placement.planner import plan
@@ -95,6 +97,19 @@ def _bench_batch(step: int, rows: int, seq: int):
     return torch.randint(0, BENCH_MODEL["vocab_size"], (rows, seq), generator=g)
 
 
+def _ds_config(micro: int, hexamoe: dict) -> dict:
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+            "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "hexamoe": hexamoe}
+
+
+def _fit(sizes, times) -> dict:
+    """``time = fixed + per_sample * b`` through two (batch size, seconds) points."""
+    per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
+    return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
+            "times_s": list(times)}
+
+
 def _calib_worker(rank, world, seq, sizes, repeats):
     import torch
 
@@ -105,10 +120,7 @@ def _calib_worker(rank, world, seq, sizes, repeats):
     deepspeed.init_distributed("gloo")
     times = []
     for b in sizes:
-        cfg = {"train_micro_batch_size_per_gpu": b, "gradient_accumulation_steps": 1,
-               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-               "zero_optimization": {"stage": 2}, "steps_per_print": 10**9,
-               "hexamoe": {"kernels": "torch", "sharding": "fssdp"}}
+        cfg = _ds_config(b, {"kernels": "torch", "sharding": "fssdp"})
         engine, *_ = ds_hexamoe.initialize(model=_bench_model(), config=cfg)
         walls = []
         for i in range(repeats + 2):
@@ -130,9 +142,7 @@ def calibrate(seq: int, sizes=(4, 24), repeats: int = 5) -> dict:
     from ds_hexamoe.testing import run_distributed
 
     (times,) = run_distributed(_calib_worker, 1, seq, sizes, repeats, init_process_group=False, timeout=600)
-    per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
-    return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
-            "times_s": times}
+    return _fit(sizes, times)
 
 
 def _link_worker(rank, world, nbytes=8 << 20, repeats=7):
@@ -165,12 +175,6 @@ def calibrate_link(world_size: int) -> dict:
     return {"latency_us": max(r["latency_us"] for r in res), "bandwidth_gbps": min(r["bandwidth_gbps"] for r in res)}
 
 
-def _fit(sizes, times) -> dict:
-    per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
-    return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
-            "times_s": list(times)}
-
-
 def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_sizes, slowdowns, flops_per_sample,
                   update_bytes):
     """In one process group: (1) calibration, every rank unslowed with equal shares, fitting each rank's
@@ -188,10 +192,7 @@ def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_s
     from ds_hexamoe.hetero import count_tokens, loss_scale, split_batch
 
     deepspeed.init_distributed("gloo")
-    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-           "zero_optimization": {"stage": 2}, "steps_per_print": 10**9, "hexamoe": hexamoe}
-    engine, *_ = ds_hexamoe.initialize(model=_bench_model(), config=cfg)
+    engine, *_ = ds_hexamoe.initialize(model=_bench_model(), config=_ds_config(micro, hexamoe))
     rt = engine.hexamoe
     h = rt.hetero
     clock = h.clock
@@ -235,8 +236,6 @@ def _bench_worker(rank, world, hexamoe, micro, seq, rounds, steps, warmup, cal_s
     uneven = busy_per_rank([cal_sizes[-1]] * world, spread)
     clock.slowdown = slow
     cal2 = _fit(cal_sizes, busy)
-    import numpy as np
-
     per_shard = max(1e-6, float(np.polyfit(spread, uneven, 1)[0]))  # seconds per step owning every expert
     cal2.update(shard_s=per_shard, fixed_s=max(0.0, cal2["fixed_s"] - per_shard / world), uneven_busy_s=uneven,
                 uneven_shards=spread)

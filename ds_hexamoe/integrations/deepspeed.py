@@ -126,6 +126,21 @@ def shm_workspace_names(port: str | int | None = None, addr: str | None = None) 
     return glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_*")
 
 
+def unlink_shm_workspace(rank: str | int | None = None, port: str | int | None = None, addr: str | None = None) -> int:
+    """Unlink the workspace files :func:`shm_workspace_names` finds, only ``rank``'s when given; returns
+    how many went (a file another process removed first is skipped)."""
+    removed = 0
+    for f in shm_workspace_names(port=port, addr=addr):
+        if rank is not None and f.rsplit("_", 1)[-1] != str(rank):
+            continue
+        try:
+            os.unlink(f)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def release_shm_workspace(group=None) -> int:
     """Unlink this rank's DeepSpeed CPU all-reduce workspace name (a collective; returns files removed).
 
@@ -136,18 +151,8 @@ def release_shm_workspace(group=None) -> int:
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_backend(group) != "gloo":
         return 0
-    rank = dist.get_rank()
-    mine = [f for f in shm_workspace_names() if f.rsplit("_", 1)[-1] == str(rank)]
-    flag = torch.tensor([len(mine)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)  # the barrier, and every rank agrees to go on
-    removed = 0
-    for f in mine:
-        try:
-            os.unlink(f)
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
+    dist.barrier(group=group)
+    return unlink_shm_workspace(rank=dist.get_rank())
 
 
 @atexit.register
@@ -155,15 +160,8 @@ def _unlink_own_shm_workspace() -> None:
     """At exit, this rank's workspace name if it is still there (a path that never reached
     :func:`release_shm_workspace`, such as ``deepspeed.initialize`` without a ``hexamoe`` section); every
     peer mapped it during ``init_distributed``, long before."""
-    rank = os.environ.get("RANK")
-    if rank is None or "MASTER_PORT" not in os.environ:
-        return
-    for f in shm_workspace_names():
-        if f.rsplit("_", 1)[-1] == rank:
-            try:
-                os.unlink(f)
-            except OSError:
-                pass
+    if "RANK" in os.environ and "MASTER_PORT" in os.environ:
+        unlink_shm_workspace(rank=os.environ["RANK"])
 
 
 def _init_distributed(port) -> None:

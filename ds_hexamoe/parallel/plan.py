@@ -39,8 +39,8 @@ def validate_placement(placement: Placement, num_experts: int, world_size: int) 
     key = []
     for e in range(num_experts):
         ranks = placement[e]
-        if isinstance(ranks, Mapping):  # {rank: token fraction}
-            ranks = sorted(ranks, key=lambda r: (not isinstance(r, int), r if isinstance(r, int) else 0))
+        if isinstance(ranks, Mapping):  # {rank: token fraction}: its ranks, in the order given
+            ranks = list(ranks)
         if isinstance(ranks, int) or not isinstance(ranks, Sequence) or len(ranks) == 0:
             raise ValueError(f"placement[{e}]: got {ranks!r}; expected a non-empty list of ranks in [0, {world_size})")
         bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < world_size]

@@ -290,8 +290,8 @@ class CostModel:
         """Seconds per step of the optimizer step over each rank's FSSDP shard (memory-bound: the shard's
         share of :attr:`ModelShape.expert_update_bytes` at the rank's memory bandwidth; 0 where that is
         not declared)."""
-        total = float(self.model.expert_update_bytes)
-        return np.where(self.mbw > 0, np.asarray(sw, dtype=float) * total / np.where(self.mbw > 0, self.mbw, 1.0), 0.0)
+        speed = np.where(self.mbw > 0, self.mbw, np.inf)  # not modelled: no time
+        return np.asarray(sw, dtype=float) * float(self.model.expert_update_bytes) / speed
 
     def collectives(self, modes) -> int:
         """Collectives per step with the MoE layers in ``modes``."""
