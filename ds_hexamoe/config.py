@@ -14,9 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .devices import DeviceProfile
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the key and the fix."""
+
+# how an MoE layer runs (docs/design.md, "Execution modes"); "auto" lets the planner choose per layer
+MODES = ("data_centric", "expert_parallel", "model_centric")
 
 
 @dataclass
@@ -36,38 +39,6 @@ class RouterConfig:
         _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "an integer >= 1")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
-
-
-@dataclass
-class DeviceSpec:
-    """A declared device profile (one entry of ``devices``)."""
-
-    name: str = "cpu"
-    tflops: float | None = None
-    memory_gb: float | None = None
-    bandwidth_gbps: float | None = None
-    # a multiplier the runtime applies to emulate a slower rank (benchmarks, tests)
-    slowdown: float = 1.0
-    # how many consecutive ranks this entry describes
-    count: int = 1
-    # seconds per optimizer step that do not scale with the batch (optimizer, framework), at full speed
-    step_overhead_s: float = 0.0
-    # microseconds per collective on this rank's link; None: the built-in table's value for a known name
-    latency_us: float | None = None
-    # device memory GB/s (memory-bound work: the optimizer step over the rank's FSSDP shard); None: table
-    memory_bandwidth_gbps: float | None = None
-
-    def validate(self, path: str) -> None:
-        _check(self.count >= 1, f"{path}.count", self.count, "an integer >= 1")
-        _check(self.latency_us is None or self.latency_us >= 0, f"{path}.latency_us", self.latency_us,
-               "a number >= 0 (microseconds per collective) or null")
-        _check(self.memory_bandwidth_gbps is None or self.memory_bandwidth_gbps >= 0, f"{path}.memory_bandwidth_gbps",
-               self.memory_bandwidth_gbps, "a number >= 0 (GB/s) or null")
-        _check(self.step_overhead_s >= 0, f"{path}.step_overhead_s", self.step_overhead_s, "a number >= 0")
-        for name in ("tflops", "memory_gb", "bandwidth_gbps"):
-            v = getattr(self, name)
-            _check(v is None or v > 0, f"{path}.{name}", v, "a number > 0 or null")
-        _check(self.slowdown >= 1.0, f"{path}.slowdown", self.slowdown, "a number >= 1")
 
 
 @dataclass
@@ -115,7 +86,8 @@ class HexaMoEConfig:
     rematerialize: bool = True
     prefetch: bool = True
     profile: Literal["uniform", "measure", "declared"] = "uniform"
-    devices: list[DeviceSpec] | None = None
+    # declared entries (ds_hexamoe.devices: numbers left out are None until resolved or measured)
+    devices: list[DeviceProfile] | None = None
     devices_file: str | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     lsh: LSHConfig = field(default_factory=LSHConfig)
@@ -193,6 +165,8 @@ def _coerce(tp, value: Any, path: str):
         if not isinstance(value, list):
             raise ConfigError(f"{path}: got {value!r}; expected a list")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is DeviceProfile:  # the one device type parses its own JSON keys (tflops, memory_gb shorthands)
+        return DeviceProfile.from_dict(value, path)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is bool:

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from .config import HexaMoEConfig
-from .integrations.transformers import experts_modules
+from .distributed import world_and_rank
+from .experts import attach_collector, balance, experts_modules, reduce_stats, state_of
+from .hetero.planning import replan_fssdp
 
 
 class HexaMoERuntime:
@@ -24,23 +26,20 @@ class HexaMoERuntime:
         self.stats = None
         self.plan = None  # the placement plan, when device profiles drive the run
         self.hetero = None  # the heterogeneous-placement controller (ds_hexamoe.hetero)
+        self.plan_shape = None  # the planner's ModelShape of the model, taken before FSSDP sharded it
         if config.collect_stats:
-            from .placement.stats import RoutingStatsCollector, get_collector, set_collector
-
-            # share a collector someone already installed (the Trainer callback), never replace it
-            self.stats = get_collector()
-            if self.stats is None:
-                self.stats = RoutingStatsCollector(affinity=config.placement.use_affinity)
-                set_collector(self.stats)
+            # shares a collector someone already attached (the Trainer callback), never replaces it
+            self.stats = attach_collector(model, affinity=config.placement.use_affinity)
             # one forward boundary per micro-batch, so re-materialized layers are not counted twice
             model.register_forward_pre_hook(lambda _module, _args: self.stats.step())
-        model._hexamoe_runtime = self
+        for _, m in self.experts:
+            state_of(m).runtime = self
 
     def expert_load(self) -> dict[str, list[int]]:
         """Tokens per expert of each MoE layer in the last forward (one host sync for all layers)."""
         names, counts = [], []
         for name, m in self.experts:
-            c = getattr(m, "_hexamoe_last_counts", None)
+            c = state_of(m).last_counts
             if c is not None:
                 names.append(name)
                 counts.append(c)
@@ -53,12 +52,9 @@ class HexaMoERuntime:
         load = self.expert_load()
         out: dict[str, Any] = {"dropped_tokens": 0}
         if load:
-            ratios = []
-            for counts in load.values():
-                mean = sum(counts) / max(1, len(counts))
-                ratios.append(max(counts) / mean if mean > 0 else 1.0)
-            out["balance"] = sum(ratios) / len(ratios)
-            out["balance_per_layer"] = dict(zip(load, ratios))
+            b = balance(load)
+            out["balance"] = b["overall"]
+            out["balance_per_layer"] = b["per_layer"]
             out["expert_load"] = load
         # counters reset at each optimizer step: report the last completed step
         comm = self.fssdp.last_step_comm_stats() if self.fssdp is not None else {}
@@ -73,9 +69,7 @@ class HexaMoERuntime:
         """Plan again from fresh routing statistics (and profiles) and apply it: batch shares, shards, modes."""
         if self.hetero is not None:
             return self.hetero.replan(stats, profiles=profiles)
-        if self.fssdp is not None:
-            return self.fssdp.replan(stats)
-        return None
+        return replan_fssdp(self, stats, profiles)
 
     def after_step(self, global_step: int) -> None:
         for hook in self.step_hooks:
@@ -85,18 +79,20 @@ class HexaMoERuntime:
         """Routing statistics summed over ranks (collective: every rank must call), written by rank 0."""
         if self.stats is None:
             return
-        import torch.distributed as dist
-
-        snapshot = self.stats.snapshot()
-        if dist.is_available() and dist.is_initialized():
-            self.stats.all_reduce()
-            snapshot = self.stats.snapshot()
-            if dist.get_rank() != 0:
-                return
-        snapshot.save_json(path)
+        snapshot = reduce_stats(self.stats.snapshot())
+        if world_and_rank()[1] == 0:
+            snapshot.save_json(path)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """A full (unsharded) state dict for Hugging Face export; with FSSDP this gathers the experts."""
         if self.fssdp is not None:
             return self.fssdp.full_state_dict()
         return self.model.state_dict()
+
+
+def runtime_of(model: nn.Module) -> HexaMoERuntime | None:
+    """The runtime driving ``model``'s experts modules (set by :func:`ds_hexamoe.initialize`), or None."""
+    for _, m in experts_modules(model):
+        if state_of(m).runtime is not None:
+            return state_of(m).runtime
+    return None

@@ -6,8 +6,8 @@ traceback; a rank that hangs past ``timeout`` is killed and the call raises, so 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +15,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .distributed import free_port
+from .integrations.shm import unlink_shm_workspace
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
@@ -79,8 +76,6 @@ def run_distributed(
         ]
         for p in procs:
             p.start()
-        import time
-
         deadline = time.monotonic() + timeout
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
@@ -90,8 +85,6 @@ def run_distributed(
                 p.kill()
                 p.join(5)
         # DeepSpeed never unlinks its CPU all-reduce workspace files; ranks that died before doing it leave them
-        from .integrations.deepspeed import unlink_shm_workspace
-
         unlink_shm_workspace(port=port, addr="127.0.0.1")
         results, errors = [], []
         for r in range(world_size):

@@ -22,7 +22,7 @@ def _cfg(bm, bn, bk, warps, stages):
 
 
 # The interpreter pays per program and per op, not per FLOP: few programs, but BLOCK_M small enough that
-# test segments span several row tiles (the chunk-loop bug of DESIGN.md section 2 needs > 1 chunk).
+# test segments span several row tiles (HEXA-MoE's chunk-loop bug needs > 1 chunk).
 INTERPRET_MM = [_cfg(16, 32, 32, 4, 1)]
 INTERPRET_SUM = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 

@@ -4,7 +4,8 @@
   :mod:`ds_hexamoe.ops.torch_ops`), opaque to the compiler, with fake (meta) implementations.
 * ``hexamoe::expert_mlp``: the fused expert MLP (first projection, activation, second projection,
   routing-weight scaling, combine over ``k``) with a closed-form backward built on the three ops
-  (DESIGN.md section 2); it mirrors :class:`ds_hexamoe.ops.functions.ExpertMLPFunction`, the reference.
+  (docs/design.md, "Expert-specific operators"); it mirrors the reference,
+  :class:`ds_hexamoe.ops.functions.ExpertMLPFunction`.
   It returns ``(y, h)``; ``h`` is the saved pre-activation. Use :func:`expert_mlp` for ``y`` alone.
 
 Neither forward nor backward makes a host sync, so a compiled graph keeps the ops in one piece.
@@ -167,7 +168,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dh_unused):
-    """Closed form of DESIGN.md section 2, without host syncs (sentinel positions are masked, not sliced)."""
+    """Closed form (docs/design.md, "Expert-specific operators") without host syncs: sentinel positions
+    are masked, not sliced."""
     x, h, w1, w2, b1, b2, row_scale, idx, offs = ctx.saved_tensors
     k, act, gated, inter = ctx.k, ctx.act, ctx.gated, ctx.interleaved
     need = ctx.needs_input_grad

@@ -1,22 +1,14 @@
-"""Triton kernels for the expert-specific operators ESMM, ESTMM and ESS (DESIGN.md section 2).
+"""Triton kernels for ESMM, ESTMM and ESS (docs/design.md, "Expert-specific operators").
 
-Same signatures and semantics as :mod:`ds_hexamoe.ops.torch_ops` (the reference); see
-:mod:`ds_hexamoe.ops` for the contract. Design points:
-
-* **Tile schedule on the device.** ESMM's row tiles are aligned to expert segments in index space: every
-  program recomputes, from ``offs`` alone, which segment its row tile belongs to (a vectorised cumsum of
-  per-expert tile counts, ScatterMoE's block-to-expert mapping without the extra launch). No tile
-  straddles two experts, no data or index is padded, and no call makes a host sync. The grid is an upper
-  bound (``cdiv(P, BLOCK_M) + E + 1`` row tiles); unused programs exit at once.
-* **Sentinel tail.** Positions ``p >= offs[-1]`` form one extra segment whose tiles only store zeros,
-  so the output needs no memset and sentinel rows read nothing.
-* **Reductions.** ESTMM/ESS walk each expert's own segment ``[offs[e], offs[e+1])`` in ``BLOCK_M`` chunks,
-  each chunk exactly once (the published HEXA-MoE loops add the first chunk twice and drop the last).
-* **Precision.** Operands keep their dtype (bf16 stays bf16), products accumulate in fp32, outputs are
-  stored in the torch path's dtype. fp32 ``tl.dot`` follows ``torch.backends.cuda.matmul.allow_tf32``.
-* **Determinism.** Every output element is written by exactly one program; no atomics.
-
-Importing raises ImportError where Triton is missing (the dispatcher then falls back to torch).
+Same signatures and semantics as the reference, :mod:`ds_hexamoe.ops.torch_ops` (contract: :mod:`ds_hexamoe.ops`).
+Each ESMM program finds its row tile's expert segment from ``offs`` on the device (ScatterMoE's block-to-expert
+mapping without the extra launch): no tile straddles two experts, nothing is padded, no call syncs with the
+host; the grid is an upper bound (``cdiv(P, BLOCK_M) + E + 1`` row tiles), unused programs exit at once.
+Positions ``p >= offs[-1]`` form a sentinel segment whose tiles store zeros (no memset, nothing read).
+ESTMM/ESS read each ``BLOCK_M`` chunk of an expert's segment exactly once. bf16 stays bf16, products
+accumulate in fp32 (fp32 ``tl.dot`` follows ``allow_tf32``), outputs take the torch path's dtype; every
+output element is written by one program, without atomics. Importing raises ImportError without Triton
+(the dispatcher then falls back to torch).
 """
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ config, pg_collection=...)`` and called as ``forward(permuted_local_hidden_state
 permuted_probs) -> (output, None)``. Its parameters use transformers v5's expert layout
 (``gate_up_proj [E, 2f, d]`` / ``up_proj [E, f, d]``, ``down_proj [E, d, f]``, optional biases) and it
 carries the same attributes as a transformers experts module (``has_gate``, ``is_transposed``, ...), so
-FSSDP and the kernels handle it exactly like Hugging Face experts.
+FSSDP and the kernels handle it exactly like Hugging Face experts (docs/design.md, "Experts protocol and
+routing statistics").
 
 Plug it in with :func:`hexamoe_moe_spec` (a full ``MoELayer`` spec) or :func:`use_hexamoe_experts`
 (rewrites the experts of any existing layer spec, e.g. ``get_gpt_layer_local_spec(num_experts=...)``).
@@ -26,6 +27,7 @@ import torch
 from ds_hexamoe.ops import expert_mlp
 from ds_hexamoe.ops.activations import activation_name
 from ds_hexamoe.ops.routing import ExpertIndex
+from ds_hexamoe.experts import state_of
 
 try:
     from megatron.core.transformer.module import MegatronModule
@@ -140,7 +142,7 @@ class HexaMoEMegatronExperts(MegatronModule):
         counts = torch.as_tensor(tokens_per_expert, device=x.device).to(torch.int64)
         offs = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=x.device)
         torch.cumsum(counts, 0, out=offs[1:])
-        self._hexamoe_last_counts = counts  # HexaMoERuntime.metrics() reads the expert load from here
+        state_of(self).last_counts = counts  # HexaMoERuntime.metrics() reads the expert load from here
         # rows already arrive sorted by expert: the re-index vector is the identity
         index = ExpertIndex(idx=torch.arange(x.size(0), device=x.device), offs=offs, counts=counts, k=1)
         w1 = getattr(self, self._up_name)

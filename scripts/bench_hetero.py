@@ -21,10 +21,10 @@ import time
 import numpy as np
 
 from ds_hexamoe.config import ConfigError
-from ds_hexamoe.placement.model import MODEL_SHAPES
+from ds_hexamoe.placement.shapes import MODEL_SHAPES
 from ds_hexamoe.placement.planner import plan
 from ds_hexamoe.placement.profiles import load_profiles
-from ds_hexamoe.placement.stats import synthetic_stats
+from ds_hexamoe.experts.stats import synthetic_stats
 
 # mixed generations: shares of the cluster per device kind
 CLUSTERS = {
@@ -149,7 +149,7 @@ def _link_worker(rank, world, nbytes=8 << 20, repeats=7):
     import torch
     import torch.distributed as dist
 
-    from ds_hexamoe.placement.profiles import measure_latency
+    from ds_hexamoe.hetero.profiling import measure_latency
 
     lat = measure_latency()
     x = torch.zeros(nbytes // 4 // world * world)  # equal splits

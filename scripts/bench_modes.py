@@ -141,7 +141,7 @@ def _train_rank(rank: int, world: int, args) -> dict:
             if name == "auto" and it == args.warmup:  # the planner, on the statistics of the warm-up steps
                 collector = engine.hexamoe.stats
                 collector.all_reduce()
-                plan = mgr.replan(collector.snapshot(), global_batch=args.micro * world)
+                plan = engine.hexamoe.replan(collector.snapshot())  # global batch: micro * world
                 plan_modes = dict(plan.modes)
             x = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
             dist.barrier()

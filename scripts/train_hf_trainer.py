@@ -1,4 +1,4 @@
-"""The Hugging Face Trainer with DeepSpeed + HexaMoE and :class:`~ds_hexamoe.callbacks.HexaMoECallback`, end to end.
+"""The Hugging Face Trainer with DeepSpeed + HexaMoE and :class:`~ds_hexamoe.integrations.trainer.HexaMoECallback`, end to end.
 
     deepspeed --num_gpus 2 scripts/train_hf_trainer.py --output_dir outputs/hf-trainer [--max_steps 40]
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed  # noqa: F401  (import it now, so the patch applies before transformers probes for it)
     from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments
 
-    from ds_hexamoe.callbacks import HexaMoECallback
+    from ds_hexamoe.integrations.trainer import HexaMoECallback
 
     os.makedirs(args.output_dir, exist_ok=True)
     ds_path = args.deepspeed

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     import ds_hexamoe
-    from ds_hexamoe.data_images import build_image_task
+    from ds_hexamoe.tasks.image_classification import build_image_task
     from ds_hexamoe.layers import MoEBlock
 
     recipe, t = load_recipe(args.recipe)

@@ -36,7 +36,7 @@ def test_callback_in_process_matches_router_counts(tmp_path):
         sys.path.pop(0)
     from transformers import Trainer, TrainingArguments
 
-    from ds_hexamoe.callbacks import STATS_FILE, HexaMoECallback
+    from ds_hexamoe.integrations.trainer import STATS_FILE, HexaMoECallback
 
     model = _tiny_mixtral()
     seen = {i: torch.zeros(4, dtype=torch.long) for i in range(2)}
@@ -74,7 +74,7 @@ def test_callback_in_process_matches_router_counts(tmp_path):
 
 
 def test_bad_arguments():
-    from ds_hexamoe.callbacks import HexaMoECallback
+    from ds_hexamoe.integrations.trainer import HexaMoECallback
 
     with pytest.raises(ValueError, match="replan_every"):
         HexaMoECallback(replan_every=-1)

@@ -47,7 +47,7 @@ def _train_rank(rank, world, stage, use_patch, state):
 
     import ds_hexamoe
 
-    from ds_hexamoe.integrations.deepspeed import shm_workspace_names
+    from ds_hexamoe.integrations.shm import shm_workspace_names
 
     deepspeed.init_distributed("gloo")
     # DeepSpeed's CPU all-reduce workspace: one /dev/shm file per rank, which it never unlinks

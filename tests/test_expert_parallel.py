@@ -24,7 +24,7 @@ from ds_hexamoe.parallel import (
     validate_placement,
 )
 from ds_hexamoe.parallel.common import check_routing
-from ds_hexamoe.parallel.plan import PlacementTables, assign_destinations
+from ds_hexamoe.parallel.replicas import PlacementTables, assign_destinations
 from ds_hexamoe.testing import run_distributed
 
 E, D, F, K = 6, 8, 6, 2

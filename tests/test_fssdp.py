@@ -284,11 +284,11 @@ def test_shard_model_rejects_bad_configs(one_rank_group):
 def test_single_rank_sharding_is_exact_and_state_dict_is_dense(one_rank_group):
     """World size 1: shards hold every expert; outputs and gradients equal the unsharded model's."""
     from ds_hexamoe.config import HexaMoEConfig
-    from ds_hexamoe.fssdp import FSSDPManager
+    from ds_hexamoe.fssdp import FSSDPManager, is_shard, shard_range
 
     ref, model = make_model(4, 2), make_model(4, 2)
     manager = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict({"sharding": "fssdp"}))
-    assert all(getattr(p, "_hexamoe_fssdp", False) for p in manager.shard_parameters())
+    assert all(is_shard(p) and shard_range(p) == (0, 4) for p in manager.shard_parameters())
     assert not any(".experts." in k for k in model.state_dict())  # shards live in FSSDP checkpoints
     x = batch(0, 0, 2)
     a, b = ref(input_ids=x, labels=x).loss, model(input_ids=x, labels=x).loss

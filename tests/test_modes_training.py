@@ -37,7 +37,7 @@ def _act(engine, manager, kind: str, arg, log: dict) -> None:
     elif kind == "replan":
         collector = engine.hexamoe.stats
         collector.all_reduce()
-        plan = manager.replan(collector.snapshot(), profiles=arg, global_batch=2)
+        plan = engine.hexamoe.replan(collector.snapshot(), profiles=arg)
         log["plan_modes"] = dict(plan.modes)
     log.setdefault("modes", []).append(manager.modes())
 

@@ -9,15 +9,17 @@ import os
 import numpy as np
 import pytest
 
-from ds_hexamoe.config import ConfigError, DeviceSpec
+from ds_hexamoe.config import ConfigError, HexaMoEConfig
+from ds_hexamoe.placement import ilp as I
 from ds_hexamoe.placement import solvers as S
 from ds_hexamoe.placement.costs import CostModel, PlanOptions, integer_shares
-from ds_hexamoe.placement.model import MODEL_SHAPES, ModelShape
+from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape
 from ds_hexamoe.placement.plan import Plan
 from ds_hexamoe.placement.planner import plan, problem_for
-from ds_hexamoe.placement.profiles import DeviceProfile, builtin_profile, load_profiles, measure_profile
+from ds_hexamoe.hetero.profiling import measure_profile
+from ds_hexamoe.placement.profiles import DeviceProfile, builtin_profile, load_profiles
 from ds_hexamoe.placement.simulator import ideal_step_time, simulate, uniform_plan
-from ds_hexamoe.placement.stats import synthetic_stats
+from ds_hexamoe.experts.stats import synthetic_stats
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "ds_hexamoe", "placement", "examples")
 
@@ -39,8 +41,9 @@ def test_load_profiles_table_fill_and_count(tmp_path):
     assert p[0].attn_tflops == 312 and p[0].memory_bytes == 40e9 and p[0].bandwidth_gbps == 300
     assert p[1].attn_tflops == 500 and p[1].memory_bytes == 80e9  # declared number wins, table fills the rest
     assert p[3].expert_flops == 40e12 / 2  # slowdown divides speed
-    # config DeviceSpec entries and names work too
-    q = load_profiles([DeviceSpec(name="V100", memory_gb=16.0), "T4"])
+    # hexamoe.devices entries (the same DeviceProfile type) and names work too
+    declared = HexaMoEConfig.from_dict({"devices": [{"name": "V100", "memory_gb": 16.0}]}).devices
+    q = load_profiles(declared + ["T4"])
     assert q[0].name == "V100-32GB" and q[0].memory_bytes == 16e9 and q[1].attn_tflops == 65
     assert builtin_profile("NVIDIA H100 80GB HBM3").name == "H100-SXM"
 
@@ -108,7 +111,7 @@ def _brute_force(P):
 def test_ilp_equals_brute_force(seed, L, E, R, replicas, slots):
     P = _random_problem(np.random.default_rng(seed), L, E, R, replicas, slots)
     best = _brute_force(P)
-    r = S.solve_ilp(P, joint=True)
+    r = I.solve_ilp(P, joint=True)
     assert r.status == "optimal"
     assert r.objective == pytest.approx(best, rel=1e-6)
     S.check_solution(P, r.F)
@@ -331,7 +334,8 @@ def test_infeasible_inputs_raise_before_solving():
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_plan_cli_on_examples(tmp_path, capsys):
-    from ds_hexamoe.placement.cli import plan_main, report
+    from ds_hexamoe.cli.plan import plan_main
+    from ds_hexamoe.placement.report import report
 
     out, png = tmp_path / "plan.json", tmp_path / "load.png"
     rc = plan_main(["--devices", os.path.join(EXAMPLES, "devices.json"), "--stats", os.path.join(EXAMPLES, "routing.json"),

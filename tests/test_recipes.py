@@ -208,7 +208,7 @@ def test_lr_schedule():
 
 
 def test_tokenizer_and_packing(tmp_path):
-    from ds_hexamoe.data import build_dataset, build_tokenizer, load_documents
+    from ds_hexamoe.tasks.causal_lm import build_dataset, build_tokenizer, load_documents
 
     r = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path, data={"cache_dir": str(tmp_path / "cache")})))
     save = str(tmp_path / "tok")
@@ -242,7 +242,7 @@ def test_tokenizer_and_packing(tmp_path):
 
 
 def test_jsonl_text_field_and_unpacked_batches(tmp_path):
-    from ds_hexamoe.data import build_dataset, build_tokenizer
+    from ds_hexamoe.tasks.causal_lm import build_dataset, build_tokenizer
 
     rows = [{"body": "short one", "id": 1}, {"body": "a somewhat longer second document " * 3, "id": 2},
             {"body": "third", "id": 3}]
@@ -268,8 +268,7 @@ def test_jsonl_text_field_and_unpacked_batches(tmp_path):
 
 
 def test_build_model_follows_tokenizer(tmp_path):
-    from ds_hexamoe.data import build_tokenizer
-    from ds_hexamoe.train import build_model
+    from ds_hexamoe.tasks.causal_lm import build_model, build_tokenizer
 
     r = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path)))
     tok = build_tokenizer(r)
@@ -285,7 +284,7 @@ def test_build_model_follows_tokenizer(tmp_path):
 
 
 def test_batch_plan_is_a_deterministic_disjoint_split():
-    from ds_hexamoe.train import BatchPlan
+    from ds_hexamoe.worker import BatchPlan
 
     data = list(range(50))
     plans = [BatchPlan(data, 4, rank, 2, seed=7) for rank in range(2)]
@@ -307,8 +306,8 @@ def test_batch_plan_is_a_deterministic_disjoint_split():
 
 
 def test_expert_load_tracker_counts_every_routed_pair(tmp_path):
-    from ds_hexamoe.data import build_tokenizer
-    from ds_hexamoe.train import ExpertLoadTracker, build_model
+    from ds_hexamoe.tasks.causal_lm import build_model, build_tokenizer
+    from ds_hexamoe.worker import ExpertLoadTracker
 
     r = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path)))
     model = build_model(r, build_tokenizer(r))
@@ -322,8 +321,7 @@ def test_expert_load_tracker_counts_every_routed_pair(tmp_path):
 
 
 def test_recipe_from_a_local_checkpoint(tmp_path):
-    from ds_hexamoe.data import build_tokenizer
-    from ds_hexamoe.train import build_model
+    from ds_hexamoe.tasks.causal_lm import build_model, build_tokenizer
 
     r = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path)))
     tok = build_tokenizer(r)

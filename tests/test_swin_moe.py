@@ -121,7 +121,7 @@ def test_image_task_from_tiny_recipe():
     import json
     import os
 
-    from ds_hexamoe.data_images import build_image_task
+    from ds_hexamoe.tasks.image_classification import build_image_task
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "recipes", "swin-moe-tiny.json")) as fh:

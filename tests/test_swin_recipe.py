@@ -27,7 +27,7 @@ def test_swin_recipe_trains_and_exports(tmp_path):
     summary = json.load(open(out / "summary.json"))
     assert summary["world_size"] == 2 and summary["last_loss"] < summary["first_loss"] * 0.7, summary
 
-    from ds_hexamoe.data_images import build_image_task
+    from ds_hexamoe.tasks.image_classification import build_image_task
     from ds_hexamoe.models import SwinMoEForImageClassification
 
     recipe = json.load(open(RECIPE))

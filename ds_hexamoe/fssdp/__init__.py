@@ -1,4 +1,4 @@
-"""FSSDP: fully sharded expert parameters with sparse collectives (DESIGN.md section 3).
+"""FSSDP: fully sharded expert parameters with sparse collectives (docs/design.md, "FSSDP").
 
 Whole-expert ownership (Hecate); per layer and step only the experts some rank's tokens activate move
 (SparseAllGather forward, SparseReduceScatter of their gradients back to the owners); a one-layer
@@ -8,7 +8,8 @@ sharded AdamW/Adam/SGD for the shards driven by the DeepSpeed engine; checkpoint
 from .collectives import CommStats
 from .manager import FSSDPManager
 from .optim import OptimizerSpec, ShardedOptimizer
-from .plan import LayerOwnership, normalized_weights, split_experts
+from .ownership import LayerOwnership, normalized_weights, split_experts
+from .sharding import is_shard, shard_range
 
 __all__ = ["FSSDPManager", "CommStats", "OptimizerSpec", "ShardedOptimizer", "LayerOwnership",
-           "normalized_weights", "split_experts"]
+           "normalized_weights", "split_experts", "is_shard", "shard_range"]

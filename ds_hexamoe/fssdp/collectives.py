@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .layer import ExpertLayer
-from .plan import LayerOwnership
+from .ownership import LayerOwnership
 
 
 @dataclass

@@ -11,19 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .plan import LayerOwnership
+from .ownership import LayerOwnership
 
 # provider key -> attribute, in the order experts are packed for communication
 WEIGHT_KEYS = ("w1", "w2", "b1", "b2")
-
-
-def module_weight_names(module: nn.Module) -> dict[str, str]:
-    """``{provider key: parameter name}`` of a transformers v5 / HexaExperts experts module."""
-    up = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
-    names = {"w1": up, "w2": "down_proj"}
-    if getattr(module, "has_bias", False):
-        names.update(b1=f"{up}_bias", b2="down_proj_bias")
-    return names
 
 
 @dataclass

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from .plan import LayerOwnership, normalized_weights, split_experts
+from .ownership import LayerOwnership, normalized_weights, split_experts
+from .sharding import make_shard
 
 
 def _overlap(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> int:
@@ -49,8 +49,18 @@ def migrate_shards(mgr, weights) -> dict:
                                "(after engine.step() at an accumulation boundary)")
     opt = mgr.optimizer
     entries = {e.key: e for e in opt.entries} if opt is not None else {}
-    # which per-expert and scalar optimizer state each (layer, parameter) has, agreed over ranks (a rank
-    # owning no expert of a layer has no state for it)
+    layouts = _state_layouts(mgr, opt, entries)
+    new_rows, sent = _exchange_rows(mgr, new_owns, opt, entries, layouts)
+    spec = opt.spec if opt is not None else None
+    _rebuild_shards(mgr, new_owns, new_rows)
+    if spec is not None:
+        _restore_optimizer(mgr, mgr.build_optimizer(spec), new_rows, layouts)
+    return {"moved_experts": moved, "bytes_sent": sent, "counts": counts}
+
+
+def _state_layouts(mgr, opt, entries) -> dict[tuple[int, str], tuple[list[str], dict]]:
+    """Per (layer, parameter): the names of its per-expert optimizer state and its scalar state, agreed
+    over ranks (a rank owning no expert of a layer has no state for it)."""
     local = {}
     for layer in mgr.layers:
         for n in layer.param_names:
@@ -61,18 +71,22 @@ def migrate_shards(mgr, weights) -> dict:
             local[(layer.index, n)] = (per, scal) if layer.local_count > 0 else (None, None)
     every = [None] * mgr.world_size
     dist.all_gather_object(every, local, group=mgr.group)
+    return {key: next(((p, s) for p, s in (d[key] for d in every) if p is not None), ([], {})) for key in local}
+
+
+def _exchange_rows(mgr, new_owns, opt, entries, layouts) -> tuple[dict[tuple[int, str], torch.Tensor], int]:
+    """Each new owner's rows (fp32 master, then every per-expert state), sent by the old owners; and the
+    bytes this rank sent to others."""
     rank, world = mgr.rank, mgr.world_size
     sent = 0
     new_rows: dict[tuple[int, str], torch.Tensor] = {}
-    layouts: dict[tuple[int, str], tuple[list[str], dict]] = {}
     for layer, new in zip(mgr.layers, new_owns):
         old = layer.ownership
         send_splits = [_overlap(old, rank, new, q) for q in range(world)]
         recv_splits = [_overlap(old, o, new, rank) for o in range(world)]
         for n in layer.param_names:
             key = (layer.index, n)
-            per, scal = next(((p, s) for p, s in (d[key] for d in every) if p is not None), ([], {}))
-            layouts[key] = (per, scal)
+            per, _ = layouts[key]
             p = layer.shards[n]
             e = entries.get(key)
             master = e.master if e is not None else p
@@ -92,8 +106,12 @@ def migrate_shards(mgr, weights) -> dict:
                                    group=mgr.group)
             new_rows[key] = r_cpu.to(p.device)
             sent += sum(send_splits[q] for q in range(world) if q != rank) * send.size(1) * send.element_size()
-    # rebuild shards, gradient buffers and the optimizer on the new ownership
-    spec = opt.spec if opt is not None else None
+    return new_rows, sent
+
+
+def _rebuild_shards(mgr, new_owns, new_rows) -> None:
+    """Shards and gradient buffers on the new ownership; caches built on the old owners dropped."""
+    rank = mgr.rank
     for layer, new in zip(mgr.layers, new_owns):
         layer.ownership = new
         lo, hi = new.starts[rank], new.starts[rank + 1]
@@ -102,36 +120,34 @@ def migrate_shards(mgr, weights) -> dict:
             rows = new_rows[(layer.index, n)]
             k = layer.expert_numel(n)
             shape = (new.count(rank), *layer.expert_shapes[n])
-            shard = nn.Parameter(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), requires_grad=old_p.requires_grad)
-            shard._hexamoe_fssdp = True
-            shard.ds_optim_param = True
-            shard._hexamoe_experts = (lo, hi)
+            shard = make_shard(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), old_p.requires_grad, lo, hi)
             del layer.module._parameters[n]
             layer.module.register_parameter(n, shard)
             layer.shards[n] = shard
             mgr.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)
-    mgr._ids = {id(p) for layer in mgr.layers for p in layer.shards.values()}
+    mgr._index_shards()
     mgr._records, mgr._forward_record = [], None
     for attr in ("_transfers", "_slice_plans"):  # expert-parallel / model-centric caches built on the old owners
         cache = getattr(mgr, attr, None)
         if isinstance(cache, dict):
             cache.clear()
-    if spec is not None:
-        new_opt = mgr.build_optimizer(spec)
-        for e in new_opt.entries:
-            layer = mgr.layers[e.key[0]]
-            rows = new_rows[e.key]
-            k = layer.expert_numel(e.key[1])
-            c = layer.local_count
-            shape = (c, *layer.expert_shapes[e.key[1]])
-            if e.master is not e.param:
-                with torch.no_grad():
-                    e.master.copy_(rows[:, :k].reshape(shape))
-            per, scal = layouts[e.key]
-            if e in new_opt.stepped and (per or scal):
-                state = {s: rows[:, k * (i + 1):k * (i + 2)].reshape(shape).to(e.master.dtype).clone()
-                         for i, s in enumerate(per)}
-                for s, v in scal.items():
-                    state[s] = v.clone().to(e.master.device) if torch.is_tensor(v) else v
-                new_opt.set_state(e, state)
-    return {"moved_experts": moved, "bytes_sent": sent, "counts": counts}
+
+
+def _restore_optimizer(mgr, new_opt, new_rows, layouts) -> None:
+    """fp32 masters and optimizer state of the rebuilt optimizer from the rows received."""
+    for e in new_opt.entries:
+        layer = mgr.layers[e.key[0]]
+        rows = new_rows[e.key]
+        k = layer.expert_numel(e.key[1])
+        c = layer.local_count
+        shape = (c, *layer.expert_shapes[e.key[1]])
+        if e.master is not e.param:
+            with torch.no_grad():
+                e.master.copy_(rows[:, :k].reshape(shape))
+        per, scal = layouts[e.key]
+        if e in new_opt.stepped and (per or scal):
+            state = {s: rows[:, k * (i + 1):k * (i + 2)].reshape(shape).to(e.master.dtype).clone()
+                     for i, s in enumerate(per)}
+            for s, v in scal.items():
+                state[s] = v.clone().to(e.master.device) if torch.is_tensor(v) else v
+            new_opt.set_state(e, state)

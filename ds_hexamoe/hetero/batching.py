@@ -118,7 +118,8 @@ class ShareSampler(torch.utils.data.Sampler):
     ``sum(shares)`` samples and yields its own rows. ``shares`` is a list or an object with
     ``batch_shares`` read at every batch, so a re-plan takes effect at the next batch on all ranks
     alike. Use as ``DataLoader(ds, batch_sampler=ShareSampler(len(ds), engine.hexamoe.hetero, rank))``.
-    An incomplete last global batch is dropped (every rank must run every step).
+    An incomplete last global batch is dropped (every rank must run every step). :meth:`rows`
+    addresses one global micro-batch directly (the recipe worker's resumable data order).
     """
 
     def __init__(self, num_samples: int, shares: Any, rank: int, *, shuffle: bool = True, seed: int = 0):
@@ -126,25 +127,42 @@ class ShareSampler(torch.utils.data.Sampler):
             raise ValueError(f"num_samples: got {num_samples!r}; expected an integer >= 1 (len(dataset))")
         self.num_samples, self.shares, self.rank = num_samples, shares, rank
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self._order_epoch, self._order = None, None
         share_bounds(shares, rank)  # validates now
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self, epoch: int | None = None) -> list[int]:
+        """The sample order of ``epoch`` (default: the current one), the same on every rank."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                order = torch.randperm(self.num_samples, generator=g).tolist()
+            else:
+                order = list(range(self.num_samples))
+            self._order_epoch, self._order = epoch, order
+        return self._order
+
+    def _cut(self, order: list[int], pos: int, shares: list[int]) -> list[int]:
+        lo, hi = share_bounds(shares, self.rank)
+        return order[pos + lo:pos + hi]
+
+    def rows(self, j: int, epoch: int | None = None) -> list[int]:
+        """This rank's rows of global micro-batch ``j`` of ``epoch`` (the current shares' sum per batch)."""
+        s = _shares_of(self.shares)
+        return self._cut(self.order(epoch), j * sum(s), s)
+
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g).tolist()
-        else:
-            order = list(range(self.num_samples))
+        order = self.order()
         pos = 0
         while True:
             s = _shares_of(self.shares)
             total = sum(s)
             if pos + total > self.num_samples:
                 return
-            lo, hi = share_bounds(s, self.rank)
-            yield order[pos + lo:pos + hi]
+            yield self._cut(order, pos, s)
             pos += total
 
     def __len__(self) -> int:

@@ -14,7 +14,6 @@ is routed here too, so ``accelerate`` and the Hugging Face ``Trainer`` pick it u
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import functools
 import inspect
@@ -27,7 +26,8 @@ from torch import nn
 from ..config import ConfigError, HexaMoEConfig, hexamoe_section, load_ds_config
 from ..ops.dispatch import set_backend
 from ..runtime import HexaMoERuntime
-from .transformers import IMPLEMENTATION, experts_modules
+from .shm import release_shm_workspace
+from ..experts import IMPLEMENTATION, experts_modules, state_of
 
 _ORIGINAL_INITIALIZE = None
 
@@ -48,7 +48,7 @@ def convert_model(model: nn.Module, config: HexaMoEConfig | None = None) -> list
 
     Hugging Face models built on ``@use_experts_implementation`` switch to ``"hexamoe"``; ds-hexamoe's
     own blocks already use it. Returns the qualified names of the experts modules (also stored on each
-    module as ``_hexamoe_name`` for statistics). Raises when the model has no MoE experts at all.
+    module's :class:`~ds_hexamoe.experts.ExpertsState` for statistics). Raises when the model has no MoE experts at all.
     """
     if config is not None:
         set_backend(config.kernels)
@@ -63,7 +63,7 @@ def convert_model(model: nn.Module, config: HexaMoEConfig | None = None) -> list
             "or pass an MoE model"
         )
     for name, m in found:
-        m._hexamoe_name = name
+        state_of(m).name = name
     return [n for n, _ in found]
 
 
@@ -111,57 +111,6 @@ def _filter_optimizer(optimizer: torch.optim.Optimizer, keep: set[int]) -> None:
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) in keep]
     optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-
-
-SHM_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def shm_workspace_names(port: str | int | None = None, addr: str | None = None) -> list[str]:
-    """``/dev/shm`` files of DeepSpeed's CPU shared-memory all-reduce workspace for this user, on
-    ``MASTER_ADDR:MASTER_PORT`` (default: the environment's; ``port="*"`` any)."""
-    import glob
-
-    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "*")
-    port = port if port is not None else os.environ.get("MASTER_PORT", "*")
-    return glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_*")
-
-
-def unlink_shm_workspace(rank: str | int | None = None, port: str | int | None = None, addr: str | None = None) -> int:
-    """Unlink the workspace files :func:`shm_workspace_names` finds, only ``rank``'s when given; returns
-    how many went (a file another process removed first is skipped)."""
-    removed = 0
-    for f in shm_workspace_names(port=port, addr=addr):
-        if rank is not None and f.rsplit("_", 1)[-1] != str(rank):
-            continue
-        try:
-            os.unlink(f)
-            removed += 1
-        except OSError:
-            pass
-    return removed
-
-
-def release_shm_workspace(group=None) -> int:
-    """Unlink this rank's DeepSpeed CPU all-reduce workspace name (a collective; returns files removed).
-
-    DeepSpeed's CPU accelerator creates a ~69 MB ``/dev/shm`` file per rank at ``init_distributed`` and
-    never unlinks it, so every multi-rank CPU run leaks RAM (tmpfs) until reboot. Once every rank has
-    mapped its peers' files (all are past ``init_distributed``: the barrier) the names can go; the
-    mappings, all DeepSpeed uses, stay valid."""
-    dist = torch.distributed
-    if not dist.is_initialized() or dist.get_backend(group) != "gloo":
-        return 0
-    dist.barrier(group=group)
-    return unlink_shm_workspace(rank=dist.get_rank())
-
-
-@atexit.register
-def _unlink_own_shm_workspace() -> None:
-    """At exit, this rank's workspace name if it is still there (a path that never reached
-    :func:`release_shm_workspace`, such as ``deepspeed.initialize`` without a ``hexamoe`` section); every
-    peer mapped it during ``init_distributed``, long before."""
-    if "RANK" in os.environ and "MASTER_PORT" in os.environ:
-        unlink_shm_workspace(rank=os.environ["RANK"])
 
 
 def _init_distributed(port) -> None:
@@ -213,34 +162,19 @@ def initialize(
     if hcfg.profile != "uniform":
         # profiles and the plan come first: bad device files and infeasible plans fail before any work
         _init_distributed(distributed_port)
-        from ..hetero import HeteroController
+        from ..hetero import HeteroController  # lazy, like every heavy import here: `import ds_hexamoe` stays light
 
         hetero = HeteroController.from_config(model, hcfg, ds_config)
     convert_model(model, hcfg)
-    manager = None
-    if hcfg.sharding == "fssdp":
-        _init_distributed(distributed_port)
-        from ..fssdp import FSSDPManager
-
-        shard_cfg = hcfg
-        if hetero is not None and hetero.fssdp_weights() is not None:
-            shard_cfg = dataclasses.replace(hcfg, shard_weights=hetero.fssdp_weights())
-        manager = FSSDPManager.shard_model(model, shard_cfg)
-    owns = manager.owns if manager is not None else None
-    if optimizer is None and model_parameters is None:
-        model_parameters = build_param_groups(model, ds_config, exclude=owns)
-    elif manager is not None:
-        live = {id(p) for p in model.parameters() if not owns(p)}
-        if isinstance(optimizer, torch.optim.Optimizer):
-            _filter_optimizer(optimizer, live)
-        if model_parameters is not None:
-            model_parameters = _filter_model_parameters(model_parameters, live)
-
+    plan_shape = _plan_shape(model, hcfg, hetero)
+    manager = _shard_experts(model, hcfg, hetero, distributed_port) if hcfg.sharding == "fssdp" else None
+    model_parameters = _dense_parameters(model, ds_config, optimizer, model_parameters, manager)
     engine, opt, loader, sched = _original_initialize()(
         model=model, optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs
     )
     _release_once()
     runtime = HexaMoERuntime(model, hcfg, fssdp=manager)
+    runtime.plan_shape = plan_shape
     engine.hexamoe = runtime
     if manager is not None:
         manager.attach(engine, optimizer_config=ds_config.get("optimizer"), lr_scheduler=sched)
@@ -248,6 +182,45 @@ def initialize(
         hetero.engine = engine
         hetero.attach(runtime)  # engine.hexamoe.hetero / .plan / .replan, step hook, slowdown emulation
     return engine, opt, loader, sched
+
+
+def _plan_shape(model: nn.Module, hcfg: HexaMoEConfig, hetero):
+    """The planner's model shape, taken before FSSDP replaces the experts' full weights (re-plans need it)."""
+    if hetero is not None:
+        return hetero.shape
+    replicas = hcfg.mode == "expert_parallel" and hcfg.placement.replicas > 0
+    if hcfg.sharding == "fssdp" and (hcfg.mode == "auto" or replicas):
+        from ..hetero.planning import model_shape_for
+
+        return model_shape_for(model)
+    return None
+
+
+def _shard_experts(model: nn.Module, hcfg: HexaMoEConfig, hetero, port):
+    """FSSDP shards with the plan's weights (unless ``shard_weights`` is set) and declared slice speeds."""
+    _init_distributed(port)
+    from ..fssdp import FSSDPManager
+    from ..hetero.resolve import declared_speeds
+
+    shard_cfg = hcfg
+    if hetero is not None and hetero.fssdp_weights() is not None:
+        shard_cfg = dataclasses.replace(hcfg, shard_weights=hetero.fssdp_weights())
+    speeds = declared_speeds(hcfg, torch.distributed.get_world_size())
+    return FSSDPManager.shard_model(model, shard_cfg, speeds=speeds)
+
+
+def _dense_parameters(model: nn.Module, ds_config: dict, optimizer, model_parameters, manager):
+    """What DeepSpeed optimizes: parameter groups built here, or the user's without FSSDP's shards."""
+    owns = manager.owns if manager is not None else None
+    if optimizer is None and model_parameters is None:
+        return build_param_groups(model, ds_config, exclude=owns)
+    if manager is not None:
+        live = {id(p) for p in model.parameters() if not owns(p)}
+        if isinstance(optimizer, torch.optim.Optimizer):
+            _filter_optimizer(optimizer, live)
+        if model_parameters is not None:
+            return _filter_model_parameters(model_parameters, live)
+    return model_parameters
 
 
 def _filter_model_parameters(model_parameters, live: set[int]):

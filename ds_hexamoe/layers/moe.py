@@ -13,7 +13,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..config import RouterConfig
-from ..integrations.transformers import hexamoe_experts_forward
+from ..experts import hexamoe_experts_forward
 from .router import TopKRouter
 
 
@@ -32,7 +32,7 @@ class HexaExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, ffn_size
         self.has_gate, self.has_bias = gated, bias
-        self._is_expert_parallel = False
+        self._is_expert_parallel = False  # transformers' flag: its own expert parallelism is never on here
         self.act_fn = ACT2FN[act]
         up = "gate_up_proj" if gated else "up_proj"
         f_out = 2 * ffn_size if gated else ffn_size

@@ -1,4 +1,5 @@
-"""Expert-specific operators (DESIGN.md section 2) and the autograd functions built on them.
+"""Expert-specific operators and the autograd functions built on them (docs/design.md, "Expert-specific
+operators").
 
 Contract shared by the torch path (:mod:`.torch_ops`) and the Triton kernels (``ds_hexamoe.kernels``):
 

@@ -1,6 +1,6 @@
 """Autograd functions for expert layers, built only from ESMM, ESTMM and ESS.
 
-Backward follows DESIGN.md section 2 in closed form:
+Backward in closed form (docs/design.md, "Expert-specific operators"):
 ``db2 = ESS(dy)``, ``dW2 = ESTMM(a, dy)``, ``da = ESMM(dy, W2^T)``, ``dh = da * act'(h)``,
 ``db1 = ESS(dh)``, ``dW1 = ESTMM(x, dh)``, ``dx = ESMM(dh, W1^T)``.
 Routing weights scale the expert outputs and receive gradients (``ds = <dy, y_unscaled>``).

@@ -1,6 +1,7 @@
-"""Expert-parallel MoE: tokens travel to replicas of their experts and back (DESIGN.md section 4).
+"""Expert-parallel MoE: tokens travel to replicas of their experts and back (docs/design.md,
+"Execution modes").
 
-Per call: route pairs to replicas by Hecate's rule (:mod:`.plan`), send each token once per
+Per call: route pairs to replicas by Hecate's rule (:mod:`.replicas`), send each token once per
 destination rank together with its per-pair expert slots and routing weights (pairs for experts on
 another rank are sentinels), run the destination's hosted experts with ``expert_mlp`` (routing weights
 applied there, so their gradients come from the fused kernel), and send the weighted partial outputs
@@ -22,7 +23,7 @@ from .accounting import CallStats, TokenAccounting
 from .comm import all_to_all_rows, all_to_all_v, exchange_counts, group_rank_size
 from .common import check_routing, compute_experts, scatter_rows_add
 from .lsh import LSHCompressor, bucket_pairs, centroids
-from .plan import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
+from .replicas import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
 from .weights import ExpertSpec, ExpertWeights, Materialize
 
 

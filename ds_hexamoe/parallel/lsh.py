@@ -1,4 +1,5 @@
-"""Cross-polytope LSH for compressing the expert-parallel dispatch (LSH-MoE, DESIGN.md section 6).
+"""Cross-polytope LSH for compressing the expert-parallel dispatch (LSH-MoE; docs/design.md,
+"LSH-compressed all-to-all").
 
 Hash: ``h(x) = argmax([R x, -R x])`` over ``2 * m`` buckets, ``R`` a pseudo-random rotation built as
 in FALCONN from ``num_rotations`` Hadamard-times-random-signs factors (one factor is a structured

@@ -1,4 +1,4 @@
-"""Model-centric MoE (HEXA-MoE): move tokens, not weights (DESIGN.md section 4).
+"""Model-centric MoE (HEXA-MoE): move tokens, not weights (docs/design.md, "Execution modes").
 
 Tokens and routing of every rank are all-gathered (uneven counts allowed); each rank runs every
 expert restricted to its slice ``[lo, hi)`` of the hidden dimension ``f`` (slice sizes proportional to

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..apportion import largest_remainder
 from ..ops.activations import get_activation
 
 
@@ -111,13 +112,5 @@ class ReplicatedExperts:
 
 
 def split_hidden(f: int, speeds: Sequence[float]) -> list[int]:
-    """Integers ``f_r`` proportional to ``speeds`` that sum to ``f`` (largest remainder, ties to lower ranks)."""
-    if len(speeds) == 0 or any((not isinstance(s, (int, float))) or s < 0 for s in speeds) or sum(speeds) <= 0:
-        raise ValueError(f"speeds: got {list(speeds)!r}; expected one number >= 0 per rank with a positive sum")
-    total = float(sum(speeds))
-    exact = [f * s / total for s in speeds]
-    sizes = [int(x) for x in exact]
-    order = sorted(range(len(speeds)), key=lambda r: (-(exact[r] - sizes[r]), r))
-    for r in order[: f - sum(sizes)]:
-        sizes[r] += 1
-    return sizes
+    """Integers ``f_r`` proportional to ``speeds`` that sum to ``f`` (:func:`ds_hexamoe.apportion.largest_remainder`)."""
+    return largest_remainder(f, speeds, what="speeds")

@@ -1,20 +1,21 @@
-"""Heterogeneity-aware placement: device profiles, routing statistics, planner, solvers, simulator.
+"""Heterogeneity-aware placement: device profiles, cost model, solvers, simulator, planner and reports.
 
-The planner is pure Python (numpy, scipy); torch is used only to measure devices and collect routing.
+Pure Python (numpy, scipy): no torch, so plans can be made and compared without a training stack.
+Routing statistics come from :mod:`ds_hexamoe.experts.stats`; measuring devices is the runtime's job
+(:mod:`ds_hexamoe.hetero.profiling`).
 """
-from .model import MODEL_SHAPES, ModelShape
+from ..experts.stats import RoutingStats, synthetic_stats, uniform_stats
 from .plan import Plan
 from .planner import plan
-from .profiles import GPU_TABLE, DeviceProfile, builtin_profile, gather_profiles, load_profiles, measure_profile
+from .profiles import GPU_TABLE, DeviceProfile, builtin_profile, load_profiles
+from .shapes import MODEL_SHAPES, ModelShape
 from .simulator import Simulation, ideal_step_time, simulate, uniform_plan
-from .solvers import SOLVERS, PlacementProblem, register_solver, solve
-from .stats import (RoutingStats, RoutingStatsCollector, get_collector, reduce_stats, set_collector, stats_delta,
-                    synthetic_stats, uniform_stats)
+from .problem import PlacementProblem, SolverResult
+from .solvers import SOLVERS, register_solver, solve
+from . import ilp as _ilp  # noqa: F401  (registers the "ilp" solver)
 
 __all__ = [
-    "DeviceProfile", "GPU_TABLE", "builtin_profile", "load_profiles", "measure_profile", "gather_profiles",
-    "RoutingStats", "RoutingStatsCollector", "get_collector", "set_collector", "synthetic_stats", "uniform_stats",
-    "stats_delta", "reduce_stats",
-    "ModelShape", "MODEL_SHAPES", "Plan", "plan", "SOLVERS", "PlacementProblem", "register_solver", "solve",
-    "Simulation", "simulate", "uniform_plan", "ideal_step_time",
+    "DeviceProfile", "GPU_TABLE", "builtin_profile", "load_profiles", "RoutingStats", "synthetic_stats",
+    "uniform_stats", "ModelShape", "MODEL_SHAPES", "Plan", "plan", "SOLVERS", "PlacementProblem", "SolverResult",
+    "register_solver", "solve", "Simulation", "simulate", "uniform_plan", "ideal_step_time",
 ]

@@ -10,7 +10,7 @@ Per step (forward + backward) and per rank ``r`` with batch share ``B_r`` sample
   compute when prefetching;
 - a model-centric layer: every pair of the step on the rank's hidden slice ``f_r / f``, plus the token
   all-gather and output reduce-scatter (twice: forward and backward);
-- expert-parallel layers: see :mod:`.solvers` (compute of the placed load, replica materialization,
+- expert-parallel layers: see :mod:`.problem` (compute of the placed load, replica materialization,
   token hops between home ranks and consecutive experts).
 
 Every step also pays, on all ranks alike, its collectives' fixed cost (the slowest link's latency per
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ConfigError
-from .model import ModelShape
-from .profiles import DeviceProfile
-from .solvers import PlacementProblem
-from .stats import RoutingStats
+from ..apportion import largest_remainder
+from ..config import MODES, ConfigError
+from ..devices import DeviceProfile
+from ..experts.stats import RoutingStats
+from .problem import PlacementProblem
+from .shapes import ModelShape
 
-MODES = ("data_centric", "expert_parallel", "model_centric")
 # collectives per step: DeepSpeed's dense-gradient sync (gradient reduce, global norm, overflow check,
 # parameter all-gather), and per MoE layer by mode: FSSDP data-centric: active-mask exchange, gather, its
 # re-materialization, gradient reduce-scatter; expert parallel: dispatch and combine, forward and backward,
@@ -72,13 +72,13 @@ class PlanOptions:
 
 
 def integer_shares(weights, total: int, caps=None, what: str = "global_batch") -> list[int]:
-    """Integers proportional to ``weights`` summing to ``total``, each at most ``caps[r]`` (largest remainder)."""
+    """Integers proportional to ``weights`` summing to ``total``, each at most ``caps[r]``: the exact
+    quotas water-filled under the caps, then rounded by :func:`~ds_hexamoe.apportion.largest_remainder`."""
     w = np.asarray(weights, dtype=float)
     R = len(w)
     caps = np.full(R, np.inf) if caps is None else np.asarray(caps, dtype=float)
-    if caps.sum() < total:
-        raise ConfigError(f"{what}: got {total}; the ranks' memory holds at most {int(caps.sum())} "
-                          f"(per rank {[int(c) for c in caps[:8]]}{' ...' if R > 8 else ''}); reduce {what} or add memory")
+    if total == 0:
+        return [0] * R
     x = np.zeros(R)
     free = np.ones(R, dtype=bool)
     left = float(total)
@@ -96,23 +96,13 @@ def integer_shares(weights, total: int, caps=None, what: str = "global_batch") -
         x[over] = caps[over]
         free &= ~over
         left = total - x.sum()
-    out = np.floor(x + 1e-9).astype(int)
-    rem = total - int(out.sum())
-    order = np.argsort(-(x - out), kind="stable")
-    for r in order:
-        if rem <= 0:
-            break
-        if out[r] + 1 <= caps[r]:
-            out[r] += 1
-            rem -= 1
-    i = 0
-    while rem > 0:  # all fractional parts used: any rank with room
-        r = order[i % R]
-        if out[r] + 1 <= caps[r]:
-            out[r] += 1
-            rem -= 1
-        i += 1
-    return [int(v) for v in out]
+    try:
+        return largest_remainder(int(total), [float(v) for v in x], caps=[float(c) for c in caps], what=what)
+    except ValueError as e:
+        if caps.sum() < total:
+            raise ConfigError(f"{what}: got {total}; the ranks' memory holds at most {int(caps.sum())} (per rank "
+                              f"{[int(c) for c in caps[:8]]}{' ...' if R > 8 else ''}); reduce {what} or add memory") from None
+        raise ConfigError(str(e)) from None
 
 
 def water_fill(weights, caps) -> np.ndarray:

@@ -19,7 +19,7 @@ class Plan:
     - ``shard_weights[r]``: its share of every layer's FSSDP expert storage (sum 1);
     - ``modes[layer]``: ``data_centric`` / ``expert_parallel`` / ``model_centric``;
     - ``placement[layer][expert]``: ranks hosting a replica (expert-parallel), the format of
-      :func:`ds_hexamoe.parallel.plan.validate_placement`;
+      :func:`ds_hexamoe.parallel.replicas.validate_placement`;
     - ``token_fractions[layer][expert][rank]``: the share of the expert's tokens that rank computes
       (asymmetric expert assignment; sum 1 per expert);
     - ``hidden_slices[r]``: ``[lo, hi)`` of the expert hidden dimension rank ``r`` computes in

@@ -21,18 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
-from .costs import MODES, CostModel, PlanOptions, integer_shares
-from .model import ModelShape, resolve_model
+from ..config import MODES, ConfigError
+from ..devices import DeviceProfile
+from ..experts.stats import RoutingStats
+from .costs import CostModel, PlanOptions, integer_shares
 from .plan import Plan
-from .profiles import DeviceProfile, load_profiles
+from .problem import PlacementProblem, rank_times
+from .profiles import load_profiles
+from .shapes import ModelShape, resolve_model
 from .simulator import Simulation, ideal_step_time, simulate, uniform_plan
-from .solvers import SOLVERS, PlacementProblem, rank_times, solve
-from .stats import RoutingStats
+from .solvers import SOLVERS, solve
 
 
 def _as_profiles(profiles: Any) -> list[DeviceProfile]:
-    if isinstance(profiles, list) and profiles and all(isinstance(p, DeviceProfile) for p in profiles):
+    if isinstance(profiles, list) and profiles and all(isinstance(p, DeviceProfile) and p.resolved for p in profiles):
         return profiles
     return load_profiles(profiles)
 
@@ -219,24 +221,7 @@ def plan(
         raise ConfigError(f"plan: no feasible plan for global_batch={global_batch} on these devices ({why})")
     best = min(sims, key=lambda n: sims[n].step_time)
     out = cands.plans[best]
-    uni = uniform_plan(cost)
-    su = simulate(uni, cost)
-    ideal = ideal_step_time(cost)
-    sb = sims[best]
-    out.predicted = {
-        "step_time": sb.step_time,
-        "uniform_step_time": su.step_time,
-        "uniform_memory_ok": su.memory_ok,
-        "ideal_step_time": ideal,
-        "speedup_vs_uniform": su.step_time / sb.step_time,
-        "efficiency_vs_ideal": ideal / sb.step_time,
-        "sync_time": sb.sync,
-        "uniform_sync_time": su.sync,
-        "per_rank": {"busy": sb.busy, "idle": sb.idle, "dense": sb.dense, "moe": sb.moe, "memory_gb": sb.memory_gb,
-                     "memory_limit_gb": sb.memory_limit_gb},
-        "uniform_per_rank": {"busy": su.busy, "idle": su.idle},
-        "segments": sb.segments,
-    }
+    out.predicted = _predicted(cost, sims[best])
     res = cands.solver_result
     out.meta = {
         "candidate": best,
@@ -253,6 +238,26 @@ def plan(
                     "rematerialize": rematerialize, "prefetch": prefetch, "shard_by": shard_by},
     }
     return out
+
+
+def _predicted(cost: CostModel, sb: Simulation) -> dict:
+    """The chosen plan's simulation against the uniform plan and the ideal bound (``Plan.predicted``)."""
+    su = simulate(uniform_plan(cost), cost)
+    ideal = ideal_step_time(cost)
+    return {
+        "step_time": sb.step_time,
+        "uniform_step_time": su.step_time,
+        "uniform_memory_ok": su.memory_ok,
+        "ideal_step_time": ideal,
+        "speedup_vs_uniform": su.step_time / sb.step_time,
+        "efficiency_vs_ideal": ideal / sb.step_time,
+        "sync_time": sb.sync,
+        "uniform_sync_time": su.sync,
+        "per_rank": {"busy": sb.busy, "idle": sb.idle, "dense": sb.dense, "moe": sb.moe, "memory_gb": sb.memory_gb,
+                     "memory_limit_gb": sb.memory_limit_gb},
+        "uniform_per_rank": {"busy": su.busy, "idle": su.idle},
+        "segments": sb.segments,
+    }
 
 
 def problem_for(profiles: Any, stats: Any, *, global_batch: int, model_shape: Any = None, shares=None,

@@ -1,7 +1,7 @@
 """Predict a plan's step time and per-rank idle time from profiles and routing statistics.
 
 A rank's busy time is its dense compute, per MoE layer the time of the layer's mode (see :mod:`.costs`
-and :mod:`.solvers` for the formulas), its fixed per-step overhead and the optimizer step over its FSSDP
+and :mod:`.problem` for the formulas), its fixed per-step overhead and the optimizer step over its FSSDP
 shard (memory-bound). The step ends when the busiest rank ends, plus the collective time every rank pays
 (per-collective latency, dense-gradient sync; :meth:`CostModel.sync_time`): ``step = max_r busy_r +
 sync``, ``idle_r = max_r busy_r - busy_r`` (waiting for peers). Waiting inside a step is not modelled per
@@ -15,7 +15,7 @@ import numpy as np
 
 from .costs import CostModel, integer_shares
 from .plan import Plan
-from .solvers import EPS, rank_times
+from .problem import EPS, rank_times
 
 
 @dataclass

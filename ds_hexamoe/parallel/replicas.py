@@ -5,7 +5,7 @@ per layer and step; an expert may instead map to ``{rank: token fraction}``, the
 its tokens between unequal replicas (a slow rank's copy takes fewer). Tables are cached per distinct placement, so switching placement between calls
 costs one table build and nothing else: no restart, no re-registration.
 
-Replica choice (DESIGN.md section 4): a pair goes to a local replica if one exists, else to the
+Replica choice (docs/design.md, "Execution modes"): a pair goes to a local replica if one exists, else to the
 replicas on the same node, else to any replica; the pairs a rank sends to one expert are split evenly
 (round-robin in token order, starting at an offset given by the source rank, so ranks do not all
 start on the same replica). An expert given token fractions instead has every rank split its pairs

@@ -1,4 +1,5 @@
-"""Expert-parallel and model-centric execution of FSSDP-managed MoE layers inside training (DESIGN.md 3-4, 6).
+"""Expert-parallel and model-centric execution of FSSDP-managed MoE layers inside training
+(docs/design.md, "Execution modes").
 
 The FSSDP-installed experts forward of a layer in ``expert_parallel`` or ``model_centric`` mode runs
 :class:`~ds_hexamoe.parallel.ParallelMoE` with weights materialized from the FSSDP shards:
@@ -26,18 +27,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..experts import default_gate
 from ..ops.activations import activation_name
 from ..parallel.weights import ExpertSpec, ExpertWeights
 from .collectives import Transfer, plan_transfer
 from .layer import ExpertLayer
 
-MODES = ("data_centric", "expert_parallel", "model_centric")
-
 
 # ------------------------------------------------------------------------------------------ layer spec
 def check_parallel_module(name: str, m) -> str:
     """The activation name of an experts module the parallel modes can run; a ConfigError otherwise."""
-    from ..integrations.transformers import _default_gate
 
     act = activation_name(m.act_fn) if hasattr(m, "act_fn") else None
     why = None
@@ -45,7 +44,7 @@ def check_parallel_module(name: str, m) -> str:
         why = f"activation {type(getattr(m, 'act_fn', None)).__name__} has no closed-form kernel"
     elif getattr(m, "has_post_expert_norm", False):
         why = "it applies a post-expert norm"
-    elif getattr(m, "has_gate", True) and not _default_gate(m):
+    elif getattr(m, "has_gate", True) and not default_gate(m):
         why = f"{type(m).__name__} overrides the gate (_apply_gate)"
     elif getattr(m, "_is_expert_parallel", False):
         why = "transformers' own expert parallelism is on for it"
@@ -312,7 +311,7 @@ def agree(mgr, what: str, value) -> None:
 def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> dict[int, list[int] | dict[int, float]]:
     """``{expert: [ranks]}`` (or ``{expert: {rank: token fraction}}`` entries) with JSON string keys
     accepted; validated (raises naming the entry)."""
-    from ..parallel.plan import placement_weights, validate_placement
+    from ..parallel.replicas import placement_weights, validate_placement
 
     def num(r):
         return int(r) if isinstance(r, str) and r.isdigit() else r
@@ -337,6 +336,6 @@ def normalize_placement(placement: Mapping, layer: ExpertLayer, world: int) -> d
             for e, r in enumerate(key)}
 
 
-__all__ = ["MODES", "PlacedMaterializer", "SliceMaterializer", "MaterializeSlices", "SlicePlan",
+__all__ = ["PlacedMaterializer", "SliceMaterializer", "MaterializeSlices", "SlicePlan",
            "check_parallel_module", "default_placement", "expert_spec", "placement_transfer", "agree",
            "normalize_placement"]

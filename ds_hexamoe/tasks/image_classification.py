@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .config import ConfigError
+from ..config import ConfigError
+from .base import TaskParts, WorkerContext
 
 MOE_KEYS = ("num_experts", "moe_layers", "router", "router_init_std", "add_aux_loss")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -196,7 +197,7 @@ def _split_model_config(model: dict) -> tuple[str | None, dict, dict]:
 
 def build_image_task(recipe: dict, base_dir: str | None = None, seed: int | None = None) -> ImageTask:
     """Model (an upcycled Swin-MoE), train/validation datasets and the collate function of a recipe dict."""
-    from .models import build_swin_moe
+    from ..models import build_swin_moe
 
     task = recipe.get("task", "image-classification")
     if task != "image-classification":
@@ -236,10 +237,8 @@ def build_image_task(recipe: dict, base_dir: str | None = None, seed: int | None
                      processor=processor)
 
 
-def image_classification_task(recipe, ctx):
-    """Adapter for the recipe worker (``ds_hexamoe.train``): a ``Recipe`` in, a ``TaskParts`` out."""
-    from .train import TaskParts
-
+def image_classification_task(recipe, ctx: WorkerContext) -> TaskParts:
+    """The ``"image-classification"`` task of the recipe worker: a ``Recipe`` in, a ``TaskParts`` out."""
     d = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
     seed = getattr(getattr(recipe, "training", None), "seed", None)
     with ctx.main_first():  # rank 0 fills the datasets cache first

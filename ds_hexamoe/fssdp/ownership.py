@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..apportion import largest_remainder
 from ..config import ConfigError
 
 
@@ -57,15 +58,9 @@ def normalized_weights(shard_weights: list[float] | None, world_size: int) -> li
 
 
 def split_experts(num_experts: int, weights: list[float], layer: int = 0) -> LayerOwnership:
-    """Contiguous expert ranges proportional to ``weights`` (normalized), rotated tie-breaks by ``layer``."""
-    n = len(weights)
-    ideal = [num_experts * w for w in weights]
-    counts = [math.floor(x + 1e-9) for x in ideal]
-    left = num_experts - sum(counts)
-    # largest remainder first; among equal remainders start at a layer-dependent rank
-    order = sorted(range(n), key=lambda r: (-(ideal[r] - counts[r]) if weights[r] > 0 else 1.0, (r - layer) % n))
-    for r in order[:left]:
-        counts[r] += 1
+    """Contiguous expert ranges proportional to ``weights``; the leftover experts go by largest remainder,
+    ties rotating with ``layer`` (:func:`ds_hexamoe.apportion.largest_remainder`)."""
+    counts = largest_remainder(num_experts, weights, start=layer, what="hexamoe.shard_weights")
     starts = [0]
     for c in counts:
         starts.append(starts[-1] + c)

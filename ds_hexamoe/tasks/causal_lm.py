@@ -1,7 +1,10 @@
-"""Recipe data: local files through ``datasets``, a tokenizer (loaded or trained), fixed-length blocks.
+"""Causal language modeling: a tokenizer (loaded or trained), local text files through ``datasets``
+cut into fixed-length blocks, the model, and :func:`causal_lm_task` (docs/design.md, "Recipes, tasks,
+worker and CLI").
 
-``build_tokenizer(recipe)`` and ``build_dataset(recipe, tokenizer)`` are the reusable builders; the
-training worker, the routing profiler and the tests all use them, so every tool sees the same tokens.
+``build_tokenizer(recipe)``, ``build_dataset(recipe, tokenizer)`` and ``build_model(recipe, tokenizer)``
+are the reusable builders; the training worker, the routing profiler and the tests all use them, so
+every tool sees the same tokens and the same model.
 """
 from __future__ import annotations
 
@@ -9,97 +12,18 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import ConfigError
-from .recipes import Recipe, TokenizerBuildSpec, expand_patterns
+from ..config import ConfigError
+from ..recipes import Recipe, TokenizerBuildSpec, resolve_data_files
+from .base import TaskParts, WorkerContext, atomic_save_dir, seed_all
 
-_EXT_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-                ".csv": "csv", ".parquet": "parquet"}
-_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 TOKENIZER_STAMP = "hexamoe_tokenizer.json"
-
-
-def infer_format(files: list[str], declared: str, key: str) -> str:
-    """The ``datasets`` builder for ``files``: ``declared`` unless "auto", else from the extensions."""
-    if declared != "auto":
-        return declared
-    found = {}
-    for f in files:
-        name = f
-        for c in _COMPRESSION:
-            if name.endswith(c):
-                name = name[: -len(c)]
-        ext = os.path.splitext(name)[1].lower()
-        if ext not in _EXT_FORMATS:
-            raise ConfigError(f"{key}: cannot tell the format of {f!r} from its extension; set data.format to one "
-                              f"of ['text', 'json', 'csv', 'parquet'] (known extensions: {sorted(_EXT_FORMATS)})")
-        found.setdefault(_EXT_FORMATS[ext], f)
-    if len(found) > 1:
-        raise ConfigError(f"{key}: files of several formats {sorted(found)} (e.g. {list(found.values())}); "
-                          "give files of one format or set data.format")
-    return next(iter(found))
-
-
-def _peek_columns(path: str, fmt: str) -> list[str] | None:
-    """Column names of the first record, read cheaply; None when it cannot be told without a full load."""
-    if path.endswith(_COMPRESSION):
-        return None
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
-    if fmt == "csv":
-        import csv
-
-        with open(path, newline="") as fh:
-            return next(csv.reader(fh), [])
-    if fmt == "json":
-        with open(path) as fh:
-            head = fh.read(1 << 16).lstrip()
-        if not head or head[0] == "[":
-            return None  # a JSON array or a "data" field: datasets decides
-        line = head.splitlines()[0]
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            return None  # one pretty-printed object: datasets decides
-        return list(rec) if isinstance(rec, dict) else None
-    return None
-
-
-@dataclass
-class DataFiles:
-    train: list[str]
-    validation: list[str] | None
-    format: str
-
-
-def resolve_data_files(recipe: Recipe) -> DataFiles:
-    """Expand the recipe's data patterns; missing files and mixed formats are errors."""
-    d = recipe.data
-    train = expand_patterns(d.train_files, "data.train_files")
-    val = expand_patterns(d.validation_files, "data.validation_files") if d.validation_files else None
-    fmt = infer_format(train + (val or []), d.format, "data.train_files")
-    return DataFiles(train, val, fmt)
-
-
-def check_data_files(recipe: Recipe) -> DataFiles:
-    """:func:`resolve_data_files` plus a cheap check that the text field exists in the first record."""
-    files = resolve_data_files(recipe)
-    if files.format != "text":
-        for f in [files.train[0]] + (files.validation[:1] if files.validation else []):
-            cols = _peek_columns(f, files.format)
-            if cols is not None and recipe.data.text_field not in cols:
-                raise ConfigError(f"data.text_field: {recipe.data.text_field!r} is not a field of {f!r}; its fields are "
-                                  f"{cols}")
-    return files
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_documents(recipe: Recipe, split: str = "train"):
@@ -154,26 +78,6 @@ def tokenizer_fingerprint(recipe: Recipe) -> str:
            "text_field": recipe.data.text_field,
            "files": [(f, os.path.getsize(f)) for f in files.train]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_save_dir(write, final: str) -> None:
-    """Call ``write(tmp_dir)`` then move ``tmp_dir`` onto ``final`` (an old ``final`` is replaced whole)."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_tokenizer(recipe: Recipe, save_dir: str | None = None):
@@ -291,3 +195,66 @@ def build_dataset(recipe: Recipe, tokenizer) -> TextData:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TextData(train=train.with_format("torch"), validation=None if val is None else val.with_format("torch"),
                     seq_len=d.seq_len, packed=d.packing, pad_token_id=pad)
+
+
+def build_model(recipe: Recipe, tokenizer=None) -> torch.nn.Module:
+    """The recipe's causal LM: ``from_pretrained(model.path)`` or ``from_config(model.config)``, with
+    the recipe's experts implementation, in the training dtype. A fresh model's vocabulary and special
+    token ids follow ``tokenizer``."""
+    # "hexamoe" is a registered experts implementation already: ds_hexamoe/__init__ runs before this module
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = recipe.model
+    dtype = _DTYPES[recipe.training.dtype]
+    kwargs = dict(experts_implementation=m.experts_implementation, trust_remote_code=m.trust_remote_code)
+    if m.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, **(m.config or {}), **kwargs)
+        return _finish_model(model, recipe)
+    cfg_dict = dict(m.config)
+    model_type = cfg_dict.pop("model_type")
+    if tokenizer is not None:
+        n = len(tokenizer)
+        vocab = cfg_dict.setdefault("vocab_size", n)
+        if vocab < n:
+            raise ConfigError(f"model.config.vocab_size: {vocab} is smaller than the tokenizer's {n} tokens; raise it "
+                              "or leave it out (it then follows the tokenizer)")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            tid = getattr(tokenizer, name, None)
+            cfg_dict.setdefault(name, tid)
+    try:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.config.model_type: {model_type!r} is not a transformers model type ({e})") from None
+    model = AutoModelForCausalLM.from_config(config, **kwargs).to(dtype)
+    return _finish_model(model, recipe)
+
+
+def _finish_model(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    if recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # a KV cache is useless in training and conflicts with recompute
+    return model
+
+
+def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
+    """Causal language modeling on packed text blocks."""
+    save = os.path.join(ctx.output_dir, "tokenizer") if recipe.tokenizer_spec.build is not None else None
+    with ctx.main_first():
+        if save is None or ctx.is_main:
+            tokenizer = build_tokenizer(recipe, save_dir=save)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(save)  # exactly the one rank 0 trained
+    with ctx.main_first():
+        data = build_dataset(recipe, tokenizer)
+    seed_all(recipe.training.seed)  # the same initial weights on every rank, whatever ran before
+    model = build_model(recipe, tokenizer)
+
+    def count(batch):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+    return TaskParts(model=model, train=data.train, validation=data.validation, collate=data.collate,
+                     processor=tokenizer, unit="tok", count=count)

@@ -1,0 +1,116 @@
+"""``ds-hexamoe train``: validate the whole recipe (every path included) before starting anything, then run
+``ds_hexamoe/train.py`` on every rank through DeepSpeed's launcher (``deepspeed --num_gpus N`` or
+``--hostfile``) (docs/design.md, "Recipes, tasks, worker and CLI")."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+from ..config import ConfigError
+from ..distributed import free_port
+from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from .options import add_recipe_args, overrides_of
+
+# the by-path entry DeepSpeed's launcher runs (ds_hexamoe/train.py)
+WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "hf", "recipe.json", "tokenizer")
+
+
+def deepspeed_launcher() -> list[str]:
+    """DeepSpeed's ``deepspeed`` launcher of this Python environment."""
+    local = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    if os.path.isfile(local) and os.access(local, os.X_OK):
+        return [local]
+    found = shutil.which("deepspeed")
+    if found:
+        return [found]
+    raise ConfigError("launcher: DeepSpeed's `deepspeed` launcher is not installed in this environment; "
+                      "pip install deepspeed")
+
+
+def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port: int | None = None) -> list[str]:
+    """The ``deepspeed ... train.py`` command line that runs ``recipe`` on every rank."""
+    from ..worker import encode_overrides  # the worker pulls in torch; plain validation does not need it
+
+    lc = recipe.launcher
+    cmd = deepspeed_launcher()
+    if lc.hostfile is not None:
+        cmd += ["--hostfile", lc.hostfile]
+    if lc.nproc is not None:
+        cmd += ["--num_gpus", str(lc.nproc)]
+    if lc.master_addr is not None:
+        cmd += ["--master_addr", lc.master_addr]
+    cmd += ["--master_port", str(port or lc.master_port or free_port())]
+    cmd += list(lc.extra_args)
+    cmd += [WORKER]
+    if recipe.source is not None:
+        cmd += ["--recipe", recipe.source]
+    if overrides:
+        cmd += ["--overrides", encode_overrides(overrides)]
+    if resume:
+        cmd += ["--resume"]
+    return cmd
+
+
+def _prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    from ..worker import read_latest
+
+    out = recipe.output_dir
+    latest = read_latest(recipe.checkpoint_dir)
+    if resume:
+        if latest is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {recipe.checkpoint_dir!r} (no 'latest' file); "
+                              "run without --resume to start training")
+        return
+    if latest is not None and not overwrite:
+        raise ConfigError(f"training.output_dir: {out!r} already holds checkpoint {latest!r}; pass --resume to continue "
+                          "it, --overwrite to start over there, or --output-dir for a new folder")
+    if overwrite:
+        for name in _OUTPUTS:
+            p = os.path.join(out, name)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+    os.makedirs(out, exist_ok=True)
+
+
+def cmd_train(args) -> int:
+    overrides = overrides_of(args)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
+    recipe = load_recipe(args.recipe, overrides=overrides)
+    if recipe.source is None:
+        raise ConfigError("recipe: train needs a recipe file")
+    cmd = launch_command(recipe, overrides, args.resume)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    _prepare_output_dir(recipe, args.resume, args.overwrite)
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    src = recipe.source if args.recipe is not None else f"the embedded default ({DEFAULT_RECIPE})"
+    print(f"[ds-hexamoe] training {recipe.name!r} from {src} -> {recipe.output_dir}", flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # DeepSpeed's runner forwards the interrupt to the ranks; give them time to stop
+        try:
+            return proc.wait(timeout=30)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            return 130
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train from a recipe through DeepSpeed's launcher")
+    add_recipe_args(t)
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--overwrite", action="store_true", help="delete an earlier run's outputs in output_dir first")
+    t.add_argument("--dry-run", action="store_true", help="validate and print the launcher command only")
+    t.set_defaults(fn=cmd_train)

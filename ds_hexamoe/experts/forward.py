@@ -1,0 +1,54 @@
+"""The ``"hexamoe"`` experts forward: every expert matmul of a module through ESMM/ESTMM/ESS.
+
+A drop-in for transformers' ``grouped_mm`` experts function (same arguments, same result as ``eager``),
+used by transformers models after registration and by :class:`ds_hexamoe.layers.HexaExperts`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import build_expert_index, expert_linear, expert_mlp
+from ..ops.activations import activation_name
+from .protocol import default_gate, expert_weights, flag, state_of
+
+
+def hexamoe_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Dropless experts forward on the expert-specific operators; a drop-in for ``grouped_mm``."""
+    state = state_of(self)
+    w = None
+    num_experts = getattr(self, "num_experts", None)
+    if num_experts is None:
+        w = expert_weights(self)
+        num_experts = w["w1"].size(0)
+    index = build_expert_index(top_k_index, num_experts)
+    state.last_counts = index.counts
+    if state.collector is not None:
+        # unnamed modules (no ds_hexamoe.initialize) stay distinct per instance
+        state.collector.record(state.name or f"{type(self).__name__}@{id(self):x}", top_k_index, num_experts)
+    if w is None:
+        w = expert_weights(self, index)
+    row_scale = top_k_weights.reshape(-1)
+    if getattr(self, "_is_expert_parallel", False):  # transformers' own expert parallelism
+        row_scale = row_scale.masked_fill(top_k_index.reshape(-1) >= num_experts, 0.0)
+    act = activation_name(self.act_fn) if hasattr(self, "act_fn") else None
+    gated, post_norm = flag(self, "has_gate"), flag(self, "has_post_expert_norm")
+    simple = act is not None and not post_norm and (not gated or default_gate(self))
+    if simple:
+        out = expert_mlp(
+            hidden_states, w["w1"], w["w2"], index, act=act, gated=gated,
+            interleaved=not flag(self, "is_concatenated"), b1=w["b1"], b2=w["b2"], row_scale=row_scale,
+        )
+        return out.to(hidden_states.dtype)
+    # A model-specific gate (clamped SwiGLU, ...) or a post-expert norm: the two expert linears still
+    # run on the operators; the element-wise part in between is differentiated by autograd.
+    h = expert_linear(hidden_states, w["w1"], index, gather_div=index.k, bias=w["b1"])
+    a = self._apply_gate(h) if gated else self.act_fn(h)
+    if post_norm:
+        y = expert_linear(a, w["w2"], index, scatter=True, bias=w["b2"])
+        y = self.post_expert_norm(y) * row_scale.unsqueeze(-1).to(y.dtype)
+    else:
+        y = expert_linear(a, w["w2"], index, scatter=True, bias=w["b2"], row_scale=row_scale)
+    k = index.k
+    return y.view(-1, k, y.size(-1)).sum(1, dtype=torch.float32).to(hidden_states.dtype)

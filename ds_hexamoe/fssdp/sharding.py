@@ -1,0 +1,170 @@
+"""Ownership and sharding: full 3-D expert parameters replaced by this rank's whole-expert shards.
+
+Shards are known by a registry (:func:`is_shard`, :func:`shard_range`), not by attributes stamped on
+the parameters. The module's forward is wrapped to dispatch on the layer's execution mode, and its
+state-dict hooks keep shards out of the module's state dict while full (e.g. Hugging Face) tensors
+still load into them (docs/design.md, "FSSDP").
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..config import ConfigError, HexaMoEConfig
+from ..experts import IMPLEMENTATION, experts_modules, state_of, weight_names
+from .execution import check_parallel_module
+from .layer import ExpertLayer
+from .ownership import normalized_weights, split_experts
+
+# shard parameter -> (first expert, end expert) it holds; weak, so a dropped model leaves nothing behind
+_SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def is_shard(p) -> bool:
+    """True for a parameter that is an FSSDP expert shard."""
+    return p in _SHARDS
+
+
+def shard_range(p) -> tuple[int, int] | None:
+    """``(lo, hi)``: the global expert ids a shard holds; None for any other tensor."""
+    return _SHARDS.get(p)
+
+
+def make_shard(data: torch.Tensor, requires_grad: bool, lo: int, hi: int) -> nn.Parameter:
+    """A shard parameter holding experts ``lo:hi`` (``data`` is taken as is)."""
+    shard = nn.Parameter(data, requires_grad=requires_grad)
+    shard.ds_optim_param = True  # unique per rank: DeepSpeed must not broadcast it from rank 0
+    _SHARDS[shard] = (lo, hi)
+    return shard
+
+
+def _check_module(name: str, module: nn.Module) -> None:
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", IMPLEMENTATION)
+    if impl != IMPLEMENTATION:
+        raise ConfigError(f"hexamoe.sharding: experts module {name!r} runs the {impl!r} experts implementation; "
+                          f'load the model with experts_implementation="{IMPLEMENTATION}" (or call '
+                          f'model.set_experts_implementation("{IMPLEMENTATION}")) before FSSDP sharding')
+    names = weight_names(module)
+    full = {k: getattr(module, n, None) for k, n in names.items()}
+    missing = [names[k] for k, p in full.items() if not isinstance(p, nn.Parameter)]
+    if missing:
+        raise ConfigError(f"hexamoe.sharding: experts module {name!r} has no parameter {missing[0]!r}")
+    if any(is_shard(p) for p in full.values()):
+        raise ConfigError(f"hexamoe.sharding: experts module {name!r} is already FSSDP-sharded")
+    num_experts = full["w1"].size(0)
+    if any(p.size(0) != num_experts for p in full.values()):
+        raise ConfigError(f"hexamoe.sharding: experts module {name!r} has parameters with different expert counts")
+
+
+def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list[float]) -> ExpertLayer:
+    names = weight_names(module)
+    full = {k: getattr(module, n) for k, n in names.items()}
+    num_experts = full["w1"].size(0)
+    own = split_experts(num_experts, weights, layer=i)
+    layer = ExpertLayer(index=i, name=name, module=module, ownership=own, rank=rank, names=names,
+                        expert_shapes={names[k]: tuple(p.shape[1:]) for k, p in full.items()})
+    lo, hi = own.starts[rank], own.starts[rank + 1]
+    for k, p in full.items():
+        shard = make_shard(p.detach()[lo:hi].clone(), p.requires_grad, lo, hi)
+        del module._parameters[names[k]]
+        module.register_parameter(names[k], shard)
+        layer.shards[names[k]] = shard
+    if getattr(module, "num_experts", None) is None:
+        module.num_experts = num_experts
+    return layer
+
+
+def shard_layers(model: nn.Module, cfg: HexaMoEConfig, group=None):
+    """``(layers, group)``: every experts module of ``model`` sharded on this rank (all checked first)."""
+    if not dist.is_initialized():
+        raise RuntimeError("FSSDPManager.shard_model: torch.distributed is not initialized; call "
+                           'deepspeed.init_distributed("gloo"|"nccl") first')
+    if cfg.sharding != "fssdp":
+        raise ConfigError(f'hexamoe.sharding: got {cfg.sharding!r}; set "fssdp" to shard experts with FSSDP')
+    world = dist.get_world_size(group)
+    weights = normalized_weights(cfg.shard_weights, world)
+    found = experts_modules(model)
+    if not found:
+        raise ConfigError(f"hexamoe.sharding: model {type(model).__name__} has no MoE experts module to shard; "
+                          'set "sharding": "none" or pass an MoE model')
+    for name, m in found:  # every module is checked before any is changed
+        _check_module(name, m)
+        if cfg.mode in ("expert_parallel", "model_centric"):
+            check_parallel_module(name, m)
+    # a dedicated group keeps FSSDP's (possibly asynchronous) collectives apart from DeepSpeed's
+    group = group if group is not None else dist.new_group(list(range(world)))
+    rank = dist.get_rank(group)
+    return [_shard_module(i, name, m, rank, weights) for i, (name, m) in enumerate(found)], group
+
+
+class ShardingMixin:
+    """FSSDPManager's ownership side: which parameters are shards, and the per-module installation."""
+
+    @classmethod
+    def shard_model(cls, model: nn.Module, cfg: HexaMoEConfig, group=None, speeds=None):
+        """Replace every experts module's full 3-D parameters by this rank's whole-expert shards.
+
+        ``speeds``: relative per-rank speeds sizing the model-centric hidden slices (None: equal)."""
+        layers, group = shard_layers(model, cfg, group)
+        return cls(model, layers, cfg, group, speeds=speeds)
+
+    def owns(self, p: torch.Tensor) -> bool:
+        """True for the expert shard parameters FSSDP steps itself (keep them out of DeepSpeed's optimizer)."""
+        return id(p) in self._ids
+
+    def shard_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in layer.shards.values()]
+
+    def _index_shards(self) -> None:
+        self._ids = {id(p) for layer in self.layers for p in layer.shards.values()}
+
+    def _install(self, layer: ExpertLayer) -> None:
+        module = layer.module
+        state = state_of(module)
+        state.weights = functools.partial(self._provide, layer)
+        state.fssdp_layer = layer
+        inner = module.forward
+
+        @functools.wraps(inner)
+        def forward(*args, **kwargs):
+            mode = self._modes[layer.index]
+            run = inner if mode == "data_centric" else functools.partial(self._parallel_forward, layer, mode)
+            if self.rematerialize and torch.is_grad_enabled():
+                with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                    return run(*args, **kwargs)
+            return run(*args, **kwargs)
+
+        module.forward = forward
+        module.register_state_dict_post_hook(functools.partial(_drop_shards, layer))
+        module.register_load_state_dict_pre_hook(functools.partial(_load_full_into_shards, layer))
+        module.register_load_state_dict_post_hook(functools.partial(_forgive_missing_shards, layer))
+        for n, p in layer.shards.items():
+            self.grads[(layer.index, n)] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+
+def _drop_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata) -> None:
+    # a shard is meaningful only with its rank's expert range: checkpoints keep shards in FSSDP's own
+    # files and full_state_dict() gives full experts; the module's state dict carries the dense part
+    for n in layer.param_names:
+        state_dict.pop(prefix + n, None)
+
+
+def _load_full_into_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
+                           errors) -> None:
+    state_of(module).load_prefix = prefix
+    lo, hi = layer.first, layer.first + layer.local_count
+    for n in layer.param_names:
+        t = state_dict.pop(prefix + n, None)
+        if t is not None and t.dim() >= 1 and t.size(0) == layer.num_experts:  # a full (e.g. Hugging Face) tensor
+            with torch.no_grad():
+                layer.shards[n].copy_(t[lo:hi])
+
+
+def _forgive_missing_shards(layer: ExpertLayer, module, incompatible) -> None:
+    prefix = state_of(module).load_prefix
+    drop = {prefix + n for n in layer.param_names}
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]

@@ -1,0 +1,146 @@
+"""What the worker reports: ``metrics.jsonl`` rows, the progress bar's figures, and the expert-load
+balance when the engine's runtime reports none (docs/design.md, "Recipes, tasks, worker and CLI")."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import dist_on
+from ..experts import balance, experts_modules
+from ..tasks.base import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class ExpertLoadTracker:
+    """Tokens per expert of every experts module, counted from the routing the module receives.
+
+    Used for the balance figure when the engine's runtime reports none."""
+
+    def __init__(self, model: torch.nn.Module, device):
+        self.device = device
+        self.counts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, m in experts_modules(model):
+            n = getattr(m, "num_experts", None)
+            if n is None:
+                continue
+            self.handles.append(m.register_forward_hook(self._hook(name, int(n))))
+
+    def _hook(self, name: str, n: int):
+        def hook(module, args, output):
+            if len(args) >= 2 and torch.is_tensor(args[1]):
+                idx = args[1].detach().reshape(-1)
+                # counted on the device: no host sync until balance() is read
+                c = torch.bincount(idx[idx < n].to(torch.long), minlength=n)
+                self.counts[name] = self.counts.get(name, 0) + c
+
+        return hook
+
+    def balance(self) -> float | None:
+        """The package's balance figure (:func:`ds_hexamoe.experts.balance`) of the tokens routed on all
+        ranks since the last call."""
+        if not self.counts:
+            return None
+        names = sorted(self.counts)
+        sizes = [self.counts[n].numel() for n in names]
+        flat = torch.cat([self.counts[n].to(self.device, torch.float64) for n in names])
+        if dist_on():
+            dist.all_reduce(flat)  # one collective for every layer
+        self.counts.clear()
+        rows = [part.tolist() for part in flat.cpu().split(sizes)]
+        return float(balance(dict(zip(names, rows)))["overall"])
+
+
+def runtime_metrics(engine) -> dict:
+    """``engine.hexamoe.metrics()`` (balance, comm bytes, dropped tokens), or ``{}`` without a runtime."""
+    rt = getattr(engine, "hexamoe", None)
+    fn = getattr(rt, "metrics", None)
+    if not callable(fn):
+        return {}
+    try:
+        return dict(fn())
+    except Exception as e:  # metrics must never stop training
+        logging.getLogger(__name__).warning("engine.hexamoe.metrics() failed: %s", e)
+        return {}
+
+
+def all_mean(values: list[float | torch.Tensor], device) -> list[float]:
+    """Means over ranks (one collective; on the engine's device, as NCCL needs)."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if dist_on():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+@dataclass
+class Window:
+    """Step losses and units (tokens, images) since the last metrics row."""
+
+    losses: list[float] = field(default_factory=list)
+    units: float = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, units: float) -> None:
+        self.losses.append(loss)
+        self.units += units
+
+    def reset(self) -> None:
+        self.losses, self.units, self.t0 = [], 0, time.perf_counter()
+
+
+def metrics_row(step: int, loss: float, aux_loss: float, lr: float | None, window: Window, elapsed: float, unit: str,
+                balance_figure: float | None, rtm: dict, elapsed_s: float) -> dict:
+    """One ``metrics.jsonl`` row (keys in the order the file has always had)."""
+    rec = {"step": step, "loss": loss, "loss_mean": sum(window.losses) / len(window.losses), "lr": lr,
+           f"{unit}_per_s": window.units / max(elapsed, 1e-9), "balance": balance_figure,
+           "comm_bytes": rtm.get("comm_bytes"), "elapsed_s": elapsed_s}
+    if math.isfinite(aux_loss):
+        rec["aux_loss"] = aux_loss
+    for key in ("dropped_tokens",):
+        if key in rtm:
+            rec[key] = rtm[key]
+    return rec
+
+
+def append_row(path: str, rec: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+
+
+def progress_postfix(rec: dict, unit: str) -> dict:
+    """The progress bar's figures of a metrics row."""
+    post = {"loss": f"{rec['loss']:.4f}", unit + "/s": f"{rec[unit + '_per_s']:.0f}"}
+    post["bal"] = "n/a" if rec["balance"] is None else f"{rec['balance']:.2f}"
+    post["comm"] = "n/a" if rec["comm_bytes"] is None else _fmt_bytes(rec["comm_bytes"])
+    if rec.get("val_loss") is not None:
+        post["val"] = f"{rec['val_loss']:.4f}"
+    return post
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keep only records up to ``step``: later ones belong to the run that is being redone."""
+    if not os.path.exists(path):
+        return
+    if step == 0:
+        os.remove(path)
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(path, "".join(keep))
