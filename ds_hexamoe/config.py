@@ -113,6 +113,13 @@ class HexaMoEConfig:
             _check(self.sharding == "fssdp", f"{path}.sharding", self.sharding,
                    f'"fssdp" when "mode" is {self.mode!r} (experts are materialized from FSSDP shards)')
 
+    @property
+    def replans_fssdp(self) -> bool:
+        """FSSDP re-plans modes and replicas without device profiles: ``"mode": "auto"``, or expert parallel
+        with ``placement.replicas`` (:func:`ds_hexamoe.hetero.planning.replan_fssdp`)."""
+        return self.sharding == "fssdp" and (
+            self.mode == "auto" or (self.mode == "expert_parallel" and self.placement.replicas > 0))
+
     @classmethod
     def from_dict(cls, data: dict | None, path: str = "hexamoe") -> HexaMoEConfig:
         cfg = _build(cls, {} if data is None else data, path)

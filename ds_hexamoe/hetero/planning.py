@@ -136,9 +136,7 @@ def replan_fssdp(runtime, stats: RoutingStats | None, profiles=None) -> Plan | N
     anything the planner takes (None: :func:`.resolve.resolve_profiles`).
     A collective; returns the plan, or None when the config asks for no re-plan."""
     cfg, fssdp = runtime.config, runtime.fssdp
-    if fssdp is None or stats is None or not stats.layers or cfg.mode not in ("auto", "expert_parallel"):
-        return None
-    if cfg.mode == "expert_parallel" and cfg.placement.replicas == 0:
+    if fssdp is None or stats is None or not stats.layers or not cfg.replans_fssdp:
         return None
     world = fssdp.world_size
     rank = dist.get_rank(fssdp.group) if dist_on() else 0
@@ -146,7 +144,6 @@ def replan_fssdp(runtime, stats: RoutingStats | None, profiles=None) -> Plan | N
     micro = int(fssdp.engine.train_micro_batch_size_per_gpu()) if fssdp.engine is not None else 1
     global_batch = micro * world
     shape = shape_for_stats(runtime.plan_shape, stats, global_batch, world)
-    mode = "auto" if cfg.mode == "auto" else "expert_parallel"
-    plan = make_plan(cfg, profiles, stats, shape, global_batch, mode=mode, group=fssdp.group)
+    plan = make_plan(cfg, profiles, stats, shape, global_batch, group=fssdp.group)
     fssdp.apply_plan(plan, check=False)
     return plan

@@ -6,7 +6,6 @@ collective), "uniform" gives the planner something to plan with when it is asked
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ from .profiling import gather_profiles, measure_latency, measure_profile
 def _declared_source(cfg: HexaMoEConfig) -> tuple[Any, str]:
     if cfg.devices_file is not None:
         return os.fspath(cfg.devices_file), f"hexamoe.devices_file ({cfg.devices_file})"
-    return [dataclasses.asdict(d) for d in cfg.devices], "hexamoe.devices"
+    return list(cfg.devices), "hexamoe.devices"
 
 
 def load_declared(cfg: HexaMoEConfig, world: int) -> list[DeviceProfile]:
@@ -95,11 +94,8 @@ def resolve_profiles(cfg: HexaMoEConfig, world: int, rank: int, group=None) -> l
 def _uniform_profiles(cfg: HexaMoEConfig, world: int) -> list[DeviceProfile]:
     """Profiles for planning a ``"profile": "uniform"`` job (mode "auto", or replicas): declared entries when
     given, else this host measured once and used for every rank (no collective)."""
-    if cfg.devices_file is not None:
-        return load_profiles(cfg.devices_file)
-    if cfg.devices:
-        entries = [{k: v for k, v in dataclasses.asdict(d).items() if v is not None} for d in cfg.devices]
-        return load_profiles({"devices": entries})
+    if cfg.devices_file is not None or cfg.devices:
+        return load_profiles(_declared_source(cfg)[0])
     return [measure_profile("cpu" if not torch.cuda.is_available() else "cuda", tokens=256, hidden=128, ffn=256)] * world
 
 

@@ -188,8 +188,7 @@ def _plan_shape(model: nn.Module, hcfg: HexaMoEConfig, hetero):
     """The planner's model shape, taken before FSSDP replaces the experts' full weights (re-plans need it)."""
     if hetero is not None:
         return hetero.shape
-    replicas = hcfg.mode == "expert_parallel" and hcfg.placement.replicas > 0
-    if hcfg.sharding == "fssdp" and (hcfg.mode == "auto" or replicas):
+    if hcfg.replans_fssdp:
         from ..hetero.planning import model_shape_for
 
         return model_shape_for(model)
