@@ -22,6 +22,8 @@ except ImportError as exc:  # the dispatcher treats ImportError as "backend unav
         "ds_hexamoe.kernels.triton_ops needs Triton (pip install triton); set HEXAMOE_KERNELS=torch to use the torch path"
     ) from exc
 
+from ds_hexamoe.ops.checks import check_esmm, check_estmm, check_ess, esmm_out_dtype
+
 from . import autotune as _autotune
 
 # Triton decides interpreter vs compiler when a kernel is decorated, i.e. when this module is imported.
@@ -229,73 +231,12 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         )
 
 
-def _check_index(idx: torch.Tensor, offs: torch.Tensor, num_experts: int | None = None) -> None:
-    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"idx must be a 1-D int64/int32 re-index vector (build_expert_index), got {idx.dtype} {tuple(idx.shape)}")
-    if offs.dim() != 1 or offs.numel() < 1 or offs.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"offs must be 1-D int64/int32 segment bounds [E+1] (build_expert_index), got {offs.dtype} {tuple(offs.shape)}")
-    if num_experts is not None and offs.numel() != num_experts + 1:
-        raise ValueError(f"offs has {offs.numel()} entries but the weights have E={num_experts} experts; offs must be [E+1]")
-
-
-def _check_div(name: str, div: int | None) -> None:
-    if div is not None and (not isinstance(div, int) or isinstance(div, bool) or div < 1):
-        raise ValueError(f"{name} must be None (expert order) or a positive int (row = idx[p] // {name}), got {div!r}")
-
-
-def _check_scale(name: str, s: torch.Tensor | None, n_pairs: int) -> None:
-    if s is not None and (s.dim() != 1 or s.numel() != n_pairs):
-        raise ValueError(f"{name} must be [P={n_pairs}] in pair order (top_k_weights.reshape(-1)), got {tuple(s.shape)}")
-
-
-def _check_2d(name: str, t: torch.Tensor) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [rows, features], got shape {tuple(t.shape)}")
-
-
 def _check_kernel_operands(**operands: torch.Tensor | None) -> None:
     """What only the Triton launch needs: supported float dtypes and one device the kernels serve."""
     for name, t in operands.items():
         if t is not None and t.is_floating_point():
             _check_float(name, t)
     _check_device(*operands.values())
-
-
-def esmm_out_dtype(w: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
-    """The torch path's output dtype: ``w``'s (``x`` is cast to it), promoted with ``bias``'s."""
-    return w.dtype if bias is None else torch.promote_types(w.dtype, bias.dtype)
-
-
-def check_esmm(x, w, idx, offs, gather_div, scatter, bias, row_scale) -> None:
-    """Validate ESMM operand shapes and index arguments without touching their data (no host sync)."""
-    _check_2d("x", x)
-    if w.dim() != 3:
-        raise ValueError(f"w must be [E, K, N] (pass gate_up_proj.transpose(1, 2) for [E, out, in] weights), got {tuple(w.shape)}")
-    _check_index(idx, offs, w.size(0))
-    _check_div("gather_div", gather_div)
-    if x.size(1) != w.size(1):
-        raise ValueError(f"x has K={x.size(1)} features but w is [E, K={w.size(1)}, N={w.size(2)}]; "
-                         "w must be [E, in, out] (transpose [E, out, in] parameters with .transpose(1, 2))")
-    if bias is not None:
-        if bias.dim() != 2 or tuple(bias.shape) != (w.size(0), w.size(2)):
-            raise ValueError(f"bias must be [E={w.size(0)}, N={w.size(2)}], got {tuple(bias.shape)}")
-    _check_scale("row_scale", row_scale, idx.numel())
-
-
-def check_estmm(x, dy, idx, offs, x_div, dy_div, dy_scale) -> None:
-    _check_2d("x", x)
-    _check_2d("dy", dy)
-    _check_index(idx, offs)
-    _check_div("x_div", x_div)
-    _check_div("dy_div", dy_div)
-    _check_scale("dy_scale", dy_scale, idx.numel())
-
-
-def check_ess(dy, idx, offs, dy_div, dy_scale) -> None:
-    _check_2d("dy", dy)
-    _check_index(idx, offs)
-    _check_div("dy_div", dy_div)
-    _check_scale("dy_scale", dy_scale, idx.numel())
 
 
 def esmm(

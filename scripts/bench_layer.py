@@ -1,6 +1,7 @@
 """MoE layer forward+backward on CPU: hexamoe against transformers and DeepSpeed, as ratios.
 
-    python scripts/bench_layer.py [--quick] [--out bench_layer.json] [--repeats 5] [--threads N]
+    python scripts/bench_layer.py [--quick] [--json bench_layer.json] [--repeats 5] [--threads N]
+                                  [--compile] [--profile]
 
 Methods, all with the same weights and (except DeepSpeed's capacity drops) the same routing:
   hexamoe        transformers MixtralSparseMoeBlock, experts_implementation="hexamoe"
@@ -10,11 +11,16 @@ Methods, all with the same weights and (except DeepSpeed's capacity drops) the s
   ds_moe_cf1.25  same, capacity factor 1.25
   dense_limit    a dense gated MLP on T*k rows: the same expert FLOPs with no routing at all
 
+``--compile`` adds ``hexamoe_compiled`` and ``grouped_mm_compiled``: the same blocks under
+``torch.compile(fullgraph=True)`` (Inductor), timed beside the eager ones (time only).
+``--profile`` prints a ``torch.profiler`` table (self CPU time per op) of one hexamoe and one grouped_mm step.
+
 Time: median of ``--repeats`` forward+backward passes, methods interleaved, all in this process.
 Memory: each method again in a fresh subprocess; the RSS high-water mark is reset just before one
 forward+backward (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after it minus ``VmRSS`` before it,
 i.e. the activation/workspace peak of the step (``resource.getrusage`` maxrss delta off Linux). Every
-ratio is against the hexamoe run. ``transformers``' ``batched_mm`` is left out: it allocates tens of
+ratio is against the hexamoe run; the JSON also holds every method's ratios to ``grouped_mm`` and
+``dense_limit`` (``time_vs``/``mem_vs``) and the output of ``uptime`` taken at the start. ``transformers``' ``batched_mm`` is left out: it allocates tens of
 GiB at these sizes on CPU.
 """
 from __future__ import annotations
@@ -33,11 +39,12 @@ import time
 import torch
 
 SHAPES = {  # name -> (d, f, E, k, tokens)
-    "mixtral-like": (512, 1792, 8, 2, 2048),
+    "mixtral-like": (1024, 2048, 8, 2, 2048),
     "fine-grained": (512, 256, 64, 8, 2048),
 }
 QUICK_SHAPES = {"mixtral-like": (64, 96, 8, 2, 128), "fine-grained": (64, 32, 16, 4, 128)}
 METHODS = ("hexamoe", "eager", "grouped_mm", "ds_moe_cf1.0", "ds_moe_cf1.25", "dense_limit")
+COMPILED = ("hexamoe_compiled", "grouped_mm_compiled")
 
 
 # ---------------------------------------------------------------- layers
@@ -108,8 +115,10 @@ def build(method, shape):
     x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(1))
     dy = torch.randn(1, T, d, generator=torch.Generator().manual_seed(2))
     info = {}
-    if method in ("hexamoe", "eager", "grouped_mm"):
-        block = _mixtral_block(d, f, E, k, method)
+    if method in ("hexamoe", "eager", "grouped_mm") + COMPILED:
+        block = _mixtral_block(d, f, E, k, method.removesuffix("_compiled"))
+        if method in COMPILED:
+            block = torch.compile(block, fullgraph=True)
 
         def step():
             xi = x.detach().requires_grad_()
@@ -231,20 +240,49 @@ def memory_methods(shape, methods, threads):
     return out
 
 
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return f"loadavg {os.getloadavg()}"
+
+
+def _ratios(values: dict) -> dict:
+    """``{baseline: {method: value / baseline's}}`` for the baselines grouped_mm and dense_limit."""
+    return {b: {m: v / values[b] for m, v in values.items()} for b in ("grouped_mm", "dense_limit")
+            if values.get(b)}
+
+
+def profile_tables(shape, methods=("hexamoe", "grouped_mm"), rows=12) -> dict:
+    """Where one forward+backward spends its time: ``torch.profiler`` self-CPU table per method (printed too)."""
+    tables = {}
+    for m in methods:
+        step, _ = build(m, shape)
+        step()
+        with torch.profiler.profile() as prof:
+            step()
+        tables[m] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=44)
+        print(f"\n{m} {shape}:\n{tables[m]}")
+    return tables
+
+
 # ---------------------------------------------------------------- report
 def report(results):
     lines = []
     for name, r in results["shapes"].items():
         d, f, E, k, T = r["shape"]
-        lines.append(f"\n{name}: d={d} f={f} E={E} k={k} tokens={T}  (ratios vs hexamoe; < 1 is better than hexamoe)")
-        lines.append(f"{'method':<15}{'time ms':>10}{'time x':>9}{'peak MiB':>11}{'mem x':>8}  dropped pairs")
+        lines.append(f"\n{name}: d={d} f={f} E={E} k={k} tokens={T}  (x: vs hexamoe, /gmm: vs grouped_mm; < 1 is better)")
+        lines.append(f"{'method':<20}{'time ms':>10}{'time x':>9}{'peak MiB':>11}{'mem x':>8}{'t/gmm':>8}{'m/gmm':>8}"
+                     "  dropped pairs")
+        tg, mg = r["time_vs"].get("grouped_mm", {}), r["mem_vs"].get("grouped_mm", {})
         t0, m0 = r["time_s"]["hexamoe"], r["peak_bytes"].get("hexamoe")
         for m in r["time_s"]:
             t, mem = r["time_s"][m], r["peak_bytes"].get(m)
             drop = r["info"].get(m, {}).get("dropped_frac")
             lines.append(
-                f"{m:<15}{t * 1e3:>10.1f}{t / t0:>9.2f}"
+                f"{m:<20}{t * 1e3:>10.1f}{t / t0:>9.2f}"
                 + (f"{mem / 2**20:>11.1f}{mem / m0:>8.2f}" if mem is not None and m0 else f"{'-':>11}{'-':>8}")
+                + f"{tg.get(m, float('nan')):>8.2f}{mg.get(m, float('nan')):>8.2f}"
                 + (f"  {drop:.1%}" if drop is not None else "  0 (dropless)" if m != "dense_limit" else "  -")
             )
     return "\n".join(lines)
@@ -253,7 +291,9 @@ def report(results):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats (for tests)")
-    ap.add_argument("--out", default="bench_layer.json")
+    ap.add_argument("--json", "--out", dest="out", default="bench_layer.json", help="where the JSON goes")
+    ap.add_argument("--compile", action="store_true", help="also time hexamoe and grouped_mm under torch.compile")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of hexamoe and grouped_mm")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
@@ -267,21 +307,28 @@ def main(argv=None):
         return 0
     if "hexamoe" not in args.methods:
         args.methods.insert(0, "hexamoe")
+    if args.compile:
+        args.methods += [m for m in COMPILED if m not in args.methods]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (2 if args.quick else 5)
-    results = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats,
+    results = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats, "uptime": _uptime(),
                "memory_method": "subprocess per method: VmHWM after one fwd+bwd (mark reset via clear_refs) minus VmRSS before",
                "command": " ".join([os.path.basename(sys.executable), "scripts/bench_layer.py", *(argv or sys.argv[1:])]),
                "shapes": {}}
     for name, shape in shapes.items():
         check_same_output(shape)
         t, infos = time_methods(shape, args.methods, repeats)
-        mem = {} if args.no_memory else memory_methods(shape, args.methods, args.threads)
+        eager = [m for m in args.methods if m not in COMPILED]  # compiled blocks: time only
+        mem = {} if args.no_memory else memory_methods(shape, eager, args.threads)
         results["shapes"][name] = {
             "shape": list(shape), "time_s": t, "peak_bytes": mem, "info": infos,
             "time_ratio": {m: v / t["hexamoe"] for m, v in t.items()},
             "mem_ratio": {m: v / mem["hexamoe"] for m, v in mem.items()} if mem and mem["hexamoe"] else {},
+            "time_vs": _ratios(t), "mem_vs": _ratios(mem),
         }
+        if args.profile:
+            results["shapes"][name]["profile"] = profile_tables(shape)
+    print(f"uptime at start: {results['uptime']}")
     print(report(results))
     with open(args.out, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)

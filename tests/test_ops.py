@@ -163,6 +163,12 @@ def test_build_expert_index_properties(pattern, k):
     assert torch.equal(index.active_experts(), torch.nonzero(index.counts).flatten())
 
 
+def test_build_expert_index_rejects_negative_ids():
+    # a negative id used to sort before expert 0 and drop its pair without a word
+    with pytest.raises(RuntimeError, match="negative expert id"):
+        build_expert_index(torch.tensor([[0, 1], [-1, 2]]), 4)
+
+
 def test_build_expert_index_rejects_1d():
     with pytest.raises(ValueError):
         build_expert_index(torch.zeros(4, dtype=torch.int64), 4)

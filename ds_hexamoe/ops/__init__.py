@@ -8,22 +8,12 @@ Contract shared by the torch path (:mod:`.torch_ops`) and the Triton kernels (``
 * ``ess(dy, idx, offs, *, dy_div=None, dy_scale=None) -> [E, N]``
 
 ``w`` is ``[E, K, N]`` with any strides; ``idx``/``offs`` come from :func:`build_expert_index`.
+All of them, and the differentiable :func:`expert_mlp` / :func:`expert_linear`, are ``torch.library`` ops
+(:mod:`.library`) running the backend chosen once per device type.
 """
 from .dispatch import backend_name, get_backend, set_backend
-from .functions import expert_linear, expert_mlp
+from .library import esmm, ess, estmm, expert_linear, expert_mlp
 from .routing import ExpertIndex, build_expert_index
-
-
-def esmm(x, w, idx, offs, **kw):
-    return get_backend(x.device).esmm(x, w, idx, offs, **kw)
-
-
-def estmm(x, dy, idx, offs, **kw):
-    return get_backend(x.device).estmm(x, dy, idx, offs, **kw)
-
-
-def ess(dy, idx, offs, **kw):
-    return get_backend(dy.device).ess(dy, idx, offs, **kw)
 
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 ``"torch"`` (this package's :mod:`~ds_hexamoe.ops.torch_ops`) serves CPU and is the reference;
 ``"triton"`` (``ds_hexamoe.kernels``) serves CUDA. ``HEXAMOE_KERNELS=torch|triton|auto`` or
-:func:`set_backend` (driven by the ``"kernels"`` key of the ``"hexamoe"`` config) forces one.
+:func:`set_backend` (driven by the ``"kernels"`` key of the ``"hexamoe"`` config) forces one. The choice is
+made once per device type, at the first call, not per operator call.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch
 BACKENDS = ("auto", "torch", "triton")
 _MODULES = {"torch": "ds_hexamoe.ops.torch_ops", "triton": "ds_hexamoe.kernels.triton_ops"}
 _forced: str | None = None
+# device type -> backend module, resolved on first use: no environment read or import per call
+_chosen: dict[str, ModuleType] = {}
 
 
 def set_backend(name: str | None) -> None:
@@ -23,6 +26,7 @@ def set_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS}, got {name!r}")
     _forced = None if name in (None, "auto") else name
+    _chosen.clear()
 
 
 def backend_name(device: torch.device) -> str:
@@ -43,5 +47,10 @@ def triton_available() -> bool:
 
 
 def get_backend(device: torch.device) -> ModuleType:
-    """The module providing ``esmm``, ``estmm`` and ``ess`` for tensors on ``device``."""
-    return importlib.import_module(_MODULES[backend_name(device)])
+    """The module providing ``esmm``, ``estmm`` and ``ess`` for tensors on ``device``.
+
+    Chosen once per device type (``HEXAMOE_KERNELS`` is read then); :func:`set_backend` re-chooses."""
+    mod = _chosen.get(device.type)
+    if mod is None:
+        mod = _chosen[device.type] = importlib.import_module(_MODULES[backend_name(device)])
+    return mod

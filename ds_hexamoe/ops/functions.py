@@ -1,4 +1,7 @@
-"""Autograd functions for expert layers, built only from ESMM, ESTMM and ESS.
+"""Forward and closed-form backward of the expert layers, built only from ESMM, ESTMM and ESS.
+
+Each function takes the backend module ``ops`` (``esmm``/``estmm``/``ess``) and plain tensors; the
+differentiable entry points that call them are the ``torch.library`` ops of :mod:`.library`.
 
 Backward in closed form (docs/design.md, "Expert-specific operators"):
 ``db2 = ESS(dy)``, ``dW2 = ESTMM(a, dy)``, ``da = ESMM(dy, W2^T)``, ``dh = da * act'(h)``,
@@ -11,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .activations import backward_fn, get_activation
-from .dispatch import get_backend
-from .routing import ExpertIndex, segment_ids
+from .routing import segment_ids
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -22,6 +24,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(a.dtype)
+    if a.dtype == b.dtype == acc:  # batched dot: no [rows, n] product buffer
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
     return (a.to(acc) * b.to(acc)).sum(-1)
 
 
@@ -30,77 +34,54 @@ def _pairs_to_tokens(y_pairs: torch.Tensor, k: int, dtype: torch.dtype) -> torch
 
 
 def _scale_grad(
-    dy_rows: torch.Tensor, t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, index: ExpertIndex
+    dy_rows: torch.Tensor, t: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None, idx: torch.Tensor,
+    offs: torch.Tensor,
 ) -> torch.Tensor:
     """Gradient of the per-pair routing weight: ``<dy, a @ W + b>`` written in pair order."""
     n_valid = t.size(0)
     ds = _row_dot(t, a)
     if bias is not None:
-        ds = ds + _row_dot(dy_rows, bias.index_select(0, segment_ids(index.offs, n_valid)))
-    out = ds.new_zeros(index.num_pairs)
-    out.index_copy_(0, index.idx[:n_valid], ds)
+        ds = ds + _row_dot(dy_rows, bias.index_select(0, segment_ids(offs, n_valid)))
+    out = ds.new_zeros(idx.numel())
+    out.index_copy_(0, idx[:n_valid], ds)
     return out
 
 
-class ExpertLinearFunction(torch.autograd.Function):
+def linear_forward(ops, x, w, idx, offs, gather_div, scatter, bias, row_scale) -> torch.Tensor:
     """``Y = ESMM(x, w)`` for one expert linear; ``w`` is ``[E, K, N]`` (any strides)."""
-
-    @staticmethod
-    def forward(ctx, x, w, bias, row_scale, index: ExpertIndex, gather_div, scatter):
-        ops = get_backend(x.device)
-        y = ops.esmm(x, w, index.idx, index.offs, gather_div=gather_div, scatter=scatter, bias=bias, row_scale=row_scale)
-        ctx.save_for_backward(x, w, bias, row_scale)
-        ctx.index, ctx.gather_div, ctx.scatter = index, gather_div, scatter
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, bias, row_scale = ctx.saved_tensors
-        index, gdiv, scatter = ctx.index, ctx.gather_div, ctx.scatter
-        idx, offs = index.idx, index.offs
-        ops = get_backend(dy.device)
-        dy_div = 1 if scatter else None
-        dx = dw = db = ds = None
-        wt = w.transpose(1, 2)
-        if ctx.needs_input_grad[3]:
-            n_valid = int(offs[-1])
-            t = ops.esmm(dy, wt, idx, offs, gather_div=dy_div)[:n_valid]
-            dy_rows = dy.index_select(0, idx[:n_valid]) if scatter else dy[:n_valid]
-            x_rows = x[:n_valid] if gdiv is None else x.index_select(0, torch.div(idx[:n_valid], gdiv, rounding_mode="floor"))
-            ds = _scale_grad(dy_rows, t, x_rows, bias, index).to(row_scale.dtype)
-            if ctx.needs_input_grad[0]:
-                t = t * row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(t.dtype)
-                full = t.new_zeros(index.num_pairs, t.size(1))
-                if gdiv is None:
-                    full[:n_valid] = t
-                else:
-                    full.index_copy_(0, idx[:n_valid], t)
-                dx = full
-        elif ctx.needs_input_grad[0]:
-            dx = ops.esmm(dy, wt, idx, offs, gather_div=dy_div, scatter=gdiv is not None, row_scale=row_scale)
-        if dx is not None:
-            if gdiv is not None and gdiv > 1:
-                dx = _pairs_to_tokens(dx, gdiv, x.dtype)
-            dx = dx.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dw = ops.estmm(x, dy, idx, offs, x_div=gdiv, dy_div=dy_div, dy_scale=row_scale).to(w.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            db = ops.ess(dy, idx, offs, dy_div=dy_div, dy_scale=row_scale).to(bias.dtype)
-        return dx, dw, db, ds, None, None, None
+    return ops.esmm(x, w, idx, offs, gather_div=gather_div, scatter=scatter, bias=bias, row_scale=row_scale)
 
 
-def expert_linear(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    index: ExpertIndex,
-    *,
-    gather_div: int | None = None,
-    scatter: bool = False,
-    bias: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Differentiable expert linear ``[P, N]``: see :func:`ds_hexamoe.ops.torch_ops.esmm` for the row maps."""
-    return ExpertLinearFunction.apply(x, w, bias, row_scale, index, gather_div, scatter)
+def linear_backward(ops, dy, x, w, idx, offs, gdiv, scatter, bias, row_scale, needs):
+    """``(dx, dw, db, ds)`` of :func:`linear_forward`; ``needs`` flags which of the four are wanted."""
+    dy_div = 1 if scatter else None
+    dx = dw = db = ds = None
+    wt = w.transpose(1, 2)
+    if row_scale is not None and needs[3]:
+        n_valid = int(offs[-1])
+        t = ops.esmm(dy, wt, idx, offs, gather_div=dy_div)[:n_valid]
+        dy_rows = dy.index_select(0, idx[:n_valid]) if scatter else dy[:n_valid]
+        x_rows = x[:n_valid] if gdiv is None else x.index_select(0, torch.div(idx[:n_valid], gdiv, rounding_mode="floor"))
+        ds = _scale_grad(dy_rows, t, x_rows, bias, idx, offs).to(row_scale.dtype)
+        if needs[0]:
+            t = t * row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(t.dtype)
+            full = t.new_zeros(idx.numel(), t.size(1))
+            if gdiv is None:
+                full[:n_valid] = t
+            else:
+                full.index_copy_(0, idx[:n_valid], t)
+            dx = full
+    elif needs[0]:
+        dx = ops.esmm(dy, wt, idx, offs, gather_div=dy_div, scatter=gdiv is not None, row_scale=row_scale)
+    if dx is not None:
+        if gdiv is not None and gdiv > 1:
+            dx = _pairs_to_tokens(dx, gdiv, x.dtype)
+        dx = dx.to(x.dtype)
+    if needs[1]:
+        dw = weight_grad(ops, x, dy, idx, offs, w, x_div=gdiv, dy_div=dy_div, dy_scale=row_scale)
+    if bias is not None and needs[2]:
+        db = ops.ess(dy, idx, offs, dy_div=dy_div, dy_scale=row_scale).to(bias.dtype)
+    return dx, dw, db, ds
 
 
 def _split_gate(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,10 +99,15 @@ def _activate(h: torch.Tensor, act: str, gated: bool, interleaved: bool) -> torc
     return fn(g) * u
 
 
+SILU_OUT = ("silu", "swish")  # activations whose fused backward writes into a strided half of dh
+
+
 def _activate_backward(
-    h: torch.Tensor, da: torch.Tensor, act: str, gated: bool, interleaved: bool, act_g: torch.Tensor | None = None
+    h: torch.Tensor, da: torch.Tensor, act: str, gated: bool, interleaved: bool, act_g: torch.Tensor | None = None,
+    da_owned: bool = False,
 ) -> torch.Tensor:
-    """``dh`` from ``da`` in closed form; ``act_g`` is ``act(gate)`` when the caller already has it."""
+    """``dh`` from ``da`` in closed form; ``act_g`` is ``act(gate)`` when the caller already has it;
+    ``da_owned``: the caller no longer needs ``da``, so it may be overwritten."""
     fn, _ = get_activation(act)
     bwd = backward_fn(act)
     acc = acc_dtype(h.dtype)
@@ -129,84 +115,95 @@ def _activate_backward(
     if not gated:
         return bwd(daf, hf).to(h.dtype)
     g, u = _split_gate(hf, interleaved)
-    # write both halves straight into dh: no concatenated copy
+    # write both halves straight into dh: no concatenated copy, no temporaries beyond one [P, f]
     dh = torch.empty(h.shape, dtype=acc, device=h.device)
     dg, du = _split_gate(dh, interleaved)
-    dg.copy_(bwd(daf * u, g))
-    du.copy_(daf * (act_g if act_g is not None and act_g.dtype == acc else fn(g)))
+    torch.mul(daf, act_g if act_g is not None and act_g.dtype == acc else fn(g), out=du)
+    t = daf.mul_(u) if daf is not da or da_owned else daf * u
+    if act in SILU_OUT:
+        torch.ops.aten.silu_backward.grad_input(t, g, grad_input=dg)
+    else:
+        dg.copy_(bwd(t, g))
     return dh.to(h.dtype)
 
 
-class ExpertMLPFunction(torch.autograd.Function):
-    """Fused expert MLP: token-order ``x[T, d]`` to token-order ``y[T, d]``.
+def grad_layout_transposed(w: torch.Tensor) -> bool:
+    """True when ``w[E, K, N]`` is a view of ``[E, N, K]`` storage (transformers' parameters, transposed)."""
+    return w.stride(1) < w.stride(2)
 
-    Saves only ``x`` and the pre-activation ``h[P, F1]``: activation memory ``O(T*k*f)``.
-    """
 
-    @staticmethod
-    def forward(ctx, x, w1, w2, b1, b2, row_scale, index: ExpertIndex, act, gated, interleaved):
-        ops = get_backend(x.device)
-        idx, offs, k = index.idx, index.offs, index.k
-        h = ops.esmm(x, w1, idx, offs, gather_div=k, bias=b1)
-        a = _activate(h, act, gated, interleaved)
-        y = ops.esmm(a, w2, idx, offs, scatter=True, bias=b2, row_scale=row_scale)
-        ctx.save_for_backward(x, h, w1, w2, b1, b2, row_scale)
-        ctx.index, ctx.act, ctx.gated, ctx.interleaved = index, act, gated, interleaved
-        return _pairs_to_tokens(y, k, x.dtype)
+def weight_grad(ops, x, dy, idx, offs, w, *, x_div=None, dy_div=None, dy_scale=None) -> torch.Tensor:
+    """``dW[e] = sum_p s_p x_p^T dy_p`` in ``w``'s memory layout, so AccumulateGrad adds it to the parameter
+    without a strided copy (a transposed ``[E, K, N]`` copy of a Mixtral-size weight costs as much as a GEMM)."""
+    if grad_layout_transposed(w):  # (s x)^T dy = (dy^T (s x))^T: the scale may sit on either operand
+        g = ops.estmm(dy, x, idx, offs, x_div=dy_div, dy_div=x_div, dy_scale=dy_scale).transpose(1, 2)
+    else:
+        g = ops.estmm(x, dy, idx, offs, x_div=x_div, dy_div=dy_div, dy_scale=dy_scale)
+    return g.to(w.dtype)
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, h, w1, w2, b1, b2, row_scale = ctx.saved_tensors
-        index, act, gated, inter = ctx.index, ctx.act, ctx.gated, ctx.interleaved
-        idx, offs, k = index.idx, index.offs, index.k
-        ops = get_backend(dout.device)
-        dout = dout.contiguous()
-        n_valid = int(offs[-1])
-        act_g = None
-        if gated:  # act(gate) serves both the recomputed activation and du
-            g, u = _split_gate(h, inter)
-            act_g = get_activation(act)[0](g)
-            a = act_g * u
-        else:
-            a = _activate(h, act, gated, inter)
-        t2 = ops.esmm(dout, w2.transpose(1, 2), idx, offs, gather_div=k)  # dy @ W2^T, unscaled
-        ds = None
-        if row_scale is not None:
-            if ctx.needs_input_grad[5]:
-                dy_rows = dout.index_select(0, torch.div(idx[:n_valid], k, rounding_mode="floor"))
-                ds = _scale_grad(dy_rows, t2[:n_valid], a[:n_valid], b2, index).to(row_scale.dtype)
-            s = torch.zeros(t2.size(0), dtype=t2.dtype, device=t2.device)
-            s[:n_valid] = row_scale.index_select(0, idx[:n_valid]).to(t2.dtype)
-            t2.mul_(s.unsqueeze(-1))  # in place: the unscaled product is no longer needed
-        da, t2 = t2, None
-        dw2 = ops.estmm(a, dout, idx, offs, dy_div=k, dy_scale=row_scale).to(w2.dtype)
-        db2 = ops.ess(dout, idx, offs, dy_div=k, dy_scale=row_scale).to(b2.dtype) if b2 is not None else None
-        a = None  # free [P, f] before the activation backward allocates dh
-        dh = _activate_backward(h, da, act, gated, inter, act_g=act_g)
-        da = act_g = None
-        dw1 = ops.estmm(x, dh, idx, offs, x_div=k).to(w1.dtype)
-        db1 = ops.ess(dh, idx, offs).to(b1.dtype) if b1 is not None else None
+
+def _bag_combine(t: torch.Tensor) -> bool:
+    """Combine over ``k`` with one ``embedding_bag`` (gather, weight and sum in a single pass): CPU fp32/fp64,
+    where it is deterministic; elsewhere the pair-order scatter and reshape-sum stay (no atomics)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def inverse_index(idx: torch.Tensor) -> torch.Tensor:
+    """``inv[pair] = position``: where each (token, choice) pair sits in expert order."""
+    return torch.empty_like(idx).index_copy_(0, idx, torch.arange(idx.numel(), device=idx.device, dtype=idx.dtype))
+
+
+def combine(y: torch.Tensor, inv: torch.Tensor, k: int, row_scale: torch.Tensor | None, dtype) -> torch.Tensor:
+    """``out[t] = sum_j s[t*k+j] * y[inv[t*k+j]]`` for expert-order ``y[P, N]`` (rows past ``offs[-1]`` zero)."""
+    w = None if row_scale is None else row_scale.to(y.dtype).view(-1, k)
+    return torch.nn.functional.embedding_bag(inv.view(-1, k), y, per_sample_weights=w, mode="sum").to(dtype)
+
+
+def mlp_forward(ops, x, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, row_scale):
+    """Token-order ``x[T, d]`` -> ``(y[T, d_out], h[P, F1])``; ``h`` (pre-activation) is all backward keeps
+    besides ``x``: activation memory ``O(T*k*f)``."""
+    h = ops.esmm(x, w1, idx, offs, gather_div=k, bias=b1)
+    a = _activate(h, act, gated, interleaved)
+    if _bag_combine(a):
+        return combine(ops.esmm(a, w2, idx, offs, bias=b2), inverse_index(idx), k, row_scale, x.dtype), h
+    y = ops.esmm(a, w2, idx, offs, scatter=True, bias=b2, row_scale=row_scale)
+    return _pairs_to_tokens(y, k, x.dtype), h
+
+
+def _recompute_activation(h, act, gated, inter):
+    """``(a, act(gate))``: act(gate) serves both the recomputed activation and ``du``."""
+    if not gated:
+        return _activate(h, act, gated, inter), None
+    g, u = _split_gate(h, inter)
+    act_g = get_activation(act)[0](g)
+    return act_g * u, act_g
+
+
+def mlp_backward(ops, dout, x, h, w1, w2, idx, offs, k, act, gated, inter, b1, b2, row_scale, needs):
+    """``(dx, dw1, dw2, db1, db2, ds)`` of :func:`mlp_forward`; ``needs`` flags the wanted ones."""
+    n_valid = int(offs[-1])
+    rows = idx[:n_valid]
+    # dy rows in expert order, gathered once for dA, ds, dW2 and db2 (each would gather them again)
+    dy = dout.index_select(0, torch.div(rows, k, rounding_mode="floor"))
+    a, act_g = _recompute_activation(h, act, gated, inter)
+    da = ops.esmm(dy, w2.transpose(1, 2), idx, offs)  # dy @ W2^T, unscaled; zero past n_valid
+    ds = None
+    if row_scale is not None:
+        s = row_scale.index_select(0, rows).unsqueeze(-1)
+        if needs[5]:
+            ds = _scale_grad(dy, da[:n_valid], a[:n_valid], b2, idx, offs).to(row_scale.dtype)
+        da[:n_valid].mul_(s.to(da.dtype))  # in place: the unscaled products are no longer needed
+        dy.mul_(s.to(dy.dtype))
+    dw2 = weight_grad(ops, a, dy, idx, offs, w2) if needs[2] else None
+    db2 = ops.ess(dy, idx, offs).to(b2.dtype) if b2 is not None and needs[4] else None
+    a = dy = None  # free [P, f] and [P, d] before the activation backward allocates dh
+    dh = _activate_backward(h, da, act, gated, inter, act_g=act_g, da_owned=True)
+    da = act_g = None
+    dw1 = weight_grad(ops, x, dh, idx, offs, w1, x_div=k) if needs[1] else None
+    db1 = ops.ess(dh, idx, offs).to(b1.dtype) if b1 is not None and needs[3] else None
+    dx = None
+    if needs[0] and _bag_combine(dh):
+        dx = combine(ops.esmm(dh, w1.transpose(1, 2), idx, offs), inverse_index(idx), k, None, x.dtype)
+    elif needs[0]:
         dx = _pairs_to_tokens(ops.esmm(dh, w1.transpose(1, 2), idx, offs, scatter=True), k, x.dtype)
-        return dx, dw1, dw2, db1, db2, ds, None, None, None, None
-
-
-def expert_mlp(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    index: ExpertIndex,
-    *,
-    act: str = "silu",
-    gated: bool = True,
-    interleaved: bool = False,
-    b1: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    row_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``sum_j s[t, j] * expert_{e[t, j]}(x[t])`` for token-order ``x[T, d]``.
-
-    ``w1``: ``[E, d, F1]`` (``F1 = 2f`` gated, ``[gate; up]`` or interleaved), ``w2``: ``[E, f, d]``;
-    pass transformers' ``gate_up_proj.transpose(1, 2)`` and ``down_proj.transpose(1, 2)`` views.
-    ``row_scale``: ``[T*k]`` routing weights in pair order (``top_k_weights.reshape(-1)``).
-    """
-    return ExpertMLPFunction.apply(x, w1, w2, b1, b2, row_scale, index, act, gated, interleaved)
+    return dx, dw1, dw2, db1, db2, ds

@@ -50,14 +50,19 @@ def build_expert_index(top_k_index: torch.Tensor, num_experts: int) -> ExpertInd
     """Sort ``top_k_index[T, k]`` by expert (stable, so pairs keep token order inside a segment).
 
     Entries ``>= num_experts`` (expert-parallel sentinels) are placed after the last segment and are
-    never read by the operators.
+    never read by the operators. Every output shape follows from ``T``, ``k`` and ``num_experts`` alone
+    and nothing syncs with the host, so ``torch.compile(fullgraph=True)`` traces it.
     """
     if top_k_index.dim() != 2:
         raise ValueError(f"top_k_index must be [T, k], got shape {tuple(top_k_index.shape)}")
     k = top_k_index.size(1)
     flat = top_k_index.reshape(-1).to(torch.int64)
-    idx = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    offs = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=offs[1:])
+    if flat.numel() and not torch.compiler.is_compiling():
+        # a negative id would sort before expert 0 and its pair would be dropped silently; the async assert
+        # raises without a host sync (under torch.compile the router's top-k cannot produce one)
+        torch._assert_async(flat.min() >= 0, "top_k_index holds a negative expert id; ids must be in [0, num_experts)")
+    experts, idx = torch.sort(flat, stable=True)
+    # offs[e] = #pairs routed below expert e: a fixed-size search, where bincount's size depends on the data
+    offs = torch.searchsorted(experts, torch.arange(num_experts + 1, device=flat.device, dtype=torch.int64))
+    counts = offs.diff()
     return ExpertIndex(idx=idx, offs=offs, counts=counts, k=k)

@@ -87,8 +87,8 @@ def esmm(
     y = _grouped_matmul(xs.contiguous(), w, offs, bounds)[:n_valid]
     if bias is not None:
         y = y + bias.index_select(0, segment_ids(offs, n_valid))
-    if row_scale is not None:
-        y = y * row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(y.dtype)
+    if row_scale is not None:  # y is this call's own buffer: scale in place
+        y.mul_(row_scale.index_select(0, idx[:n_valid]).unsqueeze(-1).to(y.dtype))
     if n_valid == n_pairs and not scatter:
         return y
     out = y.new_zeros(n_pairs, y.size(1))
