@@ -2,11 +2,13 @@
 
 Used by the test suite and the CPU benchmarks. A rank that raises fails the whole call with its
 traceback; a rank that hangs past ``timeout`` is killed and the call raises, so no test hangs CI.
+Each rank's result comes back through a pipe from the process this call started, never through a file:
+nothing another process could have written is ever unpickled here.
 """
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
 import time
 import traceback
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+from multiprocessing import connection as mp_connection
 
 from .distributed import free_port
 from .integrations.shm import unlink_shm_workspace
@@ -32,21 +35,42 @@ def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def _worker(rank, world_size, port, fn, args, kwargs, out_dir, threads, init_pg):
+def _worker(rank, world_size, port, fn, args, kwargs, conn, threads, init_pg):
     os.environ.update(dist_env(rank, world_size, port))
     torch.set_num_threads(threads)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         if init_pg:
             torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args, **kwargs)
-        torch.save({"ok": True, "result": result}, path)
+        # plain pickle, not the multiprocessing one: tensors travel as bytes, not as shared-memory handles
+        # that die with this process
+        conn.send_bytes(pickle.dumps({"ok": True, "result": result}))
     except BaseException:  # report every failure, including SystemExit from libraries
-        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        conn.send_bytes(pickle.dumps({"ok": False, "error": traceback.format_exc()}))
         raise
     finally:
+        conn.close()
         if init_pg and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _collect(procs, readers, deadline: float) -> dict[int, dict]:
+    """Read every rank's record as it arrives (a large one blocks its sender until read), until all ranks
+    have reported or exited, or the deadline passes."""
+    records: dict[int, dict] = {}
+    waiting = dict(enumerate(readers))
+    while waiting and time.monotonic() < deadline:
+        ready = mp_connection.wait(list(waiting.values()), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        for conn in ready:
+            r = next(k for k, c in waiting.items() if c is conn)
+            try:
+                records[r] = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the rank died before reporting
+                pass
+            del waiting[r]
+        for r in [r for r in waiting if not procs[r].is_alive() and not waiting[r].poll()]:
+            del waiting[r]
+    return records
 
 
 def run_distributed(
@@ -65,42 +89,45 @@ def run_distributed(
     """
     port = free_port()
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="hexamoe-dist-") as out_dir:
-        procs = [
-            ctx.Process(
-                target=_worker,
-                args=(r, world_size, port, fn, args, kwargs, out_dir, threads, init_process_group),
-                daemon=False,
-            )
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        # DeepSpeed never unlinks its CPU all-reduce workspace files; ranks that died before doing it leave them
-        unlink_shm_workspace(port=port, addr="127.0.0.1")
-        results, errors = [], []
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"rank{r}.pt")
-            if not os.path.exists(path):
-                errors.append(f"rank {r}: no result (exit code {procs[r].exitcode})")
-                results.append(None)
-                continue
-            rec = torch.load(path, weights_only=False)
-            if rec["ok"]:
-                results.append(rec["result"])
-            else:
-                errors.append(f"rank {r} raised:\n{rec['error']}")
-                results.append(None)
-        if hung:
-            raise TimeoutError(f"ranks {hung} still running after {timeout:.0f}s and were killed; " + "; ".join(errors))
-        if errors:
-            raise RuntimeError("\n".join(errors))
-        return results
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(r, world_size, port, fn, args, kwargs, pipes[r][1], threads, init_process_group),
+            daemon=False,
+        )
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for _, send in pipes:
+        send.close()  # the children hold the write ends; EOF then means a rank died
+    deadline = time.monotonic() + timeout
+    records = _collect(procs, [recv for recv, _ in pipes], deadline)
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    for recv, _ in pipes:
+        recv.close()
+    # DeepSpeed never unlinks its CPU all-reduce workspace files; ranks that died before doing it leave them
+    unlink_shm_workspace(port=port, addr="127.0.0.1")
+    results, errors = [], []
+    for r in range(world_size):
+        rec = records.get(r)
+        if rec is None:
+            errors.append(f"rank {r}: no result (exit code {procs[r].exitcode})")
+            results.append(None)
+        elif rec["ok"]:
+            results.append(rec["result"])
+        else:
+            errors.append(f"rank {r} raised:\n{rec['error']}")
+            results.append(None)
+    if hung:
+        raise TimeoutError(f"ranks {hung} still running after {timeout:.0f}s and were killed; " + "; ".join(errors))
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results

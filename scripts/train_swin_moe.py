@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import ds_hexamoe
     from ds_hexamoe.tasks.image_classification import build_image_task
-    from ds_hexamoe.layers import MoEBlock
 
     recipe, t = load_recipe(args.recipe)
     if args.steps is not None:

@@ -75,13 +75,19 @@ def test_valid_recipe_resolves_paths_relative_to_recipe_folder(tmp_path, monkeyp
 def test_embedded_default_and_shipped_recipes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = load_recipe(None)
-    assert r.name == "mixtral-tiny" and r.launcher.nproc == 2
+    assert r.name == "mixtral-tiny-finetune" and r.launcher.nproc == 2
     assert r.source == resolve_path(DEFAULT_RECIPE, None)
     assert len(__import__("glob").glob(r.data.train_files[0])) >= 8
-    assert r.output_dir == str(tmp_path / "outputs" / "mixtral-tiny")  # outputs under the cwd, not the package
+    assert r.output_dir == str(tmp_path / "outputs" / "mixtral-tiny-finetune")  # under the cwd, not the package
     assert r.ds_config(2)["zero_optimization"]["stage"] == 2
-    with open(r.source) as a, open(os.path.join(REPO, "recipes", "mixtral-tiny.json")) as b:
-        assert json.load(a) == json.load(b), "recipes/mixtral-tiny.json must equal the embedded default"
+    # the default fine-tunes the shipped checkpoint with FSSDP on a declared pair, one rank slower
+    assert r.model.path.endswith(os.path.join("ds_hexamoe", "data", "checkpoints", "mixtral-tiny"))
+    cfg = r.hexamoe_config
+    assert cfg.sharding == "fssdp" and [d.slowdown for d in cfg.devices] == [1.0, 2.0]
+    for name in ("mixtral-tiny-finetune", "mixtral-tiny"):  # embedded copies equal the ones in recipes/
+        with open(os.path.join(REPO, "ds_hexamoe", "data", "recipes", f"{name}.json")) as a, \
+                open(os.path.join(REPO, "recipes", f"{name}.json")) as b:
+            assert json.load(a) == json.load(b), f"recipes/{name}.json must equal the embedded copy"
     size = sum(os.path.getsize(os.path.join(CORPUS, f)) for f in os.listdir(CORPUS) if f.endswith(".txt"))
     assert 180_000 < size < 260_000
 
@@ -343,3 +349,18 @@ def test_recipe_from_a_local_checkpoint(tmp_path):
     assert m.startswith("data.seq_len: 128 exceeds max_position_embeddings = 64 of") and "config.json" in m
     os.remove(ckpt / "config.json")
     assert error_of(path).startswith("model.path:") and "has no config.json" in error_of(path)
+
+
+def test_shipped_checkpoint_is_a_small_hugging_face_moe():
+    """The default job's checkpoint loads with ``from_pretrained`` like a downloaded one and stays small."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(REPO, "ds_hexamoe", "data", "checkpoints", "mixtral-tiny")
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size < 3_000_000, size
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="hexamoe")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
+    ids = tok("This License applies to any program", return_tensors="pt").input_ids
+    loss = float(model(input_ids=ids, labels=ids).loss)
+    assert loss < 5.0, loss  # trained: a fresh model of this vocabulary starts near ln(512) = 6.2

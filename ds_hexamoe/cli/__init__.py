@@ -8,7 +8,8 @@
 
 ``train`` validates the whole recipe (every path included) before it starts anything, then runs
 ``ds_hexamoe/train.py`` on every rank through DeepSpeed's launcher (``deepspeed --num_gpus N`` or
-``--hostfile``). Without a recipe it trains the embedded default (a tiny Mixtral on 2 CPU ranks).
+``--hostfile``). Without a recipe it trains the embedded default: it fine-tunes the small Hugging Face Mixtral checkpoint
+shipped with the package, on 2 CPU ranks with FSSDP and a declared heterogeneous pair.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from ..config import ConfigError
 
 def add_recipe_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("recipe", nargs="?", default=None,
-                    help="recipe JSON file (default: the embedded mixtral-tiny recipe)")
+                    help="recipe JSON file (default: the embedded mixtral-tiny-finetune recipe)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a recipe value by dotted key, VALUE as JSON (repeatable), e.g. training.lr=3e-4")
     sp.add_argument("--steps", type=int, help="override training.steps")

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from typing import Any
 
 from ..config import ConfigError
 from ..distributed import free_port
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from .jobs import OutputLock, overwrite_plan, remove_outputs, run_job
 from .options import add_recipe_args, overrides_of
 
 # the by-path entry DeepSpeed's launcher runs (ds_hexamoe/train.py)
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
-_OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "hf", "recipe.json", "tokenizer")
 
 
 def deepspeed_launcher() -> list[str]:
@@ -56,30 +55,37 @@ def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port
 
 
 def _prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse a bad ``--resume`` or a clash with an earlier run; with ``--overwrite``, say what is removed
+    and remove only the earlier run's outputs (never an input of this run)."""
     from ..worker import read_latest
 
-    out = recipe.output_dir
-    latest = read_latest(recipe.checkpoint_dir)
+    out, ckpt = recipe.output_dir, recipe.checkpoint_dir
+    latest = read_latest(ckpt)
+    if resume and latest is not None and not os.path.isdir(os.path.join(ckpt, latest)):
+        raise ConfigError(f"--resume: {os.path.join(ckpt, 'latest')!r} names checkpoint {latest!r}, but the folder "
+                          f"{os.path.join(ckpt, latest)!r} is missing; restore it, or write the tag of a checkpoint "
+                          "that exists into 'latest'")
     if resume:
         if latest is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {recipe.checkpoint_dir!r} (no 'latest' file); "
+            raise ConfigError(f"--resume: no complete checkpoint in {ckpt!r} (no 'latest' file); "
                               "run without --resume to start training")
         return
     if latest is not None and not overwrite:
         raise ConfigError(f"training.output_dir: {out!r} already holds checkpoint {latest!r}; pass --resume to continue "
                           "it, --overwrite to start over there, or --output-dir for a new folder")
     if overwrite:
-        for name in _OUTPUTS:
-            p = os.path.join(out, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.remove(p)
-    os.makedirs(out, exist_ok=True)
+        remove, keep = overwrite_plan(recipe)
+        for p in remove:
+            print(f"[ds-hexamoe] --overwrite: removing {p}", flush=True)
+        for p in keep:
+            print(f"[ds-hexamoe] --overwrite: keeping {p} (the recipe being run; the run rewrites it)", flush=True)
+        remove_outputs(remove)
 
 
 def cmd_train(args) -> int:
     overrides = overrides_of(args)
+    if getattr(args, "resume_fallback", False):
+        args.resume = True  # --resume-fallback is --resume that may pick an older, verified checkpoint
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
     recipe = load_recipe(args.recipe, overrides=overrides)
@@ -89,28 +95,38 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(" ".join(cmd))
         return 0
-    _prepare_output_dir(recipe, args.resume, args.overwrite)
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    src = recipe.source if args.recipe is not None else f"the embedded default ({DEFAULT_RECIPE})"
-    print(f"[ds-hexamoe] training {recipe.name!r} from {src} -> {recipe.output_dir}", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    os.makedirs(recipe.output_dir, exist_ok=True)
+    lock = OutputLock(recipe.output_dir)
+    lock.acquire("ds-hexamoe " + " ".join(sys.argv[1:]))
     try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # DeepSpeed's runner forwards the interrupt to the ranks; give them time to stop
-        try:
-            return proc.wait(timeout=30)
-        except (KeyboardInterrupt, subprocess.TimeoutExpired):
-            proc.kill()
-            return 130
+        if args.resume:  # corrupt checkpoints are refused (or skipped, when asked) before anything starts
+            from ..worker.resume import check_before_resume
+
+            check_before_resume(recipe.checkpoint_dir, fallback=getattr(args, "resume_fallback", False), recipe=recipe)
+        _prepare_output_dir(recipe, args.resume, args.overwrite)
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        src = recipe.source if args.recipe is not None else f"the embedded default ({DEFAULT_RECIPE})"
+        print(f"[ds-hexamoe] training {recipe.name!r} from {src} -> {recipe.output_dir}", flush=True)
+        rc = run_job(cmd, env)
+        if rc not in (0, 128 + 2, 128 + 15, 128 + 1):  # not a signal the user sent to ds-hexamoe
+            from ..worker.resume import after_failure
+
+            print(after_failure(recipe.output_dir, recipe.checkpoint_dir, rc), file=sys.stderr, flush=True)
+        return rc
+    finally:
+        lock.release()
 
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="train from a recipe through DeepSpeed's launcher")
     add_recipe_args(t)
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    t.add_argument("--overwrite", action="store_true", help="delete an earlier run's outputs in output_dir first")
+    t.add_argument("--overwrite", action="store_true", help="delete an earlier run's outputs in output_dir first (checkpoints/, metrics.jsonl, "
+                   "summary.json, hf/, tokenizer/; never an input of this run; each removal is printed)")
+    t.add_argument("--resume-fallback", action="store_true",
+                   help="--resume from the newest checkpoint whose files match its manifest of checksums; newer "
+                   "ones that do not are moved aside to <tag>.corrupt")
     t.add_argument("--dry-run", action="store_true", help="validate and print the launcher command only")
     t.set_defaults(fn=cmd_train)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 from typing import Any
 
 import torch
@@ -143,7 +142,6 @@ def initialize(
     config_params=None,
 ):
     """Same signature and return value as ``deepspeed.initialize``; see the module docstring."""
-    import deepspeed
 
     if model is None:
         raise ConfigError("ds_hexamoe.initialize: model is required")

@@ -59,6 +59,10 @@ def check_ds_config(r) -> None:
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"deepspeed.zero_optimization: got {zero!r}; expected a JSON object")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage: got {stage!r}; expected 0, 1, 2 or 3 (DeepSpeed's "
+                          "ZeRO stages)")
 
 
 def build_ds_config(r, world_size: int | None = None, accelerator: str | None = None) -> dict:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from ..config import ConfigError
+from .checks import check_against_world, check_experts_topk, check_output_dir, check_text_data
 from .paths import is_placeholder
 from .schema import CAUSAL_LM, Recipe, check_positions
 
@@ -103,6 +104,9 @@ def resolve_data_files(recipe: Recipe) -> DataFiles:
 def check_data_files(recipe: Recipe) -> DataFiles:
     """:func:`resolve_data_files` plus a cheap check that the text field exists in the first record."""
     files = resolve_data_files(recipe)
+    check_text_data(recipe, files.train, "data.train_files", files.format)
+    if files.validation:
+        check_text_data(recipe, files.validation, "data.validation_files", files.format)
     if files.format != "text":
         for f in [files.train[0]] + (files.validation[:1] if files.validation else []):
             cols = _peek_columns(f, files.format)
@@ -122,7 +126,8 @@ def _check_checkpoint_dir(path: str, key: str, what: str) -> None:
 
 
 def check_recipe_files(r: Recipe) -> None:
-    """Every input the recipe names must exist (raised before anything is launched)."""
+    """Every input the recipe names must exist and make sense (raised before anything is launched)."""
+    check_output_dir(r)
     if r.model.path is not None:
         _check_checkpoint_dir(r.model.path, "model.path", "Hugging Face checkpoint (config.json + weights)")
         if not os.path.isfile(os.path.join(r.model.path, "config.json")):
@@ -141,6 +146,9 @@ def check_recipe_files(r: Recipe) -> None:
     if r.launcher.hostfile is not None and not os.path.isfile(r.launcher.hostfile):
         raise ConfigError(f"launcher.hostfile: file {r.launcher.hostfile!r} does not exist; give a DeepSpeed "
                           "hostfile ('host slots=N' per line) or leave it null for a single node")
+    if r.task == CAUSAL_LM:
+        check_experts_topk(r)
+    check_against_world(r)
 
 
 def _check_text_inputs(r: Recipe) -> None:

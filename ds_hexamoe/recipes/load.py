@@ -17,12 +17,14 @@ import typing
 from typing import Any
 
 from ..config import ConfigError, HexaMoEConfig, _coerce, read_json
+from .checks import check_task
 from .ds_config import check_ds_config
 from .files import check_recipe_files
 from .paths import is_placeholder, resolve_path
 from .schema import Recipe
 
-DEFAULT_RECIPE = "pkg://ds_hexamoe/data/recipes/mixtral-tiny.json"
+# the embedded default: fine-tune the shipped checkpoint with FSSDP on a declared heterogeneous pair
+DEFAULT_RECIPE = "pkg://ds_hexamoe/data/recipes/mixtral-tiny-finetune.json"
 
 
 def _recipe_from_dict(data: Any, where: str) -> Recipe:
@@ -82,6 +84,7 @@ def load_recipe(
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     recipe = _recipe_from_dict(data, where)
+    check_task(recipe)  # before anything is imported or read: an untrusted task import stops here
     recipe.source, recipe.base_dir = source, base_dir
     _resolve_paths(recipe)
     recipe.hexamoe_config = _validate_hexamoe(recipe)

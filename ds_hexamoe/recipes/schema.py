@@ -8,6 +8,7 @@ or a bad value raises :class:`~ds_hexamoe.config.ConfigError` naming the dotted 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,7 +17,8 @@ from ..config import ConfigError, _check
 from .ds_config import build_ds_config
 
 # Training tasks: name -> "module:function" building a :class:`ds_hexamoe.tasks.TaskParts`. A recipe
-# may also name any importable "package.module:function" directly in its "task" key.
+# may also name an importable "package.module:function" in its "task" key, but only together with
+# "trust_task_import": true (docs/reliability.md, "Trust boundary").
 TASKS: dict[str, str] = {
     "causal-lm": "ds_hexamoe.tasks.causal_lm:causal_lm_task",
     "image-classification": "ds_hexamoe.tasks.image_classification:image_classification_task",
@@ -131,9 +133,11 @@ class TrainingSpec:
             v = getattr(self, name)
             kind = "a positive integer" if low == 1 else "an integer >= 0"
             _check(v >= low, f"{path}.{name}", v, kind + (" (0: off)" if low == 0 and name != "warmup_steps" else ""))
-        _check(self.lr > 0, f"{path}.lr", self.lr, "a number > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", self.lr, "a number > 0 (finite)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        _check(self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay,
+               "a number >= 0 (finite)")
+        _check(self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"{path}.adam_betas",
                self.adam_betas, "two numbers in [0, 1)")
         _check(self.adam_eps > 0, f"{path}.adam_eps", self.adam_eps, "a number > 0")
@@ -166,6 +170,8 @@ class Recipe:
     name: str = "run"
     description: str = ""
     task: str = "causal-lm"
+    # a "package.module:function" task runs arbitrary code: only when the recipe says it trusts it
+    trust_task_import: bool = False
     task_options: dict = field(default_factory=dict)
     model: ModelSpec = field(default_factory=ModelSpec)
     tokenizer: TokenizerSpec | None = None

@@ -71,6 +71,9 @@ class TaskParts:
 
 def task_builder(recipe: Recipe):
     """The function building the recipe's task (``TASKS`` name or ``"package.module:function"``)."""
+    if recipe.task not in TASKS and not getattr(recipe, "trust_task_import", False):
+        raise ConfigError(f"task: {recipe.task!r} is not a registered task {sorted(TASKS)}; set "
+                          '"trust_task_import": true in the recipe to import and call it')
     target = TASKS.get(recipe.task, recipe.task)
     module, _, attr = target.partition(":")
     try:

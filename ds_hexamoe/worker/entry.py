@@ -10,6 +10,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ..recipes import load_recipe
+from .lifeline import arm as arm_lifeline
 from .loop import run
 
 
@@ -24,11 +25,12 @@ def decode_overrides(token: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="ds-hexamoe training worker (started by `ds-hexamoe train`)")
-    p.add_argument("--recipe", default=None, help="recipe JSON (default: the embedded mixtral-tiny)")
+    p.add_argument("--recipe", default=None, help="recipe JSON (default: the embedded mixtral-tiny-finetune)")
     p.add_argument("--overrides", default="", help="base64 JSON of dotted-key overrides")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    arm_lifeline()  # end with the job: parent death signal and a watchdog on the ds-hexamoe process
     recipe = load_recipe(args.recipe, overrides=decode_overrides(args.overrides))
     run(recipe, resume=args.resume)
     if dist.is_initialized():

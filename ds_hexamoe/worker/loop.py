@@ -23,7 +23,9 @@ from .batches import make_batch_plan
 from .checkpoints import (check_resume_compatible, load_checkpoint, loop_state, read_latest, remove_unpublished,
                           save_checkpoint)
 from .metrics import (METRICS_FILE, ExpertLoadTracker, Window, all_mean, append_row, metrics_row, progress_postfix,
-                      runtime_metrics, truncate_metrics)
+                      runtime_metrics)
+from .resume import trim_metrics
+from .summary import report_lines, run_report
 
 SUMMARY_FILE = "summary.json"
 
@@ -53,7 +55,11 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     plan = make_batch_plan(r.parts.train, t.micro_batch_size, ctx.rank, ctx.world_size, t.seed, r.hetero)
     batches = plan.batches(r.parts.train, r.parts.collate, start=step * t.grad_accum)
     if ctx.is_main:
-        truncate_metrics(r.metrics_path, step)
+        # every rank has loaded (load_checkpoint returns nowhere otherwise): only now change files
+        dropped = trim_metrics(r.metrics_path, step)
+        if dropped:
+            print(f"[ds-hexamoe] {r.metrics_path}: dropped {dropped} unreadable row(s) (a run killed mid-write)",
+                  flush=True)
         if resume:
             remove_unpublished(recipe.checkpoint_dir, step)
     setup_s = time.perf_counter() - t0
@@ -222,6 +228,8 @@ def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume
                "checkpoint": os.path.join(ckpt_dir, read_latest(ckpt_dir) or ""), "hf_export": hf_dir,
                "resumed": resume}
     if ctx.is_main:
+        summary["report"] = run_report(r.engine, ctx.world_size, r.metrics_path, times["train_s"], t.steps - start_step,
+                                       hf_dir)
         atomic_write(os.path.join(t.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
         if first_loss is None:
             losses_msg = f"nothing left to train (checkpoint at step {start_step})"
@@ -233,6 +241,8 @@ def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume
         print(f"[ds-hexamoe] checkpoint: {summary['checkpoint']}", flush=True)
         if hf_dir:
             print(f"[ds-hexamoe] Hugging Face export: {hf_dir}", flush=True)
+        for line in report_lines(summary["report"]) if summary["report"] else []:
+            print(f"[ds-hexamoe] {line}", flush=True)
     return summary
 
 

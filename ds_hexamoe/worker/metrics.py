@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -14,7 +13,6 @@ import torch.distributed as dist
 
 from ..distributed import dist_on
 from ..experts import balance, experts_modules
-from ..tasks.base import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -108,6 +106,9 @@ def metrics_row(step: int, loss: float, aux_loss: float, lr: float | None, windo
     for key in ("dropped_tokens",):
         if key in rtm:
             rec[key] = rtm[key]
+    exposed = (rtm.get("comm") or {}).get("exposed_comm_s")
+    if exposed is not None:  # FSSDP: seconds the last step blocked on its collectives (docs/fssdp.md)
+        rec["exposed_comm_s"] = exposed
     return rec
 
 
@@ -121,6 +122,8 @@ def progress_postfix(rec: dict, unit: str) -> dict:
     post = {"loss": f"{rec['loss']:.4f}", unit + "/s": f"{rec[unit + '_per_s']:.0f}"}
     post["bal"] = "n/a" if rec["balance"] is None else f"{rec['balance']:.2f}"
     post["comm"] = "n/a" if rec["comm_bytes"] is None else _fmt_bytes(rec["comm_bytes"])
+    if rec.get("exposed_comm_s") is not None:
+        post["xcomm"] = f"{rec['exposed_comm_s'] * 1e3:.0f}ms"
     if rec.get("val_loss") is not None:
         post["val"] = f"{rec['val_loss']:.4f}"
     return post
@@ -132,15 +135,3 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
-
-
-def truncate_metrics(path: str, step: int) -> None:
-    """Keep only records up to ``step``: later ones belong to the run that is being redone."""
-    if not os.path.exists(path):
-        return
-    if step == 0:
-        os.remove(path)
-        return
-    with open(path) as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write(path, "".join(keep))

@@ -1,0 +1,201 @@
+"""Checks of a recipe's contents that would otherwise fail only after launch, seconds or minutes into a run:
+the model's expert count against its top-k, ``hexamoe.shard_weights`` and device profiles against the
+rank count, the task import and its trust, the data's encoding and size, the output directory
+(docs/reliability.md). Every error names the dotted key (or the file and line) and the fix. No torch.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+from ..config import ConfigError
+from .schema import TASKS, Recipe
+
+# the transformers config keys that hold the number of routed experts and the top-k, across MoE families
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
+_UTF8_CHECK_BYTES = 64 << 20  # per file; the rest of a huge file is left to the tokenizer
+
+
+def model_config(r: Recipe) -> tuple[dict, str | None]:
+    """The model's transformers config (the checkpoint's ``config.json`` under ``model.config``
+    overrides) and that ``config.json`` (None when the model is built from ``model.config`` alone)."""
+    cfg: dict = {}
+    file = None
+    if r.model.path is not None and os.path.isfile(os.path.join(r.model.path, "config.json")):
+        file = os.path.join(r.model.path, "config.json")
+        with open(file) as fh:
+            cfg = json.load(fh)
+    return {**cfg, **(r.model.config or {})}, file
+
+
+def check_experts_topk(r: Recipe) -> None:
+    cfg, file = model_config(r)
+    own = r.model.config or {}
+
+    def key(k: str) -> str:  # the recipe key when the recipe sets it, else the checkpoint's file
+        return f"model.config.{k}" if k in own or file is None else f"model.path ({file}) {k}"
+
+    ek = next((k for k in _EXPERT_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
+    tk = next((k for k in _TOPK_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
+    if tk is not None and cfg[tk] < 1:
+        raise ConfigError(f"{key(tk)}: got {cfg[tk]!r}; expected an integer >= 1 (experts each token is routed to)")
+    if ek is not None and cfg[ek] < 1:
+        raise ConfigError(f"{key(ek)}: got {cfg[ek]!r}; expected an integer >= 1")
+    if ek is not None and tk is not None and cfg[ek] < cfg[tk]:
+        raise ConfigError(f"{key(tk)}: got {cfg[tk]!r}, more than {ek} = {cfg[ek]}; a token cannot be routed to "
+                          f"more experts than exist: lower {tk} or raise {ek} (model.config overrides the checkpoint)")
+
+
+def world_size(r: Recipe) -> int | None:
+    """Ranks the launcher will start, when the recipe fixes it (``launcher.nproc``, times the hostfile's
+    hosts); None when the launcher decides (every accelerator)."""
+    n = r.launcher.nproc
+    if n is None:
+        return None
+    if r.launcher.hostfile is None:
+        return n
+    if not os.path.isfile(r.launcher.hostfile):
+        return None  # reported as a missing hostfile by the file checks
+    total = 0
+    with open(r.launcher.hostfile) as fh:
+        for line in fh:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            slots = [p.split("=", 1)[1] for p in line.split()[1:] if p.startswith("slots=")]
+            total += min(n, int(slots[0])) if slots and slots[0].isdigit() else n
+    return total or None
+
+
+def check_against_world(r: Recipe) -> None:
+    """``hexamoe.shard_weights`` and declared device profiles against the number of ranks."""
+    cfg = r.hexamoe_config
+    if cfg is None:
+        return
+    world = world_size(r)
+    sw = cfg.shard_weights
+    if sw is not None:
+        bad = [w for w in sw if not math.isfinite(w)]
+        if bad:
+            raise ConfigError(f"hexamoe.shard_weights: got {sw!r}; expected finite numbers >= 0 (one per rank)")
+        if world is not None and len(sw) != world:
+            raise ConfigError(f"hexamoe.shard_weights: got {len(sw)} weights for {world} ranks (launcher.nproc); give "
+                              "one weight per rank, or null for even shards")
+    if cfg.profile == "declared":
+        _check_devices(cfg, world)
+
+
+def _check_devices(cfg, world: int | None) -> None:
+    from ..placement.profiles import load_profiles  # torch-free, like this module
+
+    if cfg.devices_file is not None:
+        src, where = cfg.devices_file, f"hexamoe.devices_file ({cfg.devices_file})"
+    elif cfg.devices is not None:
+        src, where = list(cfg.devices), "hexamoe.devices"
+    else:
+        return
+    try:
+        profiles = load_profiles(src)
+        for i, p in enumerate(profiles):
+            p.resolve(f"devices[{i}]")
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(f"hexamoe.{msg}" if where == "hexamoe.devices" and msg.startswith("devices")
+                          else f"{where}: {msg}") from None
+    if world is not None and len(profiles) != world:
+        raise ConfigError(f"{where}: {len(profiles)} device profiles for {world} ranks (launcher.nproc); give one "
+                          'entry per rank, or entries with "count" adding up to the number of ranks')
+
+
+def check_task(r: Recipe) -> None:
+    """A registered task name, or an import the recipe trusts (``trust_task_import``) and that resolves."""
+    if r.task in TASKS:
+        return
+    if not r.trust_task_import:
+        raise ConfigError(f"task: {r.task!r} is not a registered task {sorted(TASKS)}; importing and calling "
+                          "arbitrary code from a recipe is off by default. If you wrote this recipe and trust "
+                          f'{r.task!r}, set "trust_task_import": true in it')
+    module, _, attr = r.task.partition(":")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:
+        spec, err = None, e
+    else:
+        err = None
+    if spec is None:
+        raise ConfigError(f"task: module {module!r} of {r.task!r} cannot be imported ({err or 'not found'}); give "
+                          "an importable 'package.module:function'")
+    if not attr:
+        raise ConfigError(f"task: {r.task!r} names no function; give 'package.module:function'")
+
+
+def _read_head(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(_UTF8_CHECK_BYTES)
+
+
+def check_text_data(r: Recipe, files: list[str], key: str, fmt: str) -> None:
+    """Text-like data decodes as UTF-8 (else the file and line are named), is not empty, and is not so short
+    that it cannot fill one micro-batch on every rank. Each file is read once, up to 64 MiB."""
+    if fmt not in ("text", "json", "csv"):
+        return
+    size = lines = 0
+    empty = []
+    for f in files:
+        if f.endswith((".gz", ".bz2", ".xz", ".zst", ".lz4")):
+            return  # sizes say nothing about compressed files; the worker checks the blocks
+        raw = _read_head(f)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # a multi-byte character cut by the 64 MiB read limit is not an error
+            if not (e.reason == "unexpected end of data" and len(raw) == _UTF8_CHECK_BYTES):
+                line = raw[: e.start].count(b"\n") + 1
+                raise ConfigError(f"{key}: {f!r} line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset "
+                                  f"{e.start}); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        size += os.path.getsize(f)
+        lines += raw.count(b"\n") + 1
+        if not raw.strip():
+            empty.append(f)
+    if len(empty) == len(files):
+        what = f"{files[0]!r} is empty" if len(files) == 1 else f"every file is empty ({files})"
+        raise ConfigError(f"{key}: {what}; give files with training text")
+    if fmt == "text" and key == "data.train_files":
+        _check_enough_text(r, files, size, lines, key)
+
+
+def _check_enough_text(r: Recipe, files: list[str], size: int, lines: int, key: str) -> None:
+    # an upper bound on tokens: a BPE token spans at least one byte; allow 2 extra tokens per line
+    max_tokens = size + 2 * lines
+    world = world_size(r) or 1
+    t, d = r.training, r.data
+    need_blocks = t.micro_batch_size * world
+    if d.validation_fraction > 0:
+        need_blocks = math.ceil(need_blocks / (1 - d.validation_fraction)) + 1
+    if d.packing and max_tokens < need_blocks * d.seq_len:
+        raise ConfigError(f"{key}: {len(files)} file(s) of {size} bytes hold at most {max_tokens} tokens, fewer than "
+                          f"the {need_blocks * d.seq_len} that one micro-batch of training.micro_batch_size = "
+                          f"{t.micro_batch_size} blocks of data.seq_len = {d.seq_len} on {world} rank(s) needs; add "
+                          "data, or lower data.seq_len or training.micro_batch_size")
+
+
+def check_output_dir(r: Recipe) -> None:
+    """``training.output_dir`` is a folder (or can become one) this user can write."""
+    out = r.training.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"training.output_dir: {out!r} is a file, not a folder; give a folder path (--output-dir)")
+    probe = out
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"training.output_dir: {probe!r} (a parent of {out!r}) is a file, so the folder cannot be "
+                          "created; give another folder path (--output-dir)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"training.output_dir: {probe!r} is not writable by this user, so {out!r} cannot be "
+                          "written; give a folder you can write (--output-dir) or fix its permissions")

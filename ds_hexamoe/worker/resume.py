@@ -1,0 +1,109 @@
+"""What ``--resume`` may change on disk, and when: the choice of checkpoint (``--resume-fallback``) before
+launch, and after every rank has loaded, the trimming of ``metrics.jsonl`` and the removal of saves that
+never completed (docs/design.md, "Checkpoints you can trust")."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..config import ConfigError
+from ..tasks.base import atomic_write
+from .checkpoints import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
+from .manifest import CheckpointCorrupt, corrupt_message, verify_checkpoint
+
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def trim_metrics(path: str, step: int) -> int:
+    """Keep the ``metrics.jsonl`` rows up to ``step``; later ones belong to the run being redone. A row that
+    does not parse (the last line of a run killed mid-write) is dropped, not fatal. Returns the rows dropped
+    as unreadable."""
+    if not os.path.exists(path):
+        return 0
+    keep, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(path, "".join(keep))
+    return bad
+
+
+def published_steps(ckpt_dir: str) -> list[tuple[int, str]]:
+    """``(step, tag)`` of the checkpoints at or before ``latest``, newest first (later folders never
+    completed)."""
+    latest = read_latest(ckpt_dir)
+    if latest is None or not latest.startswith(_PREFIX) or not latest[len(_PREFIX):].isdigit():
+        return []
+    upto = int(latest[len(_PREFIX):])
+    return sorted((t for t in _steps_of(ckpt_dir) if t[0] <= upto), reverse=True)
+
+
+def check_before_resume(ckpt_dir: str, fallback: bool = False, recipe=None, log=print) -> str | None:
+    """Before launch: the checkpoint ``--resume`` will load, verified against its manifest in this process
+    (the ranks verify again when they load it). With ``fallback``, the newest one that verifies; without,
+    :class:`CheckpointCorrupt` naming the bad files. With ``recipe`` (and a known rank count), also refuse
+    a data order that would differ. None when there is no usable ``latest`` to check (the caller reports
+    that)."""
+    if fallback:
+        tag = fall_back_to_verified(ckpt_dir, log=log)
+    else:
+        tag = read_latest(ckpt_dir)
+        if tag is None or not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            return None
+        problems = verify_checkpoint(os.path.join(ckpt_dir, tag))
+        if problems:
+            raise CheckpointCorrupt(corrupt_message(os.path.join(ckpt_dir, tag), problems))
+    if recipe is not None and recipe.launcher.hostfile is None and recipe.launcher.nproc is not None:
+        loop = load_rank_state(os.path.join(ckpt_dir, tag, "hexamoe_rank00000.pt")).get("loop") or {}
+        if "step" in loop:
+            check_resume_compatible(loop, recipe, recipe.launcher.nproc, None)
+    return tag
+
+
+def fall_back_to_verified(ckpt_dir: str, log=print) -> str:
+    """Point ``latest`` at the newest published checkpoint that verifies against its manifest, moving each
+    newer one that does not aside to ``<tag>.corrupt`` (kept for inspection, never deleted). Returns the tag;
+    :class:`ConfigError` listing every checkpoint's problems when none verifies."""
+    tried = []
+    for step, tag in published_steps(ckpt_dir):
+        problems = verify_checkpoint(os.path.join(ckpt_dir, tag))
+        if not problems:
+            for bad, _ in tried:
+                aside = _free_name(os.path.join(ckpt_dir, bad + CORRUPT_SUFFIX))
+                os.replace(os.path.join(ckpt_dir, bad), aside)
+                log(f"[ds-hexamoe] --resume-fallback: {bad} does not verify; moved aside to {aside}")
+            if tag != read_latest(ckpt_dir):
+                atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+                log(f"[ds-hexamoe] --resume-fallback: resuming from {tag}, the newest checkpoint that verifies")
+            return tag
+        tried.append((tag, problems))
+    if not tried:
+        raise ConfigError(f"--resume-fallback: no published checkpoint in {ckpt_dir!r}; run without --resume")
+    detail = "; ".join(f"{tag}: {problems[0]}" for tag, problems in tried)
+    raise ConfigError(f"--resume-fallback: no checkpoint in {ckpt_dir!r} verifies against its manifest ({detail})")
+
+
+def _free_name(path: str) -> str:
+    n, out = 1, path
+    while os.path.exists(out):
+        n += 1
+        out = f"{path}{n}"
+    return out
+
+
+def after_failure(output_dir: str, ckpt_dir: str, rc: int) -> str:
+    """The line ``ds-hexamoe train`` prints when the job failed: which checkpoint is intact and how to resume."""
+    latest = read_latest(ckpt_dir)
+    what = f"training ended with exit code {rc} (a rank failed or was killed; its error is above)"
+    if latest is None or not os.path.isdir(os.path.join(ckpt_dir, latest)):
+        return f"[ds-hexamoe] {what}; no checkpoint was completed, so a new run starts from step 0"
+    return (f"[ds-hexamoe] {what}; the last complete checkpoint is {os.path.join(ckpt_dir, latest)}: continue with "
+            f"`ds-hexamoe train {os.path.join(output_dir, 'recipe.json')} --resume`")
