@@ -43,7 +43,7 @@ class RouterConfig:
 
 @dataclass
 class PlacementConfig:
-    solver: Literal["greedy", "eplb", "ilp"] = "greedy"
+    solver: Literal["greedy", "waterfill", "asym_ea", "eplb", "ilp"] = "greedy"  # greedy: old name of waterfill
     replicas: int = 0  # extra replicas of hot experts per layer
     ilp_time_limit: float = 10.0
     replan_every: int = 0  # 0: plan once
@@ -74,6 +74,24 @@ class LSHConfig:
 
 
 @dataclass
+class FSSDPConfig:
+    """FSSDP scheduling (docs/fssdp.md, "Scheduling"): ``"hecate"`` gathers each layer's predicted experts
+    before its router runs (history of the last ``history`` calls) and fetches the rest by a calibration
+    gather; ``"sync"`` gathers after the router, as before."""
+
+    schedule: Literal["hecate", "sync"] = "hecate"
+    history: int = 5  # calls of a layer in the sliding load window
+    # per rank and layer, at most this many non-owned experts are gathered ahead (null: every expert in the window)
+    budget: int | None = None
+    reshard_every: int = 100  # optimizer steps between load-aware re-ownerships; 0: never
+
+    def validate(self, path: str) -> None:
+        _check(self.history >= 1, f"{path}.history", self.history, "an integer >= 1")
+        _check(self.budget is None or self.budget >= 0, f"{path}.budget", self.budget, "an integer >= 0 or null")
+        _check(self.reshard_every >= 0, f"{path}.reshard_every", self.reshard_every, "an integer >= 0")
+
+
+@dataclass
 class HexaMoEConfig:
     """Typed form of ``config["hexamoe"]``."""
 
@@ -91,6 +109,7 @@ class HexaMoEConfig:
     devices_file: str | None = None
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     lsh: LSHConfig = field(default_factory=LSHConfig)
+    fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     collect_stats: bool = True
     stats_path: str | None = None
@@ -98,8 +117,9 @@ class HexaMoEConfig:
 
     def validate(self, path: str = "hexamoe") -> None:
         if self.shard_weights is not None:
-            _check(len(self.shard_weights) > 0 and all(w >= 0 for w in self.shard_weights) and sum(self.shard_weights) > 0,
-                   f"{path}.shard_weights", self.shard_weights, "a non-empty list of numbers >= 0 with a positive sum")
+            _check(len(self.shard_weights) > 0 and all(0 <= w < float("inf") for w in self.shard_weights)
+                   and sum(self.shard_weights) > 0,
+                   f"{path}.shard_weights", self.shard_weights, "a non-empty list of finite numbers >= 0 with a positive sum")
         if self.profile == "declared":
             _check(self.devices is not None or self.devices_file is not None, f"{path}.devices", None,
                    'a list of device profiles (or "devices_file") when "profile" is "declared"')

@@ -1,49 +1,75 @@
 #!/usr/bin/env python
-"""Training throughput of a tiny Mixtral on 2 CPU gloo ranks: FSSDP against DeepSpeed's own options.
+"""Training throughput of a Mixtral-style MoE on CPU gloo ranks: FSSDP against the alternatives.
 
-Modes (each in its own pair of spawned ranks, same model, data and optimizer):
-  fssdp       dense under ZeRO-2, experts fully sharded by ds-hexamoe FSSDP (sparse collectives)
-  zero2       ZeRO-2, every rank holds a replica of every expert
-  zero3_leaf  ZeRO-3 with the MoE block as a leaf module (deepspeed.utils.set_z3_leaf_modules)
-  autoep      DeepSpeed AutoEP ("expert_parallel" section); known to crash with transformers 5.23
-Reports tokens/s, peak RSS growth per rank and bytes moved per step, as ratios to FSSDP; prints a table
-and writes JSON. Bytes: DeepSpeed's comms logger (message sizes of its collectives) plus, for FSSDP,
-the payload its sparse collectives sent. Timings are only comparable within one run of this script.
+Contenders (each in its own set of spawned ranks, same model weights, data and optimizer):
+  fssdp            dense under ZeRO-2, experts fully sharded by FSSDP, Hecate's schedule (predicted gathers)
+  fssdp_sync       the same with the synchronous schedule (gather after the router)
+  fssdp_keep       fssdp without re-materialization (gathered experts kept for backward)
+  expert_parallel  ds-hexamoe's expert-parallel mode (experts hosted on their FSSDP owners, token all-to-all)
+  autoep           DeepSpeed AutoEP; it needs transformers 5.17.0, so it runs in a side virtual environment
+                   (built on first use: ~/.cache/ds-hexamoe/autoep-venv, --system-site-packages)
+  zero3_leaf       ZeRO-3 with the MoE block as a leaf module (deepspeed.utils.set_z3_leaf_modules)
+  zero2            ZeRO-2, every rank holds every expert
+
+Per contender: tokens_per_s, exposed_comm_s (per step: seconds the training thread blocked in FSSDP's
+collectives; measured for the FSSDP-managed contenders only, whose token all-to-alls in expert-parallel
+mode and DeepSpeed's dense collectives are not included), bytes_per_step (DeepSpeed's comms logger plus
+FSSDP's payload), expert_state_bytes_per_rank (expert parameters, gradients and optimizer state held per
+rank: measured for FSSDP, from the parameter count for the others), peak_expert_cache_bytes (FSSDP's
+materialized experts). ``--routing skewed`` biases every router toward a few experts through the weights
+(so every contender sees the same skew); ``natural`` keeps the random router. Prints a table of ratios to
+``fssdp`` and writes JSON with ``uptime`` at the start. Timings compare only within one run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+PRESETS = {"hecate": dict(hidden=256, ffn=512, experts=16, top_k=2, layers=4, seq=256, batch=2, vocab=1024,
+                          steps=4, warmup=2)}
+CONTENDERS = ("fssdp", "fssdp_sync", "expert_parallel", "autoep", "zero3_leaf")
+VENV = os.path.expanduser("~/.cache/ds-hexamoe/autoep-venv")
+AUTOEP_TRANSFORMERS = "5.17.0"
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _model(args):
-    import ds_hexamoe  # noqa: F401
+def _model(args, impl: str):
     from transformers import AutoModelForCausalLM, MixtralConfig
 
+    if impl == "hexamoe":
+        import ds_hexamoe  # noqa: F401  (registers the implementation)
     cfg = MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
                         max_position_embeddings=max(64, args.seq), num_local_experts=args.experts,
-                        num_experts_per_tok=args.top_k)
+                        num_experts_per_tok=args.top_k, router_jitter_noise=0.0)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, experts_implementation="hexamoe").float()
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation=impl).float()
+    if args.routing == "skewed":
+        _skew(model, args)
+    return model
+
+
+@torch.no_grad()
+def _skew(model, args) -> None:
+    """A common direction ``u`` added to every token embedding, and router rows leaning toward ``u`` with
+    geometrically falling strength: expert 0 gets the most tokens, then 1, ... (in the weights, so any
+    implementation routes alike)."""
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(args.hidden, generator=g)
+    u /= u.norm()
+    emb = model.get_input_embeddings().weight
+    emb += 4.0 * emb.std() * u
+    for layer in model.model.layers:
+        w = layer.mlp.gate.weight
+        strength = torch.tensor([0.7 ** e for e in range(w.size(0))]) * 3.0 * w.norm(dim=1).mean()
+        w += strength[:, None] * u[None, :]
 
 
 def _ds_config(args, mode: str) -> dict:
@@ -55,25 +81,53 @@ def _ds_config(args, mode: str) -> dict:
         "comms_logger": {"enabled": True, "verbose": False, "prof_all": True},
     }
     if mode == "autoep":
-        cfg["expert_parallel"] = {"enabled": True, "autoep_size": 2, "preset_model": "mixtral"}
+        cfg["expert_parallel"] = {"enabled": True, "autoep_size": args.world, "preset_model": "mixtral"}
     return cfg
 
 
-def _ds_bytes() -> int:
+def _ds_log():
     from deepspeed.comm import comm
 
-    log = getattr(comm, "comms_logger", None)
+    return getattr(comm, "comms_logger", None)
+
+
+def _ds_totals() -> tuple[int, float]:
+    """(bytes, seconds) DeepSpeed's comms logger recorded since the last reset."""
+    log = _ds_log()
     if log is None:
-        return 0
-    return int(sum(size * rec[0] for op in log.comms_dict.values() for size, rec in op.items()))
+        return 0, 0.0
+    recs = [rec for op in log.comms_dict.values() for rec in op.items()]
+    return (int(sum(size * rec[0] for size, rec in recs)), sum(sum(rec[1]) for _, rec in recs) / 1e3)
 
 
-def _ds_reset() -> None:
-    from deepspeed.comm import comm
+def _build(args, mode: str, model, ds):
+    import deepspeed
 
-    log = getattr(comm, "comms_logger", None)
-    if log is not None:
-        log.comms_dict.clear()
+    manager = None
+    if mode.startswith("fssdp") or mode == "expert_parallel":
+        from ds_hexamoe.config import HexaMoEConfig
+        from ds_hexamoe.fssdp import FSSDPManager
+
+        hx = {"sharding": "fssdp", "rematerialize": mode != "fssdp_keep", "prefetch": True,
+              "fssdp": {"schedule": "sync" if mode == "fssdp_sync" else "hecate", "reshard_every": 0}}
+        if mode == "expert_parallel":
+            hx["mode"] = "expert_parallel"
+        manager = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict(hx))
+        params = [p for p in model.parameters() if not manager.owns(p)]
+    else:
+        params = list(model.parameters())
+        if mode == "zero3_leaf":
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(model, [type(model.model.layers[0].mlp)])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+    if manager is not None:
+        manager.attach(engine, optimizer_config=ds["optimizer"])
+    return engine, manager
+
+
+def _expert_numel(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".experts" in n.rsplit(".", 1)[0])
 
 
 def _worker(rank: int, world: int, mode: str, args) -> dict:
@@ -84,107 +138,197 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
     deepspeed.init_distributed("gloo")
-    rss0 = _rss_mb()
-    model = _model(args)
-    ds = _ds_config(args, mode)
-    manager = None
+    model = _model(args, "eager" if mode == "autoep" else "hexamoe")
+    expert_numel = _expert_numel(model)
     try:
-        if mode == "fssdp":
-            from ds_hexamoe.config import HexaMoEConfig
-            from ds_hexamoe.fssdp import FSSDPManager
-
-            manager = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict(
-                {"sharding": "fssdp", "rematerialize": args.remat, "prefetch": True}))
-            params = [p for p in model.parameters() if not manager.owns(p)]
-        else:
-            params = list(model.parameters())
-            if mode == "zero3_leaf":
-                from deepspeed.utils import set_z3_leaf_modules
-                from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-                set_z3_leaf_modules(model, [MixtralSparseMoeBlock])
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
-        if manager is not None:
-            manager.attach(engine, optimizer_config=ds["optimizer"])
-    except Exception as e:  # AutoEP with transformers 5.23 fails here: record it
+        engine, manager = _build(args, mode, model, _ds_config(args, mode))
+    except Exception as e:
         return {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)]
+    fssdp_bytes = fssdp_exposed = 0.0
+    exposed_by: dict[str, float] = {}
     for i, x in enumerate(data):
         if i == args.warmup:
-            _ds_reset()
+            log = _ds_log()
+            if log is not None:
+                log.comms_dict.clear()
             torch.distributed.barrier()
             t0 = time.perf_counter()
-            fssdp_bytes = 0
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
         if i >= args.warmup and manager is not None:
-            fssdp_bytes += manager.last_step_comm_stats()["total"]
+            c = manager.last_step_comm_stats()
+            fssdp_bytes += c["total"]
+            fssdp_exposed += c["exposed_comm_s"]
+            for k, v in c["exposed_by"].items():
+                exposed_by[k] = exposed_by.get(k, 0.0) + v / args.steps
     torch.distributed.barrier()
     dt = time.perf_counter() - t0
-    out = {"mode": mode, "tokens_per_s": args.steps * args.batch * args.seq / dt, "step_s": dt / args.steps,
-           "peak_rss_growth_mb": _peak_mb() - rss0, "ds_bytes_per_step": _ds_bytes() / args.steps,
-           "fssdp_bytes_per_step": (fssdp_bytes / args.steps) if manager is not None else 0.0,
-           "loss": float(loss.detach())}
-    out["bytes_per_step"] = out["ds_bytes_per_step"] + out["fssdp_bytes_per_step"]
+    ds_bytes, ds_s = _ds_totals()
+    n = args.steps
+    out = {"mode": mode, "tokens_per_s": n * args.batch * args.seq / dt, "step_s": dt / n,
+           "bytes_per_step": (ds_bytes + fssdp_bytes) / n, "ds_logger_comm_s": ds_s / n, "loss": float(loss.detach()),
+           # FSSDP's own blocked time; DeepSpeed's logger latencies exceed the step time on gloo: not comparable
+           "exposed_comm_s": fssdp_exposed / n if manager is not None else None, "exposed_by": exposed_by}
+    # fp32 parameter + gradient + two Adam moments per expert element, unless measured
     if manager is not None:
-        out["expert_state_bytes"] = manager.memory_stats()["expert_state_bytes"]
+        mem = manager.memory_stats()
+        out["expert_state_bytes_per_rank"] = mem["expert_state_bytes"]
+        out["peak_expert_cache_bytes"] = mem["cache_bytes"]
+        calls = [c for h in manager._history.values() for c in h.calls]
+        tok = [sum(c[q][e] for c in calls for q in range(world)) for e in range(args.experts)]
+        out["routing_max_over_mean"] = max(tok) / max(1e-9, sum(tok) / len(tok))
+    elif mode == "zero2":
+        out["expert_state_bytes_per_rank"] = expert_numel * 4 * (1 + 3 / world)  # replica + partitioned grads/moments
+    else:  # zero3_leaf partitions everything; AutoEP holds E/world experts, their optimizer state unsharded
+        out["expert_state_bytes_per_rank"] = expert_numel * 16 / world
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="fssdp,zero2,zero3_leaf,autoep")
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--ffn", type=int, default=128)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=128)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json", default="bench_train.json")
-    p.add_argument("--timeout", type=float, default=400)
-    args = p.parse_args(argv)
-    from ds_hexamoe.testing import run_distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
-    results = {}
-    for mode in args.modes.split(","):
-        try:
-            ranks = run_distributed(_worker, args.world, mode, args, init_process_group=False, timeout=args.timeout)
-            results[mode] = {"ranks": ranks, "error": next((r["error"] for r in ranks if "error" in r), None)}
-        except Exception as e:  # a crash that killed the ranks (not caught inside them)
-            results[mode] = {"ranks": [], "error": f"{type(e).__name__}: {str(e)[-300:]}"}
-    base = results.get("fssdp", {}).get("ranks") or []
-    metrics = ("tokens_per_s", "peak_rss_growth_mb", "bytes_per_step")
+
+def _rank_main(rank, world, port, mode, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    try:
+        queue.put((rank, _worker(rank, world, mode, args)))
+    except Exception as e:  # a rank that dies reports why
+        queue.put((rank, {"mode": mode, "error": f"{type(e).__name__}: {str(e)[:300]}"}))
+
+
+def _launch(mode: str, args) -> list[dict]:
+    """Run ``mode`` on ``args.world`` spawned ranks; every rank's result (or error)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, args.world, port, mode, args, queue)) for r in range(args.world)]
+    for p in procs:
+        p.start()
+    got, deadline = {}, time.monotonic() + args.timeout
+    try:
+        while len(got) < args.world and time.monotonic() < deadline:
+            try:
+                r, res = queue.get(timeout=5)
+                got[r] = res
+            except Exception:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [got.get(r, {"mode": mode, "error": "rank died or timed out"}) for r in range(args.world)]
+
+
+def _venv_python() -> str:
+    """The side environment's python with transformers 5.17.0 (built on first use)."""
+    py = os.path.join(VENV, "bin", "python")
+    probe = [py, "-c", "import transformers; print(transformers.__version__)"]
+    if os.path.exists(py) and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == AUTOEP_TRANSFORMERS:
+        return py
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", VENV], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", f"transformers=={AUTOEP_TRANSFORMERS}"], check=True)
+    return py
+
+
+def _run_autoep(args) -> list[dict]:
+    """AutoEP in the side environment: this script again, for that one contender."""
+    try:
+        py = _venv_python()
+    except Exception as e:
+        return [{"mode": "autoep", "error": f"side environment: {type(e).__name__}: {e}"}]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "autoep.json")
+        cmd = [py, os.path.abspath(__file__), "--child", "--modes", "autoep", "--json", out]
+        for k in ("world", "hidden", "ffn", "experts", "top_k", "layers", "vocab", "seq", "batch", "steps", "warmup",
+                  "routing", "timeout"):
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 120)
+        if not os.path.exists(out):
+            return [{"mode": "autoep", "error": f"child exited {proc.returncode}: {proc.stderr[-300:]}"}]
+        with open(out) as fh:
+            return json.load(fh)["raw"]["autoep"]["ranks"]
+
+
+def _table(results: dict) -> list[dict]:
+    metrics = ("tokens_per_s", "exposed_comm_s", "bytes_per_step", "expert_state_bytes_per_rank")
 
     def avg(ranks, key):
-        vals = [r[key] for r in ranks if key in r]
+        vals = [r[key] for r in ranks if r.get(key) is not None]
         return sum(vals) / len(vals) if vals else None
 
-    table = []
+    base = results.get("fssdp", {}).get("ranks") or []
+    rows = []
     for mode, res in results.items():
         row = {"mode": mode, "error": res["error"]}
         for m in metrics:
             v, b = avg(res["ranks"], m), avg(base, m)
-            row[m] = v
-            row[f"{m}_vs_fssdp"] = (v / b) if (v is not None and b) else None
-        table.append(row)
-    print(f"{'mode':<12}{'tokens/s':>12}{'x fssdp':>9}{'peak MB/rank':>14}{'x fssdp':>9}{'bytes/step':>14}{'x fssdp':>9}  note")
-    for row in table:
-        def f(v, fmt):
-            width = int(fmt.split(".")[0])
-            return format(v, fmt) if v is not None else "-".rjust(width)
-        print(f"{row['mode']:<12}{f(row['tokens_per_s'], '12.1f')}{f(row['tokens_per_s_vs_fssdp'], '9.2f')}"
-              f"{f(row['peak_rss_growth_mb'], '14.1f')}{f(row['peak_rss_growth_mb_vs_fssdp'], '9.2f')}"
-              f"{f(row['bytes_per_step'], '14.0f')}{f(row['bytes_per_step_vs_fssdp'], '9.2f')}  {row['error'] or ''}")
+            row[m], row[f"{m}_vs_fssdp"] = v, ((v / b) if (v is not None and b) else None)
+        rows.append(row)
+    return rows
+
+
+def _print(rows: list[dict]) -> None:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
+
+    print(f"{'contender':<16}{'tokens/s':>10}{'x':>7}{'exposed s':>11}{'x':>7}{'bytes/step':>13}{'x':>7}"
+          f"{'expert B/rank':>15}{'x':>7}  note")
+    for r in rows:
+        print(f"{r['mode']:<16}{f(r['tokens_per_s'], '10.1f')}{f(r['tokens_per_s_vs_fssdp'], '7.2f')}"
+              f"{f(r['exposed_comm_s'], '11.4f')}{f(r['exposed_comm_s_vs_fssdp'], '7.2f')}"
+              f"{f(r['bytes_per_step'], '13.0f')}{f(r['bytes_per_step_vs_fssdp'], '7.2f')}"
+              f"{f(r['expert_state_bytes_per_rank'], '15.0f')}{f(r['expert_state_bytes_per_rank_vs_fssdp'], '7.2f')}"
+              f"  {r['error'] or ''}")
+    print("x: ratio to fssdp (tokens/s above 1 is faster; the others above 1 are more)")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and step counts (flags override)")
+    p.add_argument("--routing", choices=("natural", "skewed"), default="natural")
+    p.add_argument("--modes", default=",".join(CONTENDERS))
+    p.add_argument("--world", type=int, default=2)
+    for k, v in dict(hidden=64, ffn=128, experts=8, top_k=2, layers=2, vocab=128, seq=32, batch=4, steps=10,
+                     warmup=2).items():
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {v}")
+    p.add_argument("--json", default="bench_train.json")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    base = dict(hidden=64, ffn=128, experts=8, top_k=2, layers=2, vocab=128, seq=32, batch=4, steps=10, warmup=2)
+    base.update(PRESETS.get(args.preset, {}))
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"uptime at start: {uptime}")
+    results = {}
+    for mode in args.modes.split(","):
+        t0 = time.perf_counter()
+        ranks = _run_autoep(args) if (mode == "autoep" and not args.child) else _launch(mode, args)
+        results[mode] = {"ranks": ranks, "error": next((r["error"] for r in ranks if "error" in r), None),
+                         "wall_s": time.perf_counter() - t0}
+        print(f"  {mode}: {results[mode]['wall_s']:.0f}s {results[mode]['error'] or 'ok'}", flush=True)
+    rows = _table(results)
+    _print(rows)
     with open(args.json, "w") as fh:
-        json.dump({"args": vars(args), "table": table, "raw": results}, fh, indent=1, default=str)
+        json.dump({"uptime": uptime, "args": vars(args), "contenders": {r["mode"]: r for r in rows}, "raw": results},
+                  fh, indent=1, default=str)
     print(f"wrote {args.json}")
     return 0
 

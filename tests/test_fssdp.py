@@ -28,15 +28,22 @@ def make_model(num_experts: int = 8, top_k: int = 2, seed: int = 0, impl: str = 
     return model
 
 
-def set_routing(model, rules: dict[int, tuple[str, int]]):
+PHASE = {"step": 0}  # the optimizer step being run (train_steps / reference set it): "switch" rules read it
+
+
+def set_routing(model, rules: dict[int, tuple]):
     """Custom routing for tests: ``{layer: ("hot", e)}`` sends every token to expert ``e`` (both choices);
-    ``{layer: ("avoid", e)}`` re-routes choices of ``e`` to ``e+1``. Router weights still get gradients."""
+    ``{layer: ("avoid", e)}`` re-routes choices of ``e`` to ``e+1``; ``{layer: ("switch", e, f, k)}`` is
+    ``("hot", e)`` before optimizer step ``k`` and ``("hot", f)`` from it on (an abrupt routing change).
+    Router weights still get gradients."""
     handles = []
-    for i, (kind, e) in rules.items():
+    for i, (kind, e, *rest) in rules.items():
         router = model.model.layers[i].mlp.gate
 
-        def hook(mod, args, out, kind=kind, e=e):
+        def hook(mod, args, out, kind=kind, e=e, rest=tuple(rest)):
             logits, scores, index = out
+            if kind == "switch":
+                kind, e = "hot", (e if PHASE["step"] < rest[1] else rest[0])
             index = torch.full_like(index, e) if kind == "hot" else torch.where(index == e, (e + 1) % mod.num_experts, index)
             return logits, scores, index
 
@@ -67,8 +74,11 @@ def ds_config(case: dict) -> dict:
 def hexamoe_cfg(case: dict):
     from ds_hexamoe.config import HexaMoEConfig
 
+    fssdp = {"schedule": case.get("schedule", "hecate"), "history": case.get("history", 5), "budget": case.get("budget"),
+             "reshard_every": case.get("reshard_every", 100)}
     return HexaMoEConfig.from_dict({"sharding": "fssdp", "shard_weights": case.get("shard_weights"),
-                                    "rematerialize": case.get("remat", True), "prefetch": case.get("prefetch", True)})
+                                    "rematerialize": case.get("remat", True), "prefetch": case.get("prefetch", True),
+                                    "fssdp": fssdp})
 
 
 def build_engine(case: dict, seed: int = 0):
@@ -96,6 +106,7 @@ def train_steps(engine, manager, case: dict, rank: int, world: int, steps: range
     rows = case["global_rows"] // world
     out = out if out is not None else {"loss": [], "lr": [], "norm": [], "comm": []}
     for s in steps:
+        PHASE["step"] = s
         if before_step is not None:
             before_step(s, out)
         out["lr"].append(engine.get_lr()[0])
@@ -131,6 +142,7 @@ def reference(case: dict, steps: int) -> dict:
     rows = case["global_rows"] // world
     out = {"loss": [], "lr": [], "norm": [], "states": []}
     for s in range(steps):
+        PHASE["step"] = s
         out["lr"].append(opt.param_groups[0]["lr"])
         total = 0.0
         for m in range(gas):
@@ -181,7 +193,8 @@ def _train_worker(rank: int, world: int, case: dict) -> dict:
     out = train_steps(engine, manager, case, rank, world, range(case["steps"]))
     out["state"] = manager.full_state_dict()
     out["memory"] = manager.memory_stats()
-    out["shards"] = {layer.name: (layer.first, layer.local_count) for layer in manager.layers}
+    out["ownership"] = [layer.ownership.experts for layer in manager.layers]
+    out["shards"] = {layer.name: (layer.owned[0] if layer.owned else None, layer.local_count) for layer in manager.layers}
     return out
 
 
@@ -215,9 +228,9 @@ def _print_memory(case: dict, results: list[dict]) -> None:
 
 def test_two_ranks_even_remat_prefetch_accumulation_skewed_routing():
     """2 ranks, even shards, re-materialization with prefetch, 2 micro-batches per step, clipping on;
-    layer 0 sends every token to expert 2, layer 1 never uses expert 7."""
+    layer 0 sends every token to expert 2, layer 1 never uses expert 7 (the synchronous schedule)."""
     case = dict(world=2, experts=8, top_k=2, micro=2, gas=2, global_rows=4, lr=3e-3, clip=0.3, steps=5,
-                remat=True, prefetch=True, routing={0: ("hot", 2), 1: ("avoid", 7)})
+                remat=True, prefetch=True, routing={0: ("hot", 2), 1: ("avoid", 7)}, schedule="sync")
     results = run_distributed(_train_worker, 2, case, init_process_group=False, timeout=400)
     _check_equivalence(case, results)
     _print_memory(case, results)

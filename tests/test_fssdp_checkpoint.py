@@ -21,10 +21,10 @@ def _expert_optimizer_rows(manager) -> dict:
     out = {}
     for e in manager.optimizer.entries:
         li, name = e.key
-        first = manager.layers[li].first
+        owned = manager.layers[li].owned
         for k, v in manager.optimizer.state(e).items():
             if torch.is_tensor(v) and v.dim() >= 1:
-                out.update({(li, name, first + i, k): v[i].clone() for i in range(v.size(0))})
+                out.update({(li, name, owned[i], k): v[i].clone() for i in range(v.size(0))})
             else:
                 out[(li, name, -1, k)] = torch.as_tensor(v).clone()
     return out
@@ -38,14 +38,17 @@ def _save_and_resume_worker(rank: int, world: int, case: dict, ckpt: str) -> dic
     engine, manager = build_engine(case)
     train_steps(engine, manager, case, rank, world, range(SAVE_AT))
     engine.save_checkpoint(ckpt, tag="s3")
+    own_saved = [layer.ownership.experts for layer in manager.layers]
     saved, saved_opt = manager.full_state_dict(), _expert_optimizer_rows(manager)
     cont = train_steps(engine, manager, case, rank, world, range(SAVE_AT, case["steps"]))
     final = manager.full_state_dict()
     # a fresh, differently initialized model resumes from the checkpoint on the same ranks
     engine2, manager2 = build_engine(case, seed=1)
     engine2.load_checkpoint(ckpt, tag="s3")
+    own_loaded = [layer.ownership.experts for layer in manager2.layers]
     resumed = train_steps(engine2, manager2, case, rank, world, range(SAVE_AT, case["steps"]))
     return {"cont": cont, "resumed": resumed, "saved": saved, "saved_opt": saved_opt, "final": final,
+            "own_saved": own_saved, "own_loaded": own_loaded,
             "final2": manager2.full_state_dict(), "files": sorted(os.listdir(os.path.join(ckpt, "s3")))}
 
 
@@ -64,7 +67,7 @@ def _resume_elsewhere_worker(rank: int, world: int, case: dict, ckpt: str, expor
         manager.model.save_pretrained(export, state_dict=full)
     torch.distributed.barrier()
     return {"resumed": resumed, "loaded": loaded, "loaded_opt": loaded_opt, "final": full,
-            "owned": [(layer.first, layer.local_count) for layer in manager.layers]}
+            "owned": [(layer.owned[0] if layer.owned else None, layer.local_count) for layer in manager.layers]}
 
 
 def _union(dicts):

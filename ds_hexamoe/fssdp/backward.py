@@ -56,7 +56,9 @@ class BackwardMixin:
             nxt = self._previous_record(record)
             if nxt is not None:
                 other = self.cache.slot(self._bwd_turn, nxt.layer.dtype, nxt.layer.device)
-                if other is not slot:
+                # a slot still holding a layer backward has yet to reach (forward left two there) is kept
+                waiting = other.owner is not None and not other.owner.done and other.owner.slot is other
+                if other is not slot and not waiting:
                     other.claim(nxt)
                     other.pending = sparse_all_gather(nxt.layer, nxt.transfer, nxt.layer.full_views(other.buf),
                                                       self.group, self.stats, kind="regather_bytes", async_op=True)

@@ -1,10 +1,12 @@
 """FSSDP checkpoints beside DeepSpeed's, re-sharded by expert id on load, and full-expert export.
 
 Layout inside DeepSpeed's ``<save_dir>/<tag>/``: ``fssdp_rank{r:05d}.pt`` per rank (its shards, fp32
-masters and optimizer state, keyed by layer name and global expert range) and ``fssdp_index.json``
-(world size and every rank's expert ranges). Each file is written to a temporary name and renamed, so
-a crash never leaves a half-written file under the final name. A rank loading with a different world
-size reads only the files whose expert ranges overlap the experts it owns now.
+masters and optimizer state, keyed by layer name, rows in the order of the global expert ids listed)
+and ``fssdp_index.json`` (world size and every rank's expert ids per layer; format 1 stored contiguous
+ranges, still read). Each file is written to a temporary name and renamed, so a crash never leaves a
+half-written file under the final name. Loading on the same world size adopts the saved ownership
+(which load-aware re-ownership may have made non-contiguous); on another world size each rank keeps
+its current experts. Either way a rank reads only the files holding experts it owns.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import torch
 import torch.distributed as dist
 
-FORMAT = 1
+FORMAT = 2
 INDEX = "fssdp_index.json"
 
 
@@ -42,7 +44,7 @@ def save_shards(mgr, directory: str) -> None:
     entries = {e.key: e for e in opt.entries} if opt is not None else {}
     for layer in mgr.layers:
         rec = {"index": layer.index, "num_experts": layer.num_experts,
-               "experts": [layer.first, layer.first + layer.local_count], "params": {}, "optim": {}}
+               "expert_ids": list(layer.owned), "params": {}, "optim": {}}
         for n, p in layer.shards.items():
             e = entries.get((layer.index, n))
             rec["params"][n] = (e.master if e is not None else p).detach().clone()
@@ -54,7 +56,7 @@ def save_shards(mgr, directory: str) -> None:
     _atomic_save(payload, os.path.join(directory, _rank_file(mgr.rank)))
     if mgr.rank == 0:
         index = {"format": FORMAT, "world_size": mgr.world_size,
-                 "layers": {layer.name: list(layer.ownership.starts) for layer in mgr.layers}}
+                 "layers": {layer.name: [list(ids) for ids in layer.ownership.experts] for layer in mgr.layers}}
         _atomic_save(index, os.path.join(directory, INDEX))
     dist.barrier(group=mgr.group)
 
@@ -68,16 +70,14 @@ def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None
                                 "engine with FSSDP attached (or is incomplete)")
     with open(path) as fh:
         index = json.load(fh)
+    saved = _saved_ownership(mgr, index, directory)
+    if index["world_size"] == mgr.world_size:
+        _adopt(mgr, saved)
     need: dict[int, list] = {}
     for layer in mgr.layers:
-        if layer.name not in index["layers"]:
-            raise KeyError(f"FSSDP checkpoint {directory!r} has no experts module {layer.name!r}")
-        starts = index["layers"][layer.name]
-        if starts[-1] != layer.num_experts:
-            raise ValueError(f"FSSDP checkpoint: {layer.name!r} has {starts[-1]} experts, the model {layer.num_experts}")
-        lo, hi = layer.first, layer.first + layer.local_count
-        for r in range(len(starts) - 1):
-            if starts[r] < hi and lo < starts[r + 1]:
+        mine = set(layer.owned)
+        for r, ids in enumerate(saved[layer.index].experts):
+            if mine.intersection(ids):
                 need.setdefault(r, []).append(layer)
     opt = mgr.optimizer
     entries = {e.key: e for e in opt.entries} if opt is not None else {}
@@ -86,24 +86,24 @@ def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None
         data = torch.load(os.path.join(directory, _rank_file(r)), map_location="cpu", weights_only=True)
         for layer in layers:
             rec = data["layers"][layer.name]
-            f_lo, f_hi = rec["experts"]
-            lo, hi = max(layer.first, f_lo), min(layer.first + layer.local_count, f_hi)
-            dst = slice(lo - layer.first, hi - layer.first)
-            src = slice(lo - f_lo, hi - f_lo)
+            f_ids = rec["expert_ids"] if "expert_ids" in rec else list(range(*rec["experts"]))
+            both = [e for e in f_ids if e in set(layer.owned)]
+            dst = layer.local_rows(both).cpu()
+            src = torch.tensor([f_ids.index(e) for e in both], dtype=torch.long)
             for n, p in layer.shards.items():
                 e = entries.get((layer.index, n))
                 with torch.no_grad():
-                    p[dst].copy_(rec["params"][n][src])
+                    p.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, p.dtype))
                     if e is not None and e.master is not p:
-                        e.master[dst].copy_(rec["params"][n][src])
+                        e.master.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, e.master.dtype))
                 if e is None or not load_optimizer_states or n not in rec["optim"]:
                     continue
                 st = states.setdefault((layer.index, n), {})
                 for k, v in rec["optim"][n].items():
-                    if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == f_hi - f_lo:  # per-expert state
+                    if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == len(f_ids):  # per-expert state
                         if k not in st:
                             st[k] = torch.zeros((layer.local_count, *v.shape[1:]), dtype=v.dtype)
-                        st[k][dst].copy_(v[src])
+                        st[k].index_copy_(0, dst, v[src])
                     elif k not in st:
                         st[k] = v.clone() if torch.is_tensor(v) else v
     if opt is not None and load_optimizer_states:
@@ -111,6 +111,41 @@ def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None
             opt.set_state(entries[key], st)
     mgr.zero_grad()
     dist.barrier(group=mgr.group)
+
+
+def _saved_ownership(mgr, index: dict, directory: str) -> dict:
+    """``{layer index: LayerOwnership}`` of the checkpoint (format 1: contiguous ``starts``)."""
+    from .ownership import LayerOwnership
+
+    out = {}
+    for layer in mgr.layers:
+        if layer.name not in index["layers"]:
+            raise KeyError(f"FSSDP checkpoint {directory!r} has no experts module {layer.name!r}")
+        entry = index["layers"][layer.name]
+        if index.get("format", 1) == 1:
+            own = LayerOwnership.from_starts(entry[-1], entry)
+        else:
+            own = LayerOwnership(sum(len(ids) for ids in entry), tuple(tuple(ids) for ids in entry))
+        if own.num_experts != layer.num_experts:
+            raise ValueError(f"FSSDP checkpoint: {layer.name!r} has {own.num_experts} experts, the model "
+                             f"{layer.num_experts}")
+        out[layer.index] = own
+    return out
+
+
+def _adopt(mgr, saved: dict) -> None:
+    """Same world size: take the saved ownership (shards rebuilt empty, then filled from the files)."""
+    from .migrate import _rebuild_shards
+
+    if all(layer.ownership == saved[layer.index] for layer in mgr.layers):
+        return
+    owns = [saved[layer.index] for layer in mgr.layers]
+    rows = {(layer.index, n): torch.zeros(own.count(mgr.rank), layer.expert_numel(n), device=layer.device)
+            for layer, own in zip(mgr.layers, owns) for n in layer.param_names}
+    spec = mgr.optimizer.spec if mgr.optimizer is not None else None
+    _rebuild_shards(mgr, owns, rows)
+    if spec is not None:
+        mgr.build_optimizer(spec)
 
 
 def _tag_dir(engine, root: str, tag) -> str | None:
@@ -160,6 +195,7 @@ def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     out = {k: v.detach().clone() for k, v in mgr.model.state_dict().items()} if (mgr.rank == 0 or not rank0_only) else {}
     for layer in mgr.layers:
         counts = [layer.ownership.count(r) for r in range(world)]
+        ids = torch.tensor([e for r in range(world) for e in layer.ownership.owned(r)], dtype=torch.long)
         cap = max(counts)
         for n, p in layer.shards.items():
             shape = layer.expert_shapes[n]
@@ -168,7 +204,8 @@ def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
             bufs = [torch.empty_like(send) for _ in range(world)]
             dist.all_gather(bufs, send, group=group)
             if mgr.rank == 0 or not rank0_only:
-                full = torch.cat([b[:c] for b, c in zip(bufs, counts)], dim=0)
+                rows = torch.cat([b[:c] for b, c in zip(bufs, counts)], dim=0)
+                full = torch.empty_like(rows).index_copy_(0, ids.to(rows.device), rows)
                 prefix = f"{layer.name}." if layer.name else ""
                 out[prefix + n] = full
     return out

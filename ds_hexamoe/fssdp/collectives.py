@@ -7,8 +7,10 @@ ranks alike, which every rank can tell from the exchanged masks.
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -24,10 +26,12 @@ class CommStats:
 
     ``as_dict()``: the keys ending in ``bytes`` are disjoint parts of what this rank sent (their sum is
     ``total``); ``received`` and ``per_expert`` (``{(layer, expert): bytes}``) are separate views.
+    ``exposed_comm_s``: seconds the calling thread blocked on FSSDP's collectives (not their issue).
     """
 
-    mask_bytes: int = 0  # active-mask all_gather
-    gather_bytes: int = 0  # forward SparseAllGather
+    mask_bytes: int = 0  # active-mask (expert load) all_gather
+    gather_bytes: int = 0  # forward SparseAllGather (the predicted gather under the hecate schedule)
+    calibrate_bytes: int = 0  # forward calibration gather: experts used but not predicted (hecate)
     regather_bytes: int = 0  # backward re-materialization
     reduce_bytes: int = 0  # SparseReduceScatter of gradients
     norm_bytes: int = 0  # expert part of the global gradient norm / overflow flag
@@ -35,15 +39,21 @@ class CommStats:
     collectives: int = 0  # sparse all_to_all calls actually issued
     skipped: int = 0  # sparse exchanges skipped because nothing had to move
     experts_sent: int = 0  # expert copies (weights or gradients) sent
+    calibrations: int = 0  # calibration gathers issued
+    exposed_s: float = 0.0
+    exposed_by: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # by what was waited for
     expert_bytes: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
 
     @property
     def total_bytes(self) -> int:
-        return self.mask_bytes + self.gather_bytes + self.regather_bytes + self.reduce_bytes + self.norm_bytes
+        return (self.mask_bytes + self.gather_bytes + self.calibrate_bytes + self.regather_bytes + self.reduce_bytes
+                + self.norm_bytes)
 
     def as_dict(self) -> dict:
         return {
-            "mask_bytes": self.mask_bytes, "gather_bytes": self.gather_bytes, "regather_bytes": self.regather_bytes,
+            "mask_bytes": self.mask_bytes, "gather_bytes": self.gather_bytes, "calibrate_bytes": self.calibrate_bytes,
+            "regather_bytes": self.regather_bytes, "calibrations": self.calibrations, "exposed_comm_s": self.exposed_s,
+            "exposed_by": dict(self.exposed_by),
             "reduce_bytes": self.reduce_bytes, "norm_bytes": self.norm_bytes, "total": self.total_bytes,
             "received": self.recv_bytes, "collectives": self.collectives, "skipped": self.skipped,
             "experts_sent": self.experts_sent, "per_expert": dict(self.expert_bytes),
@@ -74,39 +84,70 @@ def plan_transfer(ownership: LayerOwnership, masks: list[list[bool]], rank: int)
     return Transfer(sends=sends, recvs=recvs, local=local, moves=moves)
 
 
+@contextmanager
+def blocked(stats: CommStats | None, what: str = "other"):
+    """Count the enclosed wall time as exposed communication (the thread blocks on a collective), also under
+    ``stats.exposed_by[what]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if stats is not None:
+            dt = time.perf_counter() - t0
+            stats.exposed_s += dt
+            stats.exposed_by[what] += dt
+
+
 def exchange_masks(mask_e: torch.Tensor, group, stats: CommStats) -> list[list[bool]]:
     """All ranks' active-expert masks ``[N][E]`` (one tiny all_gather of ``E`` bytes per rank)."""
     n = dist.get_world_size(group)
     m = mask_e.to(device="cpu", dtype=torch.uint8).contiguous()
     out = [torch.empty_like(m) for _ in range(n)]
-    dist.all_gather(out, m, group=group)
+    with blocked(stats, "masks"):
+        dist.all_gather(out, m, group=group)
     stats.mask_bytes += m.numel() * (n - 1)
     return [t.bool().tolist() for t in out]
 
 
-class Pending:
-    """An issued (possibly asynchronous) exchange; :meth:`wait` finishes it exactly once."""
+def exchange_counts(counts_e: torch.Tensor, group, stats: CommStats) -> list[list[int]]:
+    """All ranks' expert loads ``[N][E]`` (tokens per expert; one all_gather of ``4E`` bytes per rank):
+    the active masks and the load history in one collective."""
+    n = dist.get_world_size(group)
+    c = counts_e.to(device="cpu", dtype=torch.int32).contiguous()
+    out = [torch.empty_like(c) for _ in range(n)]
+    with blocked(stats, "loads"):
+        dist.all_gather(out, c, group=group)
+    stats.mask_bytes += 4 * c.numel() * (n - 1)
+    return [t.tolist() for t in out]
 
-    def __init__(self, work, finish: Callable[[], object]):
+
+class Pending:
+    """An issued (possibly asynchronous) exchange; :meth:`wait` finishes it exactly once (the wait for the
+    collective counts into ``stats.exposed_s``)."""
+
+    def __init__(self, work, finish: Callable[[], object], stats: CommStats | None = None, what: str = "other"):
         self._work, self._finish, self._result, self._done = work, finish, None, False
+        self._stats, self._what = stats, what
 
     def wait(self):
         if not self._done:
             if self._work is not None:
-                self._work.wait()
+                with blocked(self._stats, self._what):
+                    self._work.wait()
             self._result = self._finish()
             self._done = True
             self._work = self._finish = None
         return self._result
 
 
-def _exchange(send_rows, send_counts, recv_counts, width, dtype, device, group, async_op):
+def _exchange(send_rows, send_counts, recv_counts, width, dtype, device, group, async_op, stats, what):
     recv = torch.empty(sum(recv_counts) * width, dtype=dtype, device=device)
     send = send_rows.reshape(-1).contiguous()
-    work = dist.all_to_all_single(
-        recv, send, output_split_sizes=[c * width for c in recv_counts],
-        input_split_sizes=[c * width for c in send_counts], group=group, async_op=async_op,
-    )
+    with blocked(None if async_op else stats, what):
+        work = dist.all_to_all_single(
+            recv, send, output_split_sizes=[c * width for c in recv_counts],
+            input_split_sizes=[c * width for c in send_counts], group=group, async_op=async_op,
+        )
     return recv, send, work
 
 
@@ -124,7 +165,8 @@ def sparse_all_gather(
     layer: ExpertLayer, transfer: Transfer, full: dict[str, torch.Tensor], group, stats: CommStats,
     *, kind: str = "gather_bytes", async_op: bool = False,
 ) -> Pending:
-    """Materialize every expert this rank used into the full-layer views ``full`` (owned ones by a local copy)."""
+    """Materialize every expert this rank used into the full-layer views ``full`` (owned ones by a local copy).
+    ``kind``: the :class:`CommStats` field the bytes count into."""
     if transfer.local:
         layer.unpack_into(full, list(transfer.local), layer.pack_local(list(transfer.local)))
     if not transfer.moves:
@@ -136,7 +178,8 @@ def sparse_all_gather(
     rows = layer.pack_local(flat_send) if flat_send else torch.empty(0, width, dtype=dtype, device=layer.device)
     send_counts = [len(s) for s in send_lists]
     recv_counts = [len(r) for r in transfer.recvs]
-    recv, send, work = _exchange(rows, send_counts, recv_counts, width, dtype, layer.device, group, async_op)
+    what = kind.replace("_bytes", "") + ("_ahead" if async_op and kind == "gather_bytes" else "")
+    recv, send, work = _exchange(rows, send_counts, recv_counts, width, dtype, layer.device, group, async_op, stats, what)
     stats.collectives += 1
     esize = torch.empty(0, dtype=dtype).element_size()
     _count(stats, layer, transfer.sends, width * esize, kind)
@@ -149,7 +192,7 @@ def sparse_all_gather(
         if flat_recv:
             layer.unpack_into(full, flat_recv, recv.view(len(flat_recv), width))
 
-    return Pending(work if async_op else None, finish)
+    return Pending(work if async_op else None, finish, stats, what)
 
 
 def sparse_reduce_scatter(
@@ -170,7 +213,7 @@ def sparse_reduce_scatter(
         rows = layer.pack_grads(grads, flat, wire) if flat else torch.empty(0, width, dtype=wire, device=device)
         # gradients travel back along the gather's routes, reversed
         recv, send, work = _exchange(rows, [len(r) for r in recv_lists], [len(s) for s in transfer.sends],
-                                     width, wire, device, group, async_op)
+                                     width, wire, device, group, async_op, stats, "reduce")
         stats.collectives += 1
         esize = torch.empty(0, dtype=wire).element_size()
         _count(stats, layer, transfer.recvs, width * esize, "reduce_bytes")
@@ -186,16 +229,15 @@ def sparse_reduce_scatter(
         if count == 0:
             return None
         acc = torch.zeros(count, width, dtype=acc_dtype, device=device)
-        first = layer.first
         if local:
-            acc.index_add_(0, torch.tensor([e - first for e in local], device=device), local_rows)
+            acc.index_add_(0, layer.local_rows(local), local_rows)
         if recv is not None and recv.numel():
             off = 0
             for experts in transfer.sends:  # rank order: a fixed summation order on every run
                 if experts:
                     block = recv[off:off + len(experts) * width].view(len(experts), width).to(acc_dtype)
-                    acc.index_add_(0, torch.tensor([e - first for e in experts], device=device), block)
+                    acc.index_add_(0, layer.local_rows(experts), block)
                     off += len(experts) * width
         return layer.split_rows(acc)
 
-    return Pending(work if async_op else None, finish)
+    return Pending(work if async_op else None, finish, stats, "reduce")

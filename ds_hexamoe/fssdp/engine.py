@@ -105,6 +105,9 @@ def attach(mgr, engine, optimizer_config=None, lr_scheduler=None) -> None:
                 mgr.optimizer.step(lr, 1.0 / (loss_scale * clip))
             mgr.zero_grad()
             mgr._end_step()
+            every = mgr.cfg.fssdp.reshard_every
+            if every and engine.global_steps % every == 0:  # load-aware re-ownership (docs/fssdp.md)
+                mgr.last_reown = mgr.reown()
         return out
 
     engine.step = step

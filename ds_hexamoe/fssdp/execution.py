@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..experts import default_gate
 from ..ops.activations import activation_name
 from ..parallel.weights import ExpertSpec, ExpertWeights
-from .collectives import Transfer, plan_transfer
+from .collectives import Transfer, blocked, plan_transfer
 from .layer import ExpertLayer
 
 
@@ -169,10 +169,15 @@ def _numel(shape) -> int:
     return n
 
 
-def _a2a(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+def _ids(experts, device) -> torch.Tensor:
+    return torch.tensor(list(experts), dtype=torch.long, device=device)
+
+
+def _a2a(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group, stats) -> torch.Tensor:
     recv = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
-    dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
-                           group=group)
+    with blocked(stats, "slices"):
+        dist.all_to_all_single(recv, send.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=group)
     return recv
 
 
@@ -185,7 +190,7 @@ class MaterializeSlices(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.mgr, ctx.layer, ctx.sp = mgr, layer, sp
         rank, world, group, stats = mgr.rank, mgr.world_size, mgr.group, mgr.stats
-        own, n_own, first = layer.ownership, layer.local_count, layer.first
+        own, n_own = layer.ownership, layer.local_count
         local = {n: s.detach() for n, s in zip(layer.param_names, shards)}
         dtype, device = layer.dtype, layer.device
         esize = torch.empty(0, dtype=dtype).element_size()
@@ -201,23 +206,25 @@ class MaterializeSlices(torch.autograd.Function):
             stats.experts_sent += n_own
         recv_counts = [own.count(o) * sp.width[rank] if o != rank else 0 for o in range(world)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=dtype, device=device)
-        recv = _a2a(send, send_counts, recv_counts, group)
+        recv = _a2a(send, send_counts, recv_counts, group, stats)
         stats.collectives += 1
         stats.gather_bytes += send.numel() * esize
         stats.recv_bytes += recv.numel() * esize
         out = {n: torch.empty((layer.num_experts, *sp.shapes[rank][n]), dtype=dtype, device=device) for n in sp.names}
         if n_own:
             mine = sp.unpack(sp.pack(local, rank, dtype), rank)
+            ids = _ids(own.owned(rank), device)
             for n in sp.names:
-                out[n][first:first + n_own].copy_(mine[n])
+                out[n].index_copy_(0, ids, mine[n])
         off = 0
         for o in range(world):
             c = recv_counts[o]
             if c == 0:
                 continue
             rows = recv[off:off + c].view(own.count(o), sp.width[rank])
+            ids = _ids(own.owned(o), device)
             for n, t in sp.unpack(rows, rank).items():
-                out[n][own.starts[o]:own.starts[o + 1]].copy_(t)
+                out[n].index_copy_(0, ids, t)
             off += c
         return tuple(out[n] for n in sp.names)
 
@@ -225,7 +232,7 @@ class MaterializeSlices(torch.autograd.Function):
     def backward(ctx, *grads):
         mgr, layer, sp = ctx.mgr, ctx.layer, ctx.sp
         rank, world, group, stats = mgr.rank, mgr.world_size, mgr.group, mgr.stats
-        own, n_own, first = layer.ownership, layer.local_count, layer.first
+        own, n_own = layer.ownership, layer.local_count
         ref = next((g for g in grads if g is not None), None)
         wire = ref.dtype if ref is not None else layer.dtype
         device = layer.device
@@ -241,13 +248,13 @@ class MaterializeSlices(torch.autograd.Function):
             if o == rank or c == 0 or sp.width[rank] == 0:
                 send_counts.append(0)
                 continue
-            parts.append(packed[own.starts[o]:own.starts[o + 1]].reshape(-1))
+            parts.append(packed.index_select(0, _ids(own.owned(o), device)).reshape(-1))
             send_counts.append(c * sp.width[rank])
             for e in own.owned(o):
                 stats.expert_bytes[(layer.index, e)] += sp.width[rank] * esize
         recv_counts = [n_own * sp.width[q] if q != rank else 0 for q in range(world)]
         send = torch.cat(parts) if parts else torch.empty(0, dtype=wire, device=device)
-        recv = _a2a(send, send_counts, recv_counts, group)
+        recv = _a2a(send, send_counts, recv_counts, group, stats)
         stats.collectives += 1
         stats.reduce_bytes += send.numel() * esize
         stats.recv_bytes += recv.numel() * esize
@@ -258,7 +265,8 @@ class MaterializeSlices(torch.autograd.Function):
                 for n, t in rows.items():
                     acc[n].index_add_(sp.axis[n], sp.index[q][n].to(device), t.to(torch.float32))
 
-            add({n: g[n][first:first + n_own] for n in sp.names}, rank)
+            mine = _ids(own.owned(rank), device)
+            add({n: g[n].index_select(0, mine) for n in sp.names}, rank)
             off = 0
             for q in range(world):  # rank order: a fixed order on every run
                 c = recv_counts[q]
@@ -299,7 +307,8 @@ def agree(mgr, what: str, value) -> None:
     digest = int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
     mine = torch.tensor([digest], dtype=torch.int64)
     out = [torch.empty_like(mine) for _ in range(mgr.world_size)]
-    dist.all_gather(out, mine, group=mgr.group)
+    with blocked(mgr.stats, "agree"):
+        dist.all_gather(out, mine, group=mgr.group)
     mgr.stats.mask_bytes += 8 * (mgr.world_size - 1)
     got = [int(t) for t in out]
     if len(set(got)) != 1:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .collectives import CommStats
+from .collectives import CommStats, blocked
 from .optim import ShardedOptimizer
 
 
@@ -98,7 +98,8 @@ class GlueMixin:
         for g in self.grads.values():
             if g.numel():
                 local += g.double().pow(2).sum()
-        dist.all_reduce(local, group=self.group)
+        with blocked(self.stats, "norm"):
+            dist.all_reduce(local, group=self.group)
         self.stats.norm_bytes += 8 * (self.world_size - 1)
         return local
 
@@ -108,7 +109,8 @@ class GlueMixin:
         for g in self.grads.values():
             if g.numel() and not torch.isfinite(g).all():
                 bad.fill_(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        with blocked(self.stats, "norm"):
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         self.stats.norm_bytes += self.world_size - 1
         return bool(bad.item())
 

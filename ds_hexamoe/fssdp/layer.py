@@ -35,12 +35,17 @@ class ExpertLayer:
         return self.ownership.num_experts
 
     @property
-    def first(self) -> int:
-        return self.ownership.starts[self.rank]
+    def owned(self) -> tuple[int, ...]:
+        """Global ids of this rank's experts, in shard row order."""
+        return self.ownership.owned(self.rank)
 
     @property
     def local_count(self) -> int:
         return self.ownership.count(self.rank)
+
+    def local_rows(self, experts) -> torch.Tensor:
+        """Shard rows of owned ``experts`` (global ids)."""
+        return torch.tensor([self.ownership.row(e) for e in experts], dtype=torch.long, device=self.device)
 
     @property
     def param_names(self) -> list[str]:
@@ -83,7 +88,7 @@ class ExpertLayer:
 
     def pack_local(self, experts: list[int]) -> torch.Tensor:
         """Owned experts (global ids) flattened and packed ``[len(experts), numel_per_expert]``."""
-        local = torch.tensor([e - self.first for e in experts], dtype=torch.long, device=self.device)
+        local = self.local_rows(experts)
         cols = [self.shards[n].detach().index_select(0, local).reshape(len(experts), -1) for n in self.param_names]
         return torch.cat(cols, dim=1)
 

@@ -9,7 +9,7 @@ Usage (what ``ds_hexamoe.initialize`` does)::
 
 The manager is composed of one mixin per job (docs/design.md, "FSSDP"): :mod:`.sharding` (ownership,
 shards, state-dict hooks), :mod:`.materialize` (the weights provider and its transfers), :mod:`.backward`
-(re-gather, prefetch, gradient reduction), :mod:`.switching` (execution modes and plans) and :mod:`.glue`
+(re-gather, prefetch, gradient reduction), :mod:`.schedule` (Hecate's predicted gathers), :mod:`.switching` (execution modes and plans) and :mod:`.glue`
 (optimizer, accounting, checkpoints).
 """
 from __future__ import annotations
@@ -28,11 +28,12 @@ from .glue import GlueMixin
 from .layer import ExpertLayer
 from .materialize import MaterializeMixin
 from .optim import ShardedOptimizer
+from .schedule import ScheduleMixin
 from .sharding import ShardingMixin
 from .switching import SwitchingMixin
 
 
-class FSSDPManager(ShardingMixin, MaterializeMixin, BackwardMixin, SwitchingMixin, GlueMixin):
+class FSSDPManager(ShardingMixin, MaterializeMixin, ScheduleMixin, BackwardMixin, SwitchingMixin, GlueMixin):
     """Owns the expert shards of every MoE layer of one model on this rank (see module docstring)."""
 
     def __init__(self, model: nn.Module, layers: list[ExpertLayer], cfg: HexaMoEConfig, group, speeds=None):
@@ -40,7 +41,9 @@ class FSSDPManager(ShardingMixin, MaterializeMixin, BackwardMixin, SwitchingMixi
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.rematerialize, self.prefetch = cfg.rematerialize, cfg.prefetch
         numel = max((layer.full_numel for layer in layers), default=0)
-        self.cache = PipelineCache(numel=numel, num_slots=2 if (self.prefetch and self.rematerialize) else 1)
+        # two slots: backward prefetch, or the next layer's predicted gather (hecate) beside the current one
+        two = (self.prefetch and self.rematerialize) or cfg.fssdp.schedule == "hecate"
+        self.cache = PipelineCache(numel=numel, num_slots=2 if two else 1)
         self.stats, self.last_step_stats = CommStats(), CommStats()
         self.grads: dict[tuple[int, str], torch.Tensor] = {}
         self.optimizer: ShardedOptimizer | None = None
@@ -54,6 +57,7 @@ class FSSDPManager(ShardingMixin, MaterializeMixin, BackwardMixin, SwitchingMixi
         self._callback_queued = False
         self._scaled_norm = None  # set by the norm hook during engine.step
         self._init_modes(cfg, speeds)
+        self._init_schedule(cfg)
         for layer in layers:
             self._install(layer)
 

@@ -1,10 +1,10 @@
 """Re-sharding a live FSSDP model to new shard weights: parameters, fp32 masters and optimizer state.
 
 The in-memory counterpart of :mod:`.checkpoint`'s N->M re-sharding: there each rank reads, from the
-files of the old layout, the expert ranges that overlap its new range; here each old owner sends the
-same overlaps straight to the new owners, one ``all_to_all_single`` per (layer, parameter) with
-variable splits (contiguous expert ranges in rank order make every overlap one contiguous block of
-rows on both sides). What moves per expert is the record a checkpoint stores: the fp32 master (the
+files of the old layout, the experts it owns now; here each old owner sends them straight to the new
+owners, one ``all_to_all_single`` per (layer, parameter) with variable splits (each block holds the
+experts going from one owner to one new owner in increasing id order, on both sides, so any ownership,
+contiguous or not, is served: shard weights or load-aware re-ownership). What moves per expert is the record a checkpoint stores: the fp32 master (the
 parameter itself for fp32 models) and every per-expert optimizer state tensor (Adam's moments);
 scalar state (Adam's ``step``) is the same on every owner and copied.
 
@@ -20,10 +20,9 @@ from .ownership import LayerOwnership, normalized_weights, split_experts
 from .sharding import make_shard
 
 
-def _overlap(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> int:
-    lo = max(a.starts[r], b.starts[q])
-    hi = min(a.starts[r + 1], b.starts[q + 1])
-    return max(0, hi - lo)
+def _moving(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> list[int]:
+    """Experts rank ``r`` owns under ``a`` and rank ``q`` under ``b``, in increasing id order."""
+    return [e for e in a.owned(r) if b.owner(e) == q]
 
 
 def plan_ownership(mgr, weights) -> list[LayerOwnership]:
@@ -36,8 +35,12 @@ def migrate_shards(mgr, weights) -> dict:
 
     Returns ``{"moved_experts": n, "bytes_sent": b, "counts": {layer: [experts per rank]}}`` (``moved_experts``
     counts experts changing owner over all layers, the same on every rank; ``bytes_sent`` is this rank's)."""
+    return migrate_to(mgr, plan_ownership(mgr, weights))
+
+
+def migrate_to(mgr, new_owns: list[LayerOwnership]) -> dict:
+    """Move ``mgr``'s expert shards (with masters and optimizer state) to ``new_owns`` (one per layer)."""
     mgr.synchronize()
-    new_owns = plan_ownership(mgr, weights)
     counts = {layer.name: [o.count(r) for r in range(mgr.world_size)] for layer, o in zip(mgr.layers, new_owns)}
     moved = sum(sum(1 for e in range(layer.num_experts) if layer.ownership.owner(e) != o.owner(e))
                 for layer, o in zip(mgr.layers, new_owns))
@@ -82,8 +85,10 @@ def _exchange_rows(mgr, new_owns, opt, entries, layouts) -> tuple[dict[tuple[int
     new_rows: dict[tuple[int, str], torch.Tensor] = {}
     for layer, new in zip(mgr.layers, new_owns):
         old = layer.ownership
-        send_splits = [_overlap(old, rank, new, q) for q in range(world)]
-        recv_splits = [_overlap(old, o, new, rank) for o in range(world)]
+        sends = [_moving(old, rank, new, q) for q in range(world)]
+        recv_splits = [len(_moving(old, o, new, rank)) for o in range(world)]
+        send_splits = [len(s) for s in sends]
+        order = layer.local_rows([e for s in sends for e in s])
         for n in layer.param_names:
             key = (layer.index, n)
             per, _ = layouts[key]
@@ -98,13 +103,17 @@ def _exchange_rows(mgr, new_owns, opt, entries, layouts) -> tuple[dict[tuple[int
                 v = st.get(s)
                 cols.append(v.detach().reshape(layer.local_count, k).to(dtype) if v is not None
                             else torch.zeros(layer.local_count, k, dtype=dtype, device=p.device))
-            send = torch.cat(cols, dim=1).contiguous()
+            send = torch.cat(cols, dim=1).index_select(0, order.to(p.device)).contiguous()
             recv = torch.empty(new.count(rank), send.size(1), dtype=dtype, device=p.device)
             dev = torch.device("cpu") if dist.get_backend(mgr.group) == "gloo" else p.device
             r_cpu = recv.to(dev)
             dist.all_to_all_single(r_cpu, send.to(dev), output_split_sizes=recv_splits, input_split_sizes=send_splits,
                                    group=mgr.group)
-            new_rows[key] = r_cpu.to(p.device)
+            # received grouped by old owner; shard rows go in increasing expert id
+            got = [e for o in range(world) for e in _moving(old, o, new, rank)]
+            rows = r_cpu.to(p.device)
+            new_rows[key] = rows.index_select(0, torch.tensor([got.index(e) for e in new.owned(rank)], dtype=torch.long,
+                                                             device=p.device)) if got else rows
             sent += sum(send_splits[q] for q in range(world) if q != rank) * send.size(1) * send.element_size()
     return new_rows, sent
 
@@ -114,19 +123,22 @@ def _rebuild_shards(mgr, new_owns, new_rows) -> None:
     rank = mgr.rank
     for layer, new in zip(mgr.layers, new_owns):
         layer.ownership = new
-        lo, hi = new.starts[rank], new.starts[rank + 1]
         for n in layer.param_names:
             old_p = layer.shards[n]
             rows = new_rows[(layer.index, n)]
             k = layer.expert_numel(n)
             shape = (new.count(rank), *layer.expert_shapes[n])
-            shard = make_shard(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), old_p.requires_grad, lo, hi)
+            shard = make_shard(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), old_p.requires_grad, new.owned(rank))
             del layer.module._parameters[n]
             layer.module.register_parameter(n, shard)
             layer.shards[n] = shard
             mgr.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)
     mgr._index_shards()
     mgr._records, mgr._forward_record = [], None
+    ahead = getattr(mgr, "_ahead", {})  # predicted gathers planned on the old owners
+    for a in ahead.values():
+        a.pending.wait()
+    ahead.clear()
     for attr in ("_transfers", "_slice_plans"):  # expert-parallel / model-centric caches built on the old owners
         cache = getattr(mgr, attr, None)
         if isinstance(cache, dict):

@@ -20,7 +20,7 @@ from .execution import check_parallel_module
 from .layer import ExpertLayer
 from .ownership import normalized_weights, split_experts
 
-# shard parameter -> (first expert, end expert) it holds; weak, so a dropped model leaves nothing behind
+# shard parameter -> the global expert ids of its rows; weak, so a dropped model leaves nothing behind
 _SHARDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -29,16 +29,25 @@ def is_shard(p) -> bool:
     return p in _SHARDS
 
 
-def shard_range(p) -> tuple[int, int] | None:
-    """``(lo, hi)``: the global expert ids a shard holds; None for any other tensor."""
+def shard_experts(p) -> tuple[int, ...] | None:
+    """The global expert ids of a shard's rows; None for any other tensor."""
     return _SHARDS.get(p)
 
 
-def make_shard(data: torch.Tensor, requires_grad: bool, lo: int, hi: int) -> nn.Parameter:
-    """A shard parameter holding experts ``lo:hi`` (``data`` is taken as is)."""
+def shard_range(p) -> tuple[int, int] | None:
+    """``(lo, hi)`` when a shard holds the contiguous experts ``lo:hi``; None for any other tensor, or a shard
+    whose experts are not contiguous (after load-aware re-ownership: see :func:`shard_experts`)."""
+    ids = _SHARDS.get(p)
+    if ids is None or (ids and list(ids) != list(range(ids[0], ids[0] + len(ids)))):
+        return None
+    return (ids[0], ids[0] + len(ids)) if ids else (0, 0)
+
+
+def make_shard(data: torch.Tensor, requires_grad: bool, experts) -> nn.Parameter:
+    """A shard parameter whose rows hold ``experts`` (global ids; ``data`` is taken as is)."""
     shard = nn.Parameter(data, requires_grad=requires_grad)
     shard.ds_optim_param = True  # unique per rank: DeepSpeed must not broadcast it from rank 0
-    _SHARDS[shard] = (lo, hi)
+    _SHARDS[shard] = tuple(experts)
     return shard
 
 
@@ -67,9 +76,9 @@ def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list
     own = split_experts(num_experts, weights, layer=i)
     layer = ExpertLayer(index=i, name=name, module=module, ownership=own, rank=rank, names=names,
                         expert_shapes={names[k]: tuple(p.shape[1:]) for k, p in full.items()})
-    lo, hi = own.starts[rank], own.starts[rank + 1]
+    ids = torch.tensor(own.owned(rank), dtype=torch.long)
     for k, p in full.items():
-        shard = make_shard(p.detach()[lo:hi].clone(), p.requires_grad, lo, hi)
+        shard = make_shard(p.detach().index_select(0, ids.to(p.device)).clone(), p.requires_grad, own.owned(rank))
         del module._parameters[names[k]]
         module.register_parameter(names[k], shard)
         layer.shards[names[k]] = shard
@@ -156,12 +165,11 @@ def _drop_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata)
 def _load_full_into_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
                            errors) -> None:
     state_of(module).load_prefix = prefix
-    lo, hi = layer.first, layer.first + layer.local_count
     for n in layer.param_names:
         t = state_dict.pop(prefix + n, None)
         if t is not None and t.dim() >= 1 and t.size(0) == layer.num_experts:  # a full (e.g. Hugging Face) tensor
             with torch.no_grad():
-                layer.shards[n].copy_(t[lo:hi])
+                layer.shards[n].copy_(t.index_select(0, torch.tensor(layer.owned, dtype=torch.long, device=t.device)))
 
 
 def _forgive_missing_shards(layer: ExpertLayer, module, incompatible) -> None:

@@ -35,7 +35,7 @@ class SwitchingMixin:
         if mode == "expert_parallel":
             placement = self.placement(layer.index)
             key = tuple(tuple(placement[e]) for e in range(layer.num_experts))
-            tk = (layer.index, layer.ownership.starts, key)  # ownership may change (re-sharding)
+            tk = (layer.index, layer.ownership.experts, key)  # ownership may change (re-sharding)
             if tk not in self._transfers:
                 self._transfers[tk] = placement_transfer(layer, key, self.rank)
             mat = PlacedMaterializer(self, layer, self._transfers[tk])

@@ -1,0 +1,175 @@
+"""Hecate's forward schedule: each layer's experts gathered from a prediction before its router runs.
+
+Per layer, a sliding window of the last ``fssdp.history`` calls' expert loads (tokens per expert and
+rank, which every rank learns from the one load all_gather a call needs anyway) predicts which experts
+each rank will use. The predicted gather of layer ``l+1`` is issued asynchronously, on a process group
+of its own, once layer ``l`` has exchanged its loads (layer 0's when the model's forward starts), so it
+overlaps layer ``l``'s experts and layer ``l+1``'s attention; it is waited for right before layer
+``l+1``'s experts run.
+After the router, experts a rank uses but did not get are fetched by a calibration gather (counted
+apart, ``calibrate_bytes``). Every rank computes the same prediction from the same history, so the
+exchanges agree without extra messages, and the weights used are the owners' values whatever the
+prediction: results equal the synchronous schedule's. Backward is unchanged: gradients of the experts
+actually used go back to their owners (docs/fssdp.md, "Scheduling").
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .cache import Slot
+from .collectives import Pending, Transfer, exchange_counts, plan_transfer, sparse_all_gather
+from .layer import WEIGHT_KEYS, ExpertLayer
+from .ownership import LayerOwnership, load_aware_ownership
+
+
+class LoadHistory:
+    """Expert loads ``[N][E]`` of a layer's last ``window`` calls, and the prediction made from them."""
+
+    def __init__(self, window: int):
+        self.calls: deque[list[list[int]]] = deque(maxlen=window)
+
+    def add(self, counts: list[list[int]]) -> None:
+        self.calls.append(counts)
+
+    def predict(self, ownership: LayerOwnership, budget: int | None) -> list[list[bool]] | None:
+        """Per rank, the experts to materialize ahead: its owned experts seen in the window (local copies)
+        and up to ``budget`` (null: all) others it used in the window, most loaded first. None before any call."""
+        if not self.calls:
+            return None
+        owners = ownership.owners()
+        world, num = len(self.calls[0]), len(owners)
+        masks = []
+        for q in range(world):
+            load = [sum(c[q][e] for c in self.calls) for e in range(num)]
+            remote = sorted((e for e in range(num) if load[e] > 0 and owners[e] != q), key=lambda e: (-load[e], e))
+            keep = set(remote if budget is None else remote[:budget])
+            keep.update(e for e in ownership.owned(q) if load[e] > 0)
+            masks.append([e in keep for e in range(num)])
+        return masks
+
+
+@dataclass(eq=False)
+class Ahead:
+    """A predicted gather in flight: into a cache slot, or a fresh buffer when autograd keeps the weights."""
+
+    masks: list[list[bool]]
+    transfer: Transfer
+    pending: Pending
+    slot: Slot | None
+    dest: torch.Tensor | None
+
+    def valid(self) -> bool:
+        # a slot claimed by anyone else since the issue no longer holds the prediction
+        return self.slot is None or (self.slot.pending is self.pending and self.slot.owner is None)
+
+
+class ScheduleMixin:
+    """FSSDPManager's Hecate schedule: load history, predicted gathers issued ahead, calibration."""
+
+    def _init_schedule(self, cfg) -> None:
+        f = cfg.fssdp
+        self.schedule, self._budget = f.schedule, f.budget
+        self._history = {layer.index: LoadHistory(f.history) for layer in self.layers}
+        self._ahead: dict[int, Ahead] = {}
+        self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
+        self._ahead_group = self.group
+        if self.schedule == "hecate" and self.layers:
+            self.model.register_forward_pre_hook(self._start_forward)
+            ranks = dist.get_process_group_ranks(self.group)
+            if len(ranks) == dist.get_world_size():  # new_group needs every rank of the job
+                # predicted gathers on their own group: a small collective on the main group (the load
+                # exchange, a calibration) never queues behind a layer's worth of predicted experts
+                self._ahead_group = dist.new_group(ranks)
+
+    def reown(self) -> dict:
+        """Load-aware re-ownership (Hecate's heterogeneous sharding) of every layer with a load window, each
+        rank keeping its number of experts; shards move with their optimizer state. A collective, between
+        optimizer steps; ``fssdp.reshard_every`` calls it. Returns :func:`.migrate.migrate_to`'s summary."""
+        from .migrate import migrate_to
+
+        per_node = _ranks_per_node(self.world_size)
+        new = []
+        for layer in self.layers:
+            calls, own = self._history[layer.index].calls, layer.ownership
+            if not calls:
+                new.append(own)
+                continue
+            usage = [[sum(c[q][e] for c in calls) for e in range(own.num_experts)] for q in range(self.world_size)]
+            load = [sum(u[e] for u in usage) for e in range(own.num_experts)]
+            slots = [own.count(r) for r in range(self.world_size)]
+            new.append(load_aware_ownership(load, usage, slots, per_node))
+        return migrate_to(self, new)
+
+    def _keeps_weights(self, layer: ExpertLayer) -> bool:
+        return (not self.rematerialize) and torch.is_grad_enabled() and any(
+            p.requires_grad for p in layer.shards.values())
+
+    def _forward_slot(self, layer: ExpertLayer) -> int:
+        # hecate: alternate slots, so layer l+1's predicted gather can land beside layer l's weights
+        return layer.index if self.schedule == "hecate" and self._modes[layer.index] == "data_centric" else 0
+
+    def _start_forward(self, module, args) -> None:
+        for ahead in self._ahead.values():  # left from a forward that skipped a layer: finish, drop
+            ahead.pending.wait()
+        self._ahead.clear()
+        self._issue_ahead(self.layers[0])
+
+    def _issue_ahead(self, layer: ExpertLayer | None) -> None:
+        if layer is None or layer.index in self._ahead or self._modes[layer.index] != "data_centric":
+            return
+        masks = self._history[layer.index].predict(layer.ownership, self._budget)
+        if masks is None:
+            return
+        transfer = plan_transfer(layer.ownership, masks, self.rank)
+        slot = None
+        if self._keeps_weights(layer):
+            dest = torch.zeros(layer.full_numel, dtype=layer.dtype, device=layer.device)
+        else:
+            slot = self.cache.slot(self._forward_slot(layer), layer.dtype, layer.device)
+            slot.claim(None)
+            dest = slot.buf
+        pending = sparse_all_gather(layer, transfer, layer.full_views(dest), self._ahead_group, self.stats,
+                                    async_op=True)
+        if slot is not None:
+            slot.pending = pending
+        self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None)
+
+    def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
+        ahead = self._ahead.pop(layer.index, None)
+        counts = exchange_counts(index.counts, self.group, self.stats)
+        nxt = self.layers[layer.index + 1] if layer.index + 1 < len(self.layers) else None
+        self._issue_ahead(nxt)  # overlaps this layer's calibration and experts, and the next attention
+        self._history[layer.index].add(counts)
+        used = [[c > 0 for c in row] for row in counts]
+        transfer = plan_transfer(layer.ownership, used, self.rank)  # what backward re-gathers and reduces
+        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._keeps_weights(layer)):
+            ahead.pending.wait()
+            ahead = None
+        missing = used if ahead is None else [[u and not p for u, p in zip(ur, pr)] for ur, pr in zip(used, ahead.masks)]
+        calib = plan_transfer(layer.ownership, missing, self.rank)
+
+        def fill(full: dict[str, torch.Tensor]) -> None:
+            if ahead is not None:
+                ahead.pending.wait()
+            if calib.moves:
+                self.stats.calibrations += 1
+            sparse_all_gather(layer, calib, full, self.group, self.stats, kind="calibrate_bytes").wait()
+
+        dest = ahead.dest if ahead is not None else None
+        full = self._materialize_transfer(layer, transfer, fill=fill, dest=dest)
+        return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+
+
+def _ranks_per_node(world: int) -> int:
+    """Ranks per node from the launcher (``LOCAL_WORLD_SIZE``; one node when unset)."""
+    v = os.environ.get("LOCAL_WORLD_SIZE")
+    if v is None:
+        return world
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"LOCAL_WORLD_SIZE: got {v!r}; expected a positive integer (ranks per node) or unset")
+    return int(v)
