@@ -29,6 +29,7 @@ class GPUSpec:
     bandwidth_gbps: float
     note: str = ""
     memory_bandwidth_gbps: float = 0.0
+    sdpa_tflops: float = 0.0  # attention kernel (QK^T, softmax, PV; fwd + bwd) at long sequences; 0: = tflops
 
     @property
     def latency_us(self) -> float:
@@ -39,28 +40,32 @@ class GPUSpec:
 
 # Peak dense (no sparsity) tensor-core TFLOP/s, bf16 unless noted; bandwidth is per direction on the
 # usual interconnect of the part (NVLink for SXM/OAM modules, PCIe for PCIe cards); last, the datasheet
-# memory bandwidth (HBM/GDDR) in GB/s.
+# memory bandwidth (HBM/GDDR) in GB/s; where known, the attention kernel's TFLOP/s at long sequences
+# (>= 2K tokens, head dim 128, fwd + bwd): H100 and A100 as FlashAttention-2 reports them (Dao 2023:
+# ~335 and ~200), A40 at ~60% of its fp32-accumulate tensor peak (FlashAttention-2 on GA102), V100 (no
+# FlashAttention-2 on Volta: PyTorch's memory-efficient kernel) at A40 / 3.7, HeterMoE's measured
+# A40/V100 attention ratio. Estimates: measure (`measure_profile`) where it matters.
 GPU_TABLE: dict[str, GPUSpec] = {
     "B200": GPUSpec(2250.0, 180.0, 900.0, "NVLink 5", 8000.0),
     "H200": GPUSpec(989.0, 141.0, 450.0, "SXM, NVLink 4", 4800.0),
-    "H100-SXM": GPUSpec(989.0, 80.0, 450.0, "NVLink 4", 3350.0),
-    "H100-PCIe": GPUSpec(756.0, 80.0, 64.0, "PCIe 5", 2000.0),
+    "H100-SXM": GPUSpec(989.0, 80.0, 450.0, "NVLink 4", 3350.0, 335.0),
+    "H100-PCIe": GPUSpec(756.0, 80.0, 64.0, "PCIe 5", 2000.0, 260.0),
     "GH200": GPUSpec(989.0, 96.0, 450.0, "NVLink 4", 4000.0),
     "MI300X": GPUSpec(1307.0, 192.0, 448.0, "Infinity Fabric", 5300.0),
     "MI250X": GPUSpec(383.0, 128.0, 200.0, "Infinity Fabric", 3277.0),
-    "A100-80GB": GPUSpec(312.0, 80.0, 300.0, "SXM, NVLink 3", 2039.0),
-    "A100-40GB": GPUSpec(312.0, 40.0, 300.0, "SXM, NVLink 3", 1555.0),
-    "A100-PCIe": GPUSpec(312.0, 80.0, 32.0, "PCIe 4", 1935.0),
+    "A100-80GB": GPUSpec(312.0, 80.0, 300.0, "SXM, NVLink 3", 2039.0, 200.0),
+    "A100-40GB": GPUSpec(312.0, 40.0, 300.0, "SXM, NVLink 3", 1555.0, 200.0),
+    "A100-PCIe": GPUSpec(312.0, 80.0, 32.0, "PCIe 4", 1935.0, 200.0),
     "L40S": GPUSpec(362.0, 48.0, 32.0, "PCIe 4", 864.0),
     "L40": GPUSpec(181.0, 48.0, 32.0, "PCIe 4", 864.0),
-    "A40": GPUSpec(150.0, 48.0, 32.0, "PCIe 4", 696.0),
+    "A40": GPUSpec(150.0, 48.0, 32.0, "PCIe 4", 696.0, 45.0),
     "A10": GPUSpec(125.0, 24.0, 32.0, "PCIe 4", 600.0),
     "L4": GPUSpec(121.0, 24.0, 32.0, "PCIe 4", 300.0),
     "RTX-4090": GPUSpec(165.0, 24.0, 32.0, "PCIe 4; fp32 accumulate", 1008.0),
     "RTX-3090": GPUSpec(71.0, 24.0, 32.0, "PCIe 4; fp32 accumulate", 936.0),
     "RTX-A6000": GPUSpec(155.0, 48.0, 32.0, "PCIe 4", 768.0),
-    "V100-32GB": GPUSpec(125.0, 32.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0),
-    "V100-16GB": GPUSpec(125.0, 16.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0),
+    "V100-32GB": GPUSpec(125.0, 32.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0, 12.2),
+    "V100-16GB": GPUSpec(125.0, 16.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0, 12.2),
     "T4": GPUSpec(65.0, 16.0, 16.0, "PCIe 3; fp16 (no bf16)", 320.0),
 }
 _ALIASES = {"H100": "H100-SXM", "A100": "A100-80GB", "V100": "V100-32GB", "4090": "RTX-4090", "3090": "RTX-3090",
@@ -87,7 +92,8 @@ def lookup_gpu(name: str) -> str | None:
 
 # the JSON keys of an entry, in the order errors list them
 ENTRY_KEYS = ("name", "tflops", "attn_tflops", "expert_tflops", "memory_gb", "memory_bytes", "bandwidth_gbps",
-              "slowdown", "step_overhead_s", "latency_us", "memory_bandwidth_gbps", "count")
+              "slowdown", "step_overhead_s", "latency_us", "memory_bandwidth_gbps", "count", "sdpa_tflops",
+              "expert_slowdown")
 # field -> (lowest value, whether the bound is strict, what the number means); None: not declared
 _BOUNDS = {
     "attn_tflops": (0.0, True, ""), "expert_tflops": (0.0, True, ""), "memory_bytes": (0.0, True, ""),
@@ -95,6 +101,8 @@ _BOUNDS = {
     "step_overhead_s": (0.0, False, " (seconds per step)"),
     "latency_us": (0.0, False, " (microseconds per collective)"),
     "memory_bandwidth_gbps": (0.0, False, " (GB/s; 0: not modelled)"),
+    "sdpa_tflops": (0.0, True, " (TFLOP/s of the attention kernel)"),
+    "expert_slowdown": (1.0, False, " (divides expert speed instead of slowdown)"),
 }
 
 
@@ -123,7 +131,10 @@ class DeviceProfile:
     fixed cost of one collective on that link, not scaled by ``slowdown``; ``memory_bandwidth_gbps``:
     device memory GB/s, which memory-bound work runs at (the optimizer step over the rank's FSSDP shard),
     divided by ``slowdown``, 0: not modelled; ``count``: how many consecutive ranks a declared entry
-    describes. A number that is None was not declared (see :meth:`resolve`).
+    describes; ``sdpa_tflops``: the attention kernel's TFLOP/s (QK^T, softmax, PV), which the quadratic
+    part of attention runs at (None: the table's figure, else ``attn_tflops``); ``expert_slowdown``:
+    divides expert speed instead of ``slowdown`` (a device slow at attention but not at experts: a V100
+    beside an A40). A number that is None was not declared (see :meth:`resolve`).
     """
 
     name: str = "cpu"
@@ -136,6 +147,8 @@ class DeviceProfile:
     latency_us: float | None = 0.0
     memory_bandwidth_gbps: float | None = 0.0
     count: int = 1
+    sdpa_tflops: float | None = None
+    expert_slowdown: float | None = None
 
     def __post_init__(self):
         self.validate("profile")
@@ -157,7 +170,12 @@ class DeviceProfile:
 
     @property
     def expert_flops(self) -> float:
-        return self.expert_tflops * 1e12 / self.slowdown
+        return self.expert_tflops * 1e12 / (self.slowdown if self.expert_slowdown is None else self.expert_slowdown)
+
+    @property
+    def sdpa_flops(self) -> float:
+        """The attention kernel's rate (the quadratic part of attention), slowdown applied."""
+        return (self.sdpa_tflops or self.attn_tflops) * 1e12 / self.slowdown
 
     @property
     def step_overhead(self) -> float:
@@ -229,13 +247,15 @@ class DeviceProfile:
         overhead = _num(entry, "step_overhead_s", path, 0.0, strict=False)
         latency = _num(entry, "latency_us", path, 0.0, strict=False)
         mem_bw = _num(entry, "memory_bandwidth_gbps", path, 0.0, strict=False)
+        sdpa = _num(entry, "sdpa_tflops", path)
+        expert_slowdown = _num(entry, "expert_slowdown", path, 1.0, strict=False)
         count = entry.get("count", 1)
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigError(f"{path}.count: got {count!r}; expected an integer >= 1 (ranks with this profile)")
         memory = mem_b if mem_b is not None else (None if mem_gb is None else mem_gb * GB)
         return cls(name, tflops if attn is None else attn, tflops if expert is None else expert,
                    None if memory is None else int(memory), bw, 1.0 if slowdown is None else slowdown,
-                   0.0 if overhead is None else overhead, latency, mem_bw, count)
+                   0.0 if overhead is None else overhead, latency, mem_bw, count, sdpa, expert_slowdown)
 
     def resolve(self, path: str = "profile") -> DeviceProfile:
         """One rank's profile with every number set: a known name (then the table's key) fills what was
@@ -262,8 +282,10 @@ class DeviceProfile:
         latency = self.latency_us if self.latency_us is not None else (spec.latency_us if spec else 0.0)
         mem_bw = self.memory_bandwidth_gbps if self.memory_bandwidth_gbps is not None else (
             spec.memory_bandwidth_gbps if spec else 0.0)
+        sdpa = self.sdpa_tflops if self.sdpa_tflops is not None else (
+            spec.sdpa_tflops if spec is not None and spec.sdpa_tflops > 0 and self.attn_tflops is None else None)
         out = replace(self, name=key or self.name, attn_tflops=attn, expert_tflops=expert, memory_bytes=int(memory),
-                      bandwidth_gbps=bw, latency_us=latency, memory_bandwidth_gbps=mem_bw, count=1)
+                      bandwidth_gbps=bw, latency_us=latency, memory_bandwidth_gbps=mem_bw, count=1, sdpa_tflops=sdpa)
         return self if out == self else out
 
 

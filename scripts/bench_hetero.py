@@ -9,12 +9,16 @@ The ILP is skipped where one layer's problem exceeds --ilp-max-binaries (the MIL
 dominate). ``--measured`` (or ``--measured-only``) adds the measured part: ``measured_cpu`` trains a small
 Mixtral on 2 (or more) gloo CPU ranks, one emulated slower by the runtime, alternating blocks of steps
 with the uniform plan and the planner's in one process group, against the ideal bound and the simulator's predictions (``"measured_cpu"`` in the JSON).
+``--validate --world N --json F`` checks the simulator against the runtime per execution mode
+(scripts/bench_validate.py); ``--zebra ...`` runs scripts/bench_zebra.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import platform
+import sys
 import statistics
 import time
 
@@ -349,7 +353,30 @@ def print_measured(m: dict) -> None:
           f"{'met' if m['goals']['prediction_within_15pct'] else 'NOT met'}")
 
 
+def _passthrough(argv) -> int | None:
+    """``--zebra`` hands the rest of the command line to scripts/bench_zebra.py (when it is built);
+    ``--validate`` runs scripts/bench_validate.py (simulator against the runtime, per mode)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--zebra" in argv:
+        rest = [a for a in argv if a != "--zebra"]
+        if not (pathlib.Path(__file__).parent / "bench_zebra.py").exists():
+            print("--zebra: scripts/bench_zebra.py is not built yet; nothing to run")
+            return 2
+        import bench_zebra
+
+        bench_zebra.main(rest)
+        return 0
+    if "--validate" in argv:
+        import bench_validate
+
+        return bench_validate.cli(argv)
+    return None
+
+
 def main(argv=None) -> int:
+    done = _passthrough(argv)
+    if done is not None:
+        return done
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--models", nargs="+", default=["mixtral-8x7b", "qwen3-30b-a3b"])

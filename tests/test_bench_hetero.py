@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
+import sys
+import types
 
 import pytest
 
@@ -40,3 +42,33 @@ def test_measured_part_bookkeeping(bench):
     assert [o[0] for o in p["experts_owned"]] == [6, 2]  # 8 experts by 0.75 / 0.25, first layer
     assert m["calibration_all_ranks"]["per_sample_s"] > 0 and m["link"]["latency_us"] > 0
     assert u["predicted_s"] > 0 and p["predicted_s"] > 0 and m["ideal_s"] > 0
+
+
+def test_validate_bytes_equal_and_bookkeeping(bench):
+    """``--validate`` at a tiny shape: per mode the runtime's recorded bytes equal the simulator's count
+    at every step and layer, steps are measured and predicted, and auto names a mode."""
+    import bench_validate
+
+    v = bench_validate.validate(2, ("skewed",), steps=2, warmup=0, shape=dict(T=32, D=16, F=32, dense_reps=1))
+    sc = v["scenarios"]["skewed"]
+    assert set(sc["modes"]) == {"data_centric", "expert_parallel", "model_centric"}
+    for mode, r in sc["modes"].items():
+        assert r["bytes_equal_every_step"], mode
+        assert r["predicted_bytes_per_rank_layer"] == r["measured_bytes_per_rank_layer"]
+        assert len(r["walls_s"]) == 2 and r["predicted_step_s"] > 0 and r["measured_step_s"] > 0
+        assert (max(r["measured_bytes_per_rank_layer"][0]) > 0) == (mode != "data_centric")
+    assert sc["auto_choice"] in sc["modes"] and v["goals"]["bytes_equal"]
+
+
+def test_zebra_passthrough(bench, monkeypatch, capsys):
+    """``--zebra`` says so when scripts/bench_zebra.py is absent, and otherwise hands it the rest."""
+    monkeypatch.setattr(bench.pathlib.Path, "exists", lambda self: False)
+    assert bench.main(["--zebra", "--world", "2"]) == 2
+    assert "not built" in capsys.readouterr().out
+    monkeypatch.setattr(bench.pathlib.Path, "exists", lambda self: True)
+    seen = {}
+    fake = types.ModuleType("bench_zebra")
+    fake.main = lambda argv: seen.setdefault("argv", argv)
+    monkeypatch.setitem(sys.modules, "bench_zebra", fake)  # the real one is another piece's benchmark
+    assert bench.main(["--zebra", "--world", "3", "--json", "z.json"]) == 0
+    assert seen["argv"] == ["--world", "3", "--json", "z.json"]

@@ -3,7 +3,6 @@
 re-plan that migrates shards mid-training; the slowdown emulation; bad inputs failing before work."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest

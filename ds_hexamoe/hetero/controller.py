@@ -152,8 +152,9 @@ class HeteroController:
         runtime.step_hooks.append(self.step_hook)
         if runtime.stats is not None:
             self._window_start = runtime.stats.snapshot()
-        if any(p.slowdown > 1.0 for p in self.profiles):
-            self.clock = CollectiveClock(self.profiles[self.rank].slowdown).install()
+        if any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in self.profiles):
+            me = self.profiles[self.rank]
+            self.clock = CollectiveClock(me.slowdown, me.expert_slowdown).install()
         fssdp = getattr(runtime, "fssdp", None)
         if fssdp is not None and self.cfg.mode != "data_centric" and hasattr(fssdp, "apply_plan"):
             fssdp.apply_plan(self.plan)
@@ -212,7 +213,7 @@ class HeteroController:
                 raise ConfigError(f"replan(profiles): got {len(new)} profiles for WORLD_SIZE={self.world}")
             self.profiles = new
             if self.clock is not None:  # the emulated device changed speed
-                self.clock.slowdown = float(new[self.rank].slowdown)
+                self.clock.set_factors(new[self.rank].slowdown, new[self.rank].expert_slowdown)
         elif self.cfg.profile == "measure":
             fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group)
             if any(abs(a.attn_tflops / b.attn_tflops - 1) > 0.1 or abs(a.expert_tflops / b.expert_tflops - 1) > 0.1

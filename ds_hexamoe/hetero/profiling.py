@@ -44,10 +44,15 @@ def measure_profile(
     bandwidth_gbps: float | None = None,
     slowdown: float = 1.0,
     name: str | None = None,
+    seq_len: int | None = None,
+    num_heads: int = 8,
 ) -> DeviceProfile:
     """Time attention-like and expert-like matmuls on ``device`` and return its profile.
 
-    Attention-like: the fused QKV projection ``[T, d] @ [d, 3d]`` (one large GEMM). Expert-like: one
+    Attention-like: the fused QKV projection ``[T, d] @ [d, 3d]`` (one large GEMM). Attention kernel:
+    causal ``scaled_dot_product_attention`` over ``tokens / seq_len`` sequences of ``seq_len`` tokens
+    (default: one of ``tokens``) with ``num_heads`` heads of ``d / num_heads``, counted as ``2 S^2 d``
+    FLOPs per sequence (QK^T and PV, causal half): its rate falls at short sequences. Expert-like: one
     ``[T*k/E, d] @ [d, f]`` GEMM per expert, as a batched matmul (the skinny per-expert shape). Memory
     bandwidth: a large tensor copy (bytes read plus written).
     Best of ``repeats`` timings (the minimum is the least noisy estimate of capability). Memory is the
@@ -75,7 +80,12 @@ def measure_profile(
     we = torch.randn(num_experts, hidden, ffn, generator=gen).to(dev, dtype)
     big = torch.empty(64 << 20 if dev.type == "cuda" else 16 << 20, device=dev)  # 256 / 64 MB of fp32
     big_out = torch.empty_like(big)
+    S = min(seq_len or tokens, tokens)
+    nseq, hd = max(1, tokens // S), max(1, hidden // num_heads)
+    q, k, v = (torch.randn(nseq, num_heads, S, hd, generator=gen).to(dev, dtype) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     with torch.no_grad():
+        t_sdpa = _time(lambda: sdpa(q, k, v, is_causal=True), sync, repeats)
         t_attn = _time(lambda: x @ w_qkv, sync, repeats)
         t_exp = _time(lambda: torch.bmm(xe, we), sync, repeats)
         t_copy = _time(lambda: big_out.copy_(big), sync, repeats)
@@ -87,8 +97,9 @@ def measure_profile(
         bandwidth_gbps = GPU_TABLE[key].bandwidth_gbps if key else 16.0
     label = name or (key or dev_name)
     latency = GPU_TABLE[key].latency_us if key else 0.0  # needs a peer: see measure_latency
+    sdpa_tflops = 2.0 * nseq * S * S * num_heads * hd / t_sdpa / 1e12
     return DeviceProfile(label, attn, expert, int(memory), float(bandwidth_gbps), float(slowdown), latency_us=latency,
-                         memory_bandwidth_gbps=mem_bw)
+                         memory_bandwidth_gbps=mem_bw, sdpa_tflops=sdpa_tflops)
 
 
 def measure_latency(group=None, repeats: int = 20, device: Any = "cpu") -> float:

@@ -67,6 +67,9 @@ def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
             prof.step_overhead_s = override.step_overhead_s
         if override.memory_bandwidth_gbps is not None:
             prof.memory_bandwidth_gbps = override.memory_bandwidth_gbps
+        if override.sdpa_tflops is not None:
+            prof.sdpa_tflops = override.sdpa_tflops
+        prof.expert_slowdown = override.expert_slowdown
         if override.name != "cpu":
             prof.name = override.name
     return prof

@@ -14,6 +14,11 @@ An asynchronous collective's handle is wrapped the same way: time spent in its `
 collective time (waiting for a peer), not work to be stretched, so a slow rank that waits on a fast
 one's prefetch or reduce-scatter does not sleep for that wait too. Limit: on GPUs the host clock does
 not see kernel time (emulation is meant for CPU ranks).
+
+Components: ``expert_slowdown`` stretches expert computation by its own factor (a V100 beside an A40 is
+~3.7x slower at long-sequence attention but only ~1.25x at expert GEMMs). The parallel paths announce
+where expert work starts and ends, in forward and backward (``parallel.common.PHASE_HOOKS``); at each
+boundary the clock settles the work since the last mark at the factor of the phase it ran in.
 """
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ import time
 
 import torch.distributed as dist
 
+from ..parallel.common import PHASE_HOOKS
+
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list",
-               "barrier", "reduce", "all_reduce_coalesced", "gather", "scatter", "gather_object", "send", "recv")
+               "barrier", "reduce", "all_reduce_coalesced", "gather", "scatter", "gather_object", "send", "recv",
+               "isend", "irecv")  # point to point: the zebra pipeline (parallel/zebra.py)
 
 _ACTIVE: "CollectiveClock | None" = None
 
@@ -33,13 +41,25 @@ _ACTIVE: "CollectiveClock | None" = None
 class CollectiveClock:
     """Wraps ``torch.distributed`` collectives in this process; ``slowdown`` > 1 emulates a slower rank."""
 
-    def __init__(self, slowdown: float = 1.0):
-        if not slowdown >= 1.0:
-            raise ValueError(f"slowdown: got {slowdown!r}; expected a number >= 1")
-        self.slowdown = float(slowdown)
+    def __init__(self, slowdown: float = 1.0, expert_slowdown: float | None = None):
+        self.set_factors(slowdown, expert_slowdown)
+        self._experts = False  # inside expert computation: work is stretched by expert_slowdown
         self._originals: dict[str, object] = {}
         self._local = threading.local()
         self.reset()
+
+    def set_factors(self, slowdown: float, expert_slowdown: float | None = None) -> None:
+        """``slowdown`` stretches all local work; ``expert_slowdown`` (None: ``slowdown``) expert work."""
+        for name, v in (("slowdown", slowdown), ("expert_slowdown", expert_slowdown)):
+            if v is not None and not v >= 1.0:
+                raise ValueError(f"{name}: got {v!r}; expected a number >= 1")
+        self.slowdown = float(slowdown)
+        self.expert_slowdown = self.slowdown if expert_slowdown is None else float(expert_slowdown)
+
+    def _phase(self, experts: bool) -> None:
+        if experts != self._experts and not getattr(self._local, "inside", False):
+            self._settle()
+            self._experts = experts
 
     # -- accounting ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -51,6 +71,7 @@ class CollectiveClock:
         """Totals since the previous lap (or reset), then starts a new lap; time since the last collective
         counts as busy (and is slept for now, so the lap's work is complete)."""
         self._settle()
+        self._experts = False  # a phase left open (an expert input without grad) ends with the step
         out = {"busy_s": self.busy, "comm_s": self.comm, "slept_s": self.slept, "collectives": self.collectives}
         self.busy = self.comm = self.slept = 0.0
         self.collectives = 0
@@ -59,7 +80,7 @@ class CollectiveClock:
     def _settle(self) -> None:
         now = time.perf_counter()
         work = now - self._mark
-        extra = (self.slowdown - 1.0) * work
+        extra = ((self.expert_slowdown if self._experts else self.slowdown) - 1.0) * work
         if extra > 0:
             time.sleep(extra)
             self.slept += extra
@@ -77,6 +98,8 @@ class CollectiveClock:
                 continue
             self._originals[name] = fn
             setattr(dist, name, self._wrap(fn))
+        if self._phase not in PHASE_HOOKS:
+            PHASE_HOOKS.append(self._phase)
         _ACTIVE = self
         self.reset()
         return self
@@ -86,6 +109,8 @@ class CollectiveClock:
         for name, fn in self._originals.items():
             setattr(dist, name, fn)
         self._originals.clear()
+        if self._phase in PHASE_HOOKS:
+            PHASE_HOOKS.remove(self._phase)
         if _ACTIVE is self:
             _ACTIVE = None
 

@@ -48,6 +48,9 @@ class CallStats:
     def bytes_sent(self, phase: str | None = None) -> int:
         return sum(c.bytes_sent for c in self.collectives if phase is None or c.phase == phase)
 
+    def bytes_received(self, phase: str | None = None) -> int:
+        return sum(c.bytes_received for c in self.collectives if phase is None or c.phase == phase)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -28,6 +28,32 @@ def check_routing(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
             raise ValueError(f"top_k_index: ids span [{lo}, {hi}]; expected expert ids in [0, {num_experts})")
 
 
+# callables ``hook(experts: bool)`` told when expert computation starts (True) and ends (False), in forward
+# and in backward; the slowdown emulation (hetero/slowdown.py) registers one to stretch expert work by its
+# own factor
+PHASE_HOOKS: list = []
+
+
+def _phase(experts: bool) -> None:
+    for hook in PHASE_HOOKS:
+        hook(experts)
+
+
+class _PhaseMark(torch.autograd.Function):
+    """Identity whose backward announces a phase: at a layer's output, expert backward starts; at its
+    input, it ends."""
+
+    @staticmethod
+    def forward(ctx, x, experts: bool):
+        ctx.experts = experts
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        _phase(ctx.experts)
+        return g, None
+
+
 def _touch(weights: ExpertWeights) -> torch.Tensor:
     """A zero that depends on every materialized tensor, so their backward (e.g. FSSDP's reduce) always runs."""
     z = weights.w1.sum() * 0 + weights.w2.sum() * 0
@@ -54,12 +80,18 @@ def compute_experts(
     empty = x.size(0) == 0 or n_local == 0 or weights.w1.size(2) == 0 or weights.w2.size(1) == 0
     if empty:
         return x * 0 + _touch(weights).to(x.dtype)
+    marked = bool(PHASE_HOOKS) and torch.is_grad_enabled()
+    if marked:
+        x = _PhaseMark.apply(x, False)
+    _phase(True)
     index = build_expert_index(experts_idx, n_local)
     rs = None if row_scale is None else row_scale.reshape(-1)
-    return expert_mlp(
+    out = expert_mlp(
         x, weights.w1, weights.w2, index, act=spec.act, gated=spec.gated, interleaved=spec.interleaved,
         b1=weights.b1, b2=weights.b2 if use_b2 else None, row_scale=rs,
     )
+    _phase(False)
+    return _PhaseMark.apply(out, True) if marked else out
 
 
 def scatter_rows_add(n: int, rows: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Per step (forward + backward) and per rank ``r`` with batch share ``B_r`` samples of ``seq`` tokens:
 
-- dense part (attention, routers, dense MLPs, LM head): ``B_r * seq * dense_flops_per_token / attn_flops_r``;
+- dense part (attention, routers, dense MLPs, LM head): ``B_r * seq`` tokens, the attention kernel's
+  FLOPs (``score_flops_per_token``, quadratic in ``seq``) at ``sdpa_flops_r`` and the rest at ``attn_flops_r``;
 - a data-centric MoE layer: the rank's own pairs ``B_r * seq * k`` at ``pair_flops / expert_flops_r``,
   plus SparseAllGather of the experts its tokens activate that it does not own, exposed in forward (what
   to gather is known only after the router), and in backward the re-materializing gather and the
@@ -34,6 +35,7 @@ from ..config import MODES, ConfigError
 from ..devices import DeviceProfile
 from ..experts.stats import RoutingStats
 from .problem import PlacementProblem
+from .profiles import check_world_size
 from .shapes import ModelShape
 
 # collectives per step: DeepSpeed's dense-gradient sync (gradient reduce, global norm, overflow check,
@@ -135,6 +137,7 @@ class CostModel:
         if not profiles:
             raise ConfigError("devices: got an empty list; expected one profile per rank")
         R = len(profiles)
+        check_world_size(R)
         self.options.validate(R)
         if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
             raise ConfigError(f"global_batch: got {global_batch!r}; expected an integer >= 1 (samples per step)")
@@ -148,6 +151,7 @@ class CostModel:
         self.profiles, self.stats, self.model, self.G = profiles, stats, model, global_batch
         self.R, self.L, self.E, self.seq = R, len(stats.layers), model.num_experts, model.seq_len
         self.sa = np.array([p.attn_flops for p in profiles])
+        self.ss = np.array([p.sdpa_flops for p in profiles])  # the attention kernel (quadratic in seq_len)
         self.se = np.array([p.expert_flops for p in profiles])
         self.bw = np.array([p.bandwidth for p in profiles])
         self.fixed = np.array([getattr(p, "step_overhead", 0.0) for p in profiles])  # seconds per step, per rank
@@ -175,7 +179,8 @@ class CostModel:
                 true = m / max(m.sum(), 1.0) * self.loads[l + 1].sum() if m.sum() > 0 else indep
             self.hops_indep.append(indep)
             self.hops_true.append(true)
-        self.dense_per_sample = self.seq * model.dense_flops_per_token / self.sa  # seconds
+        linear = model.dense_flops_per_token - model.score_flops_per_token
+        self.dense_per_sample = self.seq * (linear / self.sa + model.score_flops_per_token / self.ss)  # seconds
         self.pair_cost = model.pair_flops / self.se
         self.hop_cost = 2.0 * model.token_bytes / self.bw
         self.cache_unit = float(model.expert_bytes + model.expert_grad_bytes)  # a materialized expert + its grad
@@ -257,7 +262,9 @@ class CostModel:
         """Dense seconds per MoE layer, under which weight movement of the next layer can hide."""
         return self.dense_time(shares) / self.L if self.options.prefetch else np.zeros(self.R)
 
-    def dc_layer(self, l: int, shares, sw) -> np.ndarray:
+    def dc_parts(self, l: int, shares, sw) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A data-centric layer per rank: (compute, forward gather, backward traffic left exposed, backward
+        traffic hidden under compute). The gathers are collectives: every rank waits for the slowest."""
         n = np.asarray(shares, dtype=float) * self.seq * self.k[l]
         compute = n * self.pair_cost
         active = (1.0 - np.exp(-np.outer(n, self.p[l]))).sum(axis=1)  # expected distinct experts used
@@ -266,14 +273,25 @@ class CostModel:
         forward = gathered * m.expert_bytes  # exposed: the router decides what to gather
         backward = gathered * (int(self.options.rematerialize) * m.expert_bytes + m.expert_grad_bytes)
         if self.options.prefetch:  # issued ahead, under the layer's backward (2/3 of its FLOPs) and dense compute
-            return compute + forward + np.maximum(0.0, backward - compute * 2.0 / 3.0 - self.overlap(shares))
-        return compute + forward + backward
+            exposed = np.maximum(0.0, backward - compute * 2.0 / 3.0 - self.overlap(shares))
+        else:
+            exposed = backward
+        return compute, forward, exposed, backward - exposed
 
-    def mc_layer(self, l: int, shares, slices) -> np.ndarray:
+    def dc_layer(self, l: int, shares, sw) -> np.ndarray:
+        compute, forward, exposed, _ = self.dc_parts(l, shares, sw)
+        return compute + forward + exposed
+
+    def mc_parts(self, l: int, shares, slices) -> tuple[np.ndarray, np.ndarray]:
+        """A model-centric layer per rank: (compute on its hidden slice, token all-gather + reduce-scatter)."""
         pairs = self.loads[l].sum()
         compute = pairs * (np.asarray(slices) / self.model.expert_ffn) * self.pair_cost
         own = np.asarray(shares, dtype=float) * self.seq
         comm = 4.0 * (self.G * self.seq - own) * self.model.token_bytes / self.bw
+        return compute, comm
+
+    def mc_layer(self, l: int, shares, slices) -> np.ndarray:
+        compute, comm = self.mc_parts(l, shares, slices)
         return compute + comm
 
     def update_time(self, sw) -> np.ndarray:
@@ -325,10 +343,13 @@ class CostModel:
         rank, its fixed per-step overhead included, done by ``tau`` (an LP; no communication, no memory
         limits)."""
         from scipy.optimize import linprog
+        from scipy.sparse import coo_matrix
 
         R = self.R
-        works = [(self.G * self.seq * self.model.dense_flops_per_token, self.sa),
-                 (float(self.loads.sum()) * self.model.pair_flops, self.se)]
+        m = self.model
+        works = [(self.G * self.seq * (m.dense_flops_per_token - m.score_flops_per_token), self.sa),
+                 (self.G * self.seq * m.score_flops_per_token, self.ss),
+                 (float(self.loads.sum()) * m.pair_flops, self.se)]
         if (self.mbw > 0).any():
             works.append((float(self.model.expert_update_bytes), self.mbw))
         works = [(w, s) for w, s in works if w > 0]
@@ -338,13 +359,13 @@ class CostModel:
         n = K * R + 1
         c = np.zeros(n)
         c[-1] = 1.0
-        A_ub = np.zeros((R, n))
-        for r in range(R):
-            A_ub[r, r:K * R:R] = 1.0
-            A_ub[r, -1] = -1.0
-        A_eq = np.zeros((K, n))
-        for k, (w, speed) in enumerate(works):
-            A_eq[k, k * R:(k + 1) * R] = speed * t0 / w
+        # sparse: a dense [R, K R] matrix is gigabytes at thousands of ranks
+        ranks = np.arange(R)
+        A_ub = coo_matrix((np.concatenate([np.ones(K * R), -np.ones(R)]),
+                           (np.concatenate([np.tile(ranks, K), ranks]),
+                            np.concatenate([np.arange(K * R), np.full(R, n - 1)]))), shape=(R, n)).tocsr()
+        A_eq = coo_matrix((np.concatenate([speed * t0 / w for w, speed in works]),
+                           (np.repeat(np.arange(K), R), np.arange(K * R))), shape=(K, n)).tocsr()
         res = linprog(c, A_ub=A_ub, b_ub=-self.fixed / t0, A_eq=A_eq, b_eq=np.ones(K), bounds=[(0, None)] * n,
                       method="highs")
         if res.status != 0:  # cannot happen for positive speeds; the closed form is then the estimate

@@ -1,5 +1,5 @@
-"""MoETuner's placement ILP: binary placement of replica units, min-max rank time with exactly
-linearized affinity traffic, HiGHS through ``scipy.optimize.milp``; EPLB's packing bounds it and greedy
+"""MoETuner's placement ILP: binary placement of replica units, min-max rank time with every layer's
+dispatch and combine traffic (linear in the placement: see :mod:`.problem`), HiGHS through ``scipy.optimize.milp``; EPLB's packing bounds it and greedy
 is the fallback (docs/design.md, "Heterogeneous placement").
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .problem import PlacementProblem, SolverResult, objective, rank_times
+from .problem import PlacementProblem, SolverResult, objective
 from .solvers import _units, eplb, greedy, register_solver
 
 
@@ -43,15 +43,17 @@ def _ilp_window(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fi
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     A, lo, hi, nv, nx, oT, ox, ue = _ilp_matrix(P, n, l0, l1, F_fixed)
+    nT = l1 - l0 + 1
     cvec = np.zeros(nv)
-    cvec[oT] = 1.0
+    cvec[oT:oT + nT] = 1.0
     integrality = np.zeros(nv)
     integrality[:nx] = 1
     ub = np.full(nv, np.inf)
     ub[:nx] = 1.0
-    if upper is not None:
-        ub[oT] = upper
-    res = milp(cvec, integrality=integrality, bounds=Bounds(np.zeros(nv), ub), constraints=LinearConstraint(A, lo, hi),
+    cons = [LinearConstraint(A, lo, hi)]
+    if upper is not None:  # a heuristic's objective bounds the sum of the layer times
+        cons.append(LinearConstraint(cvec[None, :], -np.inf, upper))
+    res = milp(cvec, integrality=integrality, bounds=Bounds(np.zeros(nv), ub), constraints=cons,
                options={"time_limit": max(0.05, time_limit), "mip_rel_gap": P.mip_rel_gap, "disp": False})
     if res.x is None:
         return None, f"no solution ({res.message})"
@@ -68,8 +70,9 @@ def _ilp_window(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fi
 
 def _ilp_matrix(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fixed: np.ndarray):
     """The MILP of layers ``[l0, l1]``: ``x[l, u, r]`` (unit ``u`` of layer ``l`` hosted on rank ``r``,
-    binary), the linearized affinity traffic ``z``/``y``, per-layer materialization left exposed ``m``,
-    and the step time ``T`` (minimized)."""
+    binary), per-layer materialization left exposed ``m``, and per layer the slowest rank's time ``T_l``
+    (the runtime synchronizes every layer; ``sum_l T_l`` is minimized). Tokens go home -> expert -> home at
+    every layer, so a rank's traffic is linear in ``x``: no product terms."""
     L, E, R = P.shape
     W = list(range(l0, l1 + 1))
     ue = {l: np.repeat(np.arange(E), n[l]) for l in W}  # unit -> expert
@@ -80,12 +83,8 @@ def _ilp_matrix(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fi
     for l in W:
         ox[l], nv = nv, nv + U[l] * R
     nx = nv
-    oz, oy = {}, {}
-    for l in W[:-1]:
-        oz[l], nv = nv, nv + U[l] * R
-        oy[l + 1], nv = nv, nv + U[l + 1] * R
     om, nv = nv, nv + len(W) * R
-    oT, nv = nv, nv + 1
+    oT, nv = nv, nv + len(W)  # T_l: the slowest rank's time in layer l
     rows = _Rows()
     ranks = np.arange(R)
     for l in W:
@@ -104,69 +103,26 @@ def _ilp_matrix(P: PlacementProblem, n: list[np.ndarray], l0: int, l1: int, F_fi
             idx[multi] = np.arange(len(multi))
             sel = idx[ue[l]][u_of] >= 0
             rows.add(len(multi) * R, (idx[ue[l]][u_of] * R + r_of)[sel], cols[sel], 1.0, -np.inf, 1.0)
-    for l in W[:-1]:
-        _affinity_rows(rows, P.hops[l], n[l], n[l + 1], ue[l], ue[l + 1], (ox[l], ox[l + 1], oz[l], oy[l + 1]), R)
-    # rank time rows: const_r + sum coef x + m + hop_cost (z + y) - T <= 0
-    const = rank_times(P, F_fixed, upto=l0) if l0 > 0 else P.base.astype(float).copy()
+    # per layer, rank time rows: base_r / L + const_r + sum coef x + m - T_l <= 0 (the step is sum_l T_l)
     hc = np.asarray(P.hop_cost, dtype=float)
     home = np.asarray(P.home, dtype=float)
-    r_list, c_list, v_list = [], [], []
     for l in W:
-        coef = np.outer(P.pair_cost, w[l])  # [R, U]
-        for edge in [e for e in (0, L - 1) if e == l]:  # tokens leave home for the first layer, return after the last
-            coef = coef + (hc * (1 - 2 * home))[:, None] * w[l][None, :]
-            const = const + hc * home * P.loads[edge].sum()
-        if l == l0 and l0 > 0:  # hops from the fixed previous layer: linear in this layer's x
-            Mp, Fp = P.hops[l0 - 1], F_fixed[l0 - 1]
-            const = const + hc * (Fp.T @ Mp.sum(axis=1))
-            per_e = (Mp.sum(axis=0)[None, :] - 2.0 * (Fp.T @ Mp)) / n[l][None, :]
-            coef = coef + hc[:, None] * per_e[:, ue[l]]
+        # dispatch and combine: 2 (home_r (total - local_r) + (1 - home_r) local_r) pairs cross r's link
+        coef = np.outer(P.pair_cost, w[l]) + 2.0 * (hc * (1 - 2 * home))[:, None] * w[l][None, :]  # [R, U]
+        const = P.base / L + 2.0 * hc * home * P.loads[l].sum()
         uu = np.arange(U[l])
-        r_list.append(np.repeat(ranks, U[l]))
-        c_list.append(ox[l] + uu[None, :] * R + ranks[:, None])
-        v_list.append(coef)
-        r_list.append(ranks)
-        c_list.append(om + (l - l0) * R + ranks)
-        v_list.append(np.ones(R))
-    for l in W[:-1]:
-        for off, Uc in ((oz[l], U[l]), (oy[l + 1], U[l + 1])):
-            r_list.append(np.repeat(ranks, Uc))
-            c_list.append(off + np.arange(Uc)[None, :] * R + ranks[:, None])
-            v_list.append(np.repeat(hc, Uc))
-    r_list.append(ranks)
-    c_list.append(np.full(R, oT))
-    v_list.append(-np.ones(R))
-    rows.add(R, np.concatenate([np.ravel(x) for x in r_list]), np.concatenate([np.ravel(x) for x in c_list]),
-             np.concatenate([np.ravel(x) for x in v_list]), -np.inf, -const)
+        rr = [np.repeat(ranks, U[l]), ranks, ranks]
+        cc = [ox[l] + uu[None, :] * R + ranks[:, None], om + (l - l0) * R + ranks, np.full(R, oT + l - l0)]
+        vv = [coef, np.ones(R), -np.ones(R)]
+        rows.add(R, np.concatenate([np.ravel(x) for x in rr]), np.concatenate([np.ravel(x) for x in cc]),
+                 np.concatenate([np.ravel(x) for x in vv]), -np.inf, -const)
     A, lo, hi = rows.matrix(nv)
     return A, lo, hi, nv, nx, oT, ox, ue
 
 
-def _affinity_rows(rows: _Rows, M: np.ndarray, na: np.ndarray, nb: np.ndarray, ua: np.ndarray, ub: np.ndarray,
-                   offsets: tuple[int, int, int, int], R: int) -> None:
-    """The affinity traffic between consecutive layers ``a`` and ``b`` (pairs ``M``), exactly linearized for
-    binary x: ``z`` (out of ``a``'s units) and ``y`` (into ``b``'s) bound each rank's crossing pairs."""
-    xa, xb, oz, oy = offsets
-    flow = M[np.ix_(ua, ub)] / np.outer(na[ua], nb[ub])
-    S_out, S_in = flow.sum(axis=1), flow.sum(axis=0)
-    iu, iv = np.nonzero(flow)
-    fv = flow[iu, iv]
-    ranks = np.arange(R)
-    for Ua, oa, ob, oaux, S, a_idx, b_idx in ((len(ua), xa, xb, oz, S_out, iu, iv),
-                                                (len(ub), xb, xa, oy, S_in, iv, iu)):
-        # row (r, a): S[a] x[a, r] - aux[a, r] - sum_b flow x[b, r] <= 0
-        ra = np.arange(R * Ua)
-        r_, a_ = ra // Ua, ra % Ua
-        rr = np.repeat(ranks, len(a_idx))
-        rows.add(R * Ua,
-                 np.concatenate([ra, ra, rr * Ua + np.tile(a_idx, R)]),
-                 np.concatenate([oa + a_ * R + r_, oaux + a_ * R + r_, ob + np.tile(b_idx, R) * R + rr]),
-                 np.concatenate([S[a_], -np.ones(R * Ua), -np.tile(fv, R)]), -np.inf, 0.0)
-
-
 def solve_ilp(P: PlacementProblem, upper: float | None = None, joint: bool | None = None) -> SolverResult:
-    """The MILP alone (no fallback): joint over all layers when small, else layer by layer, each layer
-    given the previous layers' placement (its hops from them are then linear)."""
+    """The MILP alone (no fallback): joint over all layers when small, else layer by layer (layers share
+    no cost term, so the layer-by-layer optimum is the joint one when each layer is solved to optimality)."""
     L, E, R = P.shape
     n = _units(P)
     binaries = sum(int(x.sum()) for x in n) * R

@@ -5,8 +5,9 @@ the simulator predicts fastest (within memory):
 
 - ``data_centric``: batch shares ``B_r ~ 1/t_r`` (HEXA-MoE; ``t_r`` the rank's time per sample for the
   dense part and its own experts), capped by memory; no token moves;
-- ``expert_parallel``: batch shares by dense speed, experts placed by the chosen solver (``greedy``:
-  HeterMoE Asym-EA, ``eplb``: DeepSeek EPLB replication, ``ilp``: MoETuner's ILP on HiGHS);
+- ``expert_parallel``: batch shares by dense speed, experts placed by the chosen solver (``greedy`` =
+  ``waterfill``: fractional water-filling, ``asym_ea``: HeterMoE's gather-and-squeeze, ``eplb``: DeepSeek
+  EPLB replication, ``ilp``: MoETuner's ILP on HiGHS);
 - ``model_centric``: hidden slices ``f_r ~ expert speed``;
 - ``mixed`` (mode "auto"): each layer in the mode the cost model predicts fastest for it.
 
@@ -31,6 +32,7 @@ from .profiles import load_profiles
 from .shapes import ModelShape, resolve_model
 from .simulator import Simulation, ideal_step_time, simulate, uniform_plan
 from .solvers import SOLVERS, solve
+from .zebra import zebra_advice
 
 
 def _as_profiles(profiles: Any) -> list[DeviceProfile]:
@@ -237,6 +239,8 @@ def plan(
                     "time_limit": time_limit, "mode": mode, "use_affinity": use_affinity,
                     "rematerialize": rematerialize, "prefetch": prefetch, "shard_by": shard_by},
     }
+    # attention/expert disaggregation (zebra), simulated beside the chosen plan: reported, not applied
+    out.meta["zebra"] = zebra_advice(cost, sims[best].step_time)
     return out
 
 
@@ -253,6 +257,7 @@ def _predicted(cost: CostModel, sb: Simulation) -> dict:
         "efficiency_vs_ideal": ideal / sb.step_time,
         "sync_time": sb.sync,
         "uniform_sync_time": su.sync,
+        "sum_bound_step_time": sb.sum_bound,  # the step if no rank ever waited inside it (max-of-sums)
         "per_rank": {"busy": sb.busy, "idle": sb.idle, "dense": sb.dense, "moe": sb.moe, "memory_gb": sb.memory_gb,
                      "memory_limit_gb": sb.memory_limit_gb},
         "uniform_per_rank": {"busy": su.busy, "idle": su.idle},

@@ -1,19 +1,22 @@
 """The expert placement problem and the one objective every solver is scored by.
 
 A :class:`PlacementProblem` holds, for a run of consecutive expert-parallel MoE layers, the per-step
-expert loads, the cross-layer token hops (affinity), and per-rank costs. A solution is a fraction
+expert loads, the cross-layer flows (affinity: recorded, not costed), and per-rank costs. A solution is a fraction
 matrix ``F[l, e, r]`` (the share of expert ``e``'s tokens in layer ``l`` that rank ``r`` computes;
 ``F > 0`` means ``r`` hosts a replica). Every solver is scored by the same :func:`rank_times`:
 
-``time_r = base_r + compute_r + materialize_r + hop_cost_r * hops_r``
+``time_r = base_r + compute_r + materialize_r + hop_cost_r * hops_r``, a sum of per-layer times
+(:func:`layer_times`, the dense base spread evenly over the layers). The runtime synchronizes the ranks at
+every layer's dispatch and combine, so the objective is ``sum_l max_r time[l, r]`` (:func:`objective`).
 
 - compute: ``pair_cost_r * sum_{l,e} load[l,e] F[l,e,r]``;
 - materialize: per layer ``max(0, host_cost_r * hosted[l,r] - overlap_r)`` (replicas built from FSSDP
   shards, hidden under the layer's dense compute up to ``overlap_r``);
-- hops: tokens dispatched from their home ranks (share ``home_r``) into the first layer, handed from the
-  rank of their expert in layer ``l`` to that in ``l+1`` (MoETuner's affinity traffic: a token whose
-  consecutive experts are on different ranks crosses the link; counted on the sender and the
-  receiver), and combined back home after the last layer (docs/design.md, "Heterogeneous placement").
+- hops: at every layer, tokens go from their home ranks (share ``home_r``: where their attention runs)
+  to the ranks computing their experts and back (dispatch and combine, forward and backward), counted on
+  the sender and the receiver. This is what the runtime does (``parallel/expert_parallel.py``): the next
+  layer's attention needs the token at home, so two consecutive experts on one rank save nothing and
+  cross-layer affinity enters no cost here (docs/placement.md, "Cost model").
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class PlacementProblem:
     """Inputs of a placement solve over ``L`` consecutive expert-parallel layers and ``R`` ranks."""
 
     loads: np.ndarray  # [L, E] (token, expert) pairs per step
-    hops: list[np.ndarray]  # L-1 matrices [E, E]: pairs per step going from expert i (l) to j (l+1)
+    hops: list[np.ndarray]  # L-1 matrices [E, E]: pairs per step from expert i (l) to j (l+1); not costed
     home: np.ndarray  # [R] fraction of the tokens whose home (attention) is rank r
     pair_cost: np.ndarray  # [R] seconds per pair (fwd + bwd)
     hop_cost: np.ndarray  # [R] seconds per pair crossing the rank's link (fwd + bwd)
@@ -69,7 +72,7 @@ class PlacementProblem:
 @dataclass
 class SolverResult:
     F: np.ndarray  # [L, E, R]
-    objective: float  # max_r rank_times
+    objective: float  # sum over layers of the slowest rank's layer time
     status: str
     wall_s: float
     meta: dict = field(default_factory=dict)
@@ -77,11 +80,7 @@ class SolverResult:
 
 # ------------------------------------------------------------------------------------------ objective
 def rank_times(P: PlacementProblem, F: np.ndarray, upto: int | None = None) -> np.ndarray:
-    """Per-rank seconds of the layers ``[0, upto)`` (all by default) under fractions ``F``.
-
-    With ``upto < L`` the hops into layer ``upto`` and the final combine are left out (the sequential
-    ILP adds them as terms of the next window).
-    """
+    """Per-rank seconds of the layers ``[0, upto)`` (all by default) under fractions ``F``."""
     L, E, R = P.shape
     n = L if upto is None else upto
     t = P.base.astype(float).copy()
@@ -91,11 +90,7 @@ def rank_times(P: PlacementProblem, F: np.ndarray, upto: int | None = None) -> n
     t += P.pair_cost * np.einsum("le,ler->r", P.loads[:n], Fn)
     hosted = (Fn > EPS).sum(axis=1)  # [n, R]
     t += np.maximum(0.0, hosted * P.host_cost[None, :] - P.overlap[None, :]).sum(axis=0)
-    hops = _home_hops(P, F, 0)
-    if n == L:
-        hops = hops + _home_hops(P, F, L - 1)
-    for l in range(n - 1):
-        hops = hops + _pair_hops(P.hops[l], F[l], F[l + 1])
+    hops = sum(layer_hops(P, F, l) for l in range(n))
     return t + P.hop_cost * hops
 
 
@@ -106,16 +101,28 @@ def _home_hops(P: PlacementProblem, F: np.ndarray, l: int) -> np.ndarray:
     return P.home * (total - local) + (1.0 - P.home) * local
 
 
-def _pair_hops(M: np.ndarray, Fa: np.ndarray, Fb: np.ndarray) -> np.ndarray:
-    """``sum_ij M_ij [Fa_ir (1 - Fb_jr) + Fb_jr (1 - Fa_ir)]``: out- plus in-traffic of each rank."""
-    out = Fa.T @ M.sum(axis=1)
-    inn = Fb.T @ M.sum(axis=0)
-    cross = ((M @ Fb) * Fa).sum(axis=0)  # sum_ij Fa_ir M_ij Fb_jr, through BLAS
-    return out + inn - 2.0 * cross
+def layer_hops(P: PlacementProblem, F: np.ndarray, l: int) -> np.ndarray:
+    """Pairs crossing each rank's link in layer ``l``: dispatch home -> expert plus combine back."""
+    return 2.0 * _home_hops(P, F, l)
+
+
+def layer_times(P: PlacementProblem, F: np.ndarray) -> np.ndarray:
+    """``[L, R]`` seconds per layer and rank (their sum over layers is :func:`rank_times`): a rank's time in
+    layer ``l`` depends only on its own pairs and hosted experts there."""
+    L = P.shape[0]
+    out = np.empty((L, P.shape[2]))
+    for l in range(L):
+        local = P.loads[l] @ F[l]
+        hosted = (F[l] > EPS).sum(axis=0)
+        out[l] = (P.base / L + P.pair_cost * local + np.maximum(0.0, hosted * P.host_cost - P.overlap)
+                  + P.hop_cost * layer_hops(P, F, l))
+    return out
 
 
 def objective(P: PlacementProblem, F: np.ndarray) -> float:
-    return float(rank_times(P, F).max())
+    """The step the runtime takes: it synchronizes at every layer's dispatch and combine, so the sum over
+    layers of the slowest rank's layer time (never less than the busiest rank's sum)."""
+    return float(layer_times(P, F).max(axis=1).sum())
 
 
 def check_solution(P: PlacementProblem, F: np.ndarray, tol: float = 1e-6) -> None:

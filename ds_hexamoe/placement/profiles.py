@@ -22,7 +22,8 @@ def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:
         raise ConfigError(f"device {name!r}: not in the built-in table; known devices are {sorted(GPU_TABLE)}")
     s = GPU_TABLE[key]
     return DeviceProfile(key, s.tflops, s.tflops, int(s.memory_gb * GB), s.bandwidth_gbps, slowdown,
-                         latency_us=s.latency_us, memory_bandwidth_gbps=s.memory_bandwidth_gbps)
+                         latency_us=s.latency_us, memory_bandwidth_gbps=s.memory_bandwidth_gbps,
+                         sdpa_tflops=s.sdpa_tflops or None)
 
 
 def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile]:
@@ -57,8 +58,21 @@ def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile
     out: list[DeviceProfile] = []
     for i, entry in enumerate(source):
         declared = DeviceProfile.from_entry(entry, f"{where}[{i}]")
+        check_world_size(len(out) + declared.count, f"{where}[{i}].count")
         out.extend([declared.resolve(f"{where}[{i}]")] * declared.count)
     return out
+
+
+# the planner's per-rank tables (the ideal bound's LP, the simulator's clocks, the solvers' loops) grow
+# with the rank count: past this, a plan takes minutes and memory grows without bound
+MAX_RANKS = 8192
+
+
+def check_world_size(n: int, field: str = "devices") -> None:
+    """Raise before any work when ``n`` ranks are more than the planner handles."""
+    if n > MAX_RANKS:
+        raise ConfigError(f"{field}: {n} ranks in all; the planner handles at most {MAX_RANKS}; plan a "
+                          f"representative group of at most {MAX_RANKS} ranks (a plan's shares repeat per group)")
 
 
 def save_profiles(profiles: list[DeviceProfile], path: str | os.PathLike) -> None:
@@ -66,11 +80,12 @@ def save_profiles(profiles: list[DeviceProfile], path: str | os.PathLike) -> Non
     devices = [{"name": p.name, "attn_tflops": p.attn_tflops, "expert_tflops": p.expert_tflops,
                 "memory_bytes": p.memory_bytes, "bandwidth_gbps": p.bandwidth_gbps, "slowdown": p.slowdown,
                 "step_overhead_s": p.step_overhead_s, "latency_us": p.latency_us,
-                "memory_bandwidth_gbps": p.memory_bandwidth_gbps}
+                "memory_bandwidth_gbps": p.memory_bandwidth_gbps, "sdpa_tflops": p.sdpa_tflops,
+                "expert_slowdown": p.expert_slowdown}
                for p in profiles]
     with open(path, "w") as fh:
         json.dump({"devices": devices}, fh, indent=2)
 
 
-__all__ = ["DeviceProfile", "GB", "GPUSpec", "GPU_TABLE", "builtin_profile", "load_profiles", "lookup_gpu",
-           "save_profiles"]
+__all__ = ["DeviceProfile", "GB", "GPUSpec", "GPU_TABLE", "MAX_RANKS", "builtin_profile", "check_world_size",
+           "load_profiles", "lookup_gpu", "save_profiles"]

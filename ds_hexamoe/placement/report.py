@@ -64,6 +64,9 @@ def print_table(plan: Plan, max_ranks: int = 64) -> None:
     s.add_row("uniform" + ("" if p["uniform_memory_ok"] else " (over memory)"), f"{p['uniform_step_time']:.4g}",
               f"{p['uniform_step_time'] / p['step_time']:.2f}")
     s.add_row("ideal (work / speed)", f"{p['ideal_step_time']:.4g}", f"{p['ideal_step_time'] / p['step_time']:.2f}")
+    if "sum_bound_step_time" in p:  # what the plan would take if no rank waited for another inside a step
+        s.add_row("this plan, no waiting at layers", f"{p['sum_bound_step_time']:.4g}",
+                  f"{p['sum_bound_step_time'] / p['step_time']:.2f}")
     c.print(s)
     cands = plan.meta.get("candidates", {})
     if cands:
@@ -102,6 +105,44 @@ def save_png(plan: Plan, path: str) -> None:
     for a in axes:
         if labels:
             a.set_xticks(x, labels, rotation=90, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_COLORS = {"dense": "#4c72b0", "experts": "#dd8452", "optimizer": "#8172b3", "wait": "#eeeeee",
+           "dispatch": "#55a868", "combine": "#2ca02c", "gather": "#c44e52", "all_gather": "#55a868",
+           "reduce_scatter": "#2ca02c", "materialize": "#937860", "prefetch": "#da8bc3"}
+
+
+def save_timeline(plan: Plan, timeline: list[dict], path: str, max_ranks: int = 32) -> None:
+    """A Gantt chart of one simulated step (``simulate(plan, cost, timeline=True).timeline``): per rank a
+    compute lane (dense, experts, optimizer, waiting for peers) and a communication lane below it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    R = min(plan.world_size, max_ranks)
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.55 * R + 1.5)))
+    seen = set()
+    for ev in timeline:
+        if ev["rank"] >= R:
+            continue
+        y = ev["rank"] * 2 + (1 if ev["stream"] == "comm" else 0)
+        ax.barh(y, ev["end"] - ev["start"], left=ev["start"], height=0.8, color=_COLORS.get(ev["label"], "#999999"),
+                edgecolor="none")
+        seen.add(ev["label"])
+    ax.set_yticks([2 * r + s for r in range(R) for s in (0, 1)],
+                  [f"{r} {plan.devices[r][:10]} {'comm' if s else 'compute'}" for r in range(R) for s in (0, 1)],
+                  fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds into the step")
+    title = f"simulated step ({plan.solver}; {_mode_summary(plan)})"
+    ax.set_title(title + (f", first {R} of {plan.world_size} ranks" if R < plan.world_size else ""))
+    ax.legend(handles=[Patch(color=_COLORS.get(k, "#999999"), label=k) for k in sorted(seen)], fontsize=7,
+              loc="upper right", ncol=min(len(seen), 5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

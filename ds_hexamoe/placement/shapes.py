@@ -107,11 +107,15 @@ class ModelShape:
         return self.passes * 2.0 * self.expert_params
 
     @property
+    def score_flops_per_token(self) -> float:
+        """The attention kernel's part (QK^T and PV, causal half) over all blocks, fwd + bwd: grows with
+        ``seq_len``, and runs at a device's ``sdpa_tflops``."""
+        return self.passes * self.layers * 2.0 * 2.0 * self.seq_len * self.num_heads * self.hd * 0.5
+
+    @property
     def dense_flops_per_token(self) -> float:
         """Attention (projections and causal scores), routers, dense MLPs and the LM head, fwd + bwd."""
-        scores = 2.0 * 2.0 * self.seq_len * self.num_heads * self.hd * 0.5  # QK^T and PV, causal half
-        per_token = 2.0 * self.dense_params + self.layers * scores
-        return self.passes * per_token
+        return self.passes * 2.0 * self.dense_params + self.score_flops_per_token
 
     @property
     def token_bytes(self) -> int:

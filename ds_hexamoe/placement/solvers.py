@@ -1,9 +1,10 @@
 """Expert placement solvers behind one interface (a registry, MegaBlocks-style).
 
 Every solver maps a :class:`~.problem.PlacementProblem` to a fraction matrix ``F[l, e, r]`` scored by the
-same :func:`~.problem.rank_times`. ``greedy`` (HeterMoE Asym-EA: fill ranks with load in proportion to
-speed, splitting experts into fractions) and ``eplb`` (DeepSeek EPLB: replicate the heaviest experts,
-pack replicas onto the rank that finishes first) are here; ``ilp`` (MoETuner) registers from
+same :func:`~.problem.rank_times`. Here: ``waterfill`` (also registered as ``greedy``, its old name: fill
+ranks with load in proportion to speed, splitting experts into token fractions), ``asym_ea`` (HeterMoE's
+asymmetric expert assignment, gather-and-squeeze: :mod:`.asym_ea`) and ``eplb`` (DeepSeek EPLB: replicate
+the heaviest experts, pack replicas onto the rank that finishes first); ``ilp`` (MoETuner) registers from
 :mod:`.ilp` (docs/design.md, "Heterogeneous placement").
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..config import ConfigError
-from .problem import EPS, PlacementProblem, SolverResult, check_solution, objective, rank_times
+from .problem import EPS, PlacementProblem, SolverResult, check_solution, layer_hops, objective, rank_times
 
 
 # ------------------------------------------------------------------------------------------- registry
@@ -53,18 +54,20 @@ def _waterfill(cur: np.ndarray, cost: np.ndarray, work: float) -> np.ndarray:
 
 
 @register_solver("greedy")
+@register_solver("waterfill")
 def greedy(P: PlacementProblem, min_fraction: float = 0.02) -> SolverResult:
-    """Asymmetric expert assignment: per layer, water-fill rank capacity by speed, then fill the heaviest
+    """Fractional water-filling: per layer, water-fill rank capacity by speed, then fill the heaviest
     experts into the roomiest ranks, splitting an expert when a rank's room runs out (fragments under
     ``min_fraction`` of the expert stay whole). Ignores affinity."""
     L, E, R = P.shape
     F = np.zeros((L, E, R))
-    cur = P.base.astype(float).copy()
     # hosting a piece costs its materialization beyond what dense compute hides: a piece smaller than
     # the pairs that time could compute is not worth splitting off
     fixed = np.maximum(0.0, P.host_cost - P.overlap)
     worth = fixed / P.pair_cost
     for l in range(L):
+        # the runtime synchronizes every layer: level each layer on its own, from its share of the dense work
+        cur = P.base / L + P.hop_cost * layer_hops(P, np.zeros((L, E, R)), l)
         load = P.loads[l]
         cap = _waterfill(cur + fixed, P.pair_cost, float(load.sum()))
         slots = np.minimum(P.slots, E).astype(int).copy()
@@ -99,7 +102,6 @@ def greedy(P: PlacementProblem, min_fraction: float = 0.02) -> SolverResult:
                 hosts.add(r)
                 slots[r] -= 1
         F[l] /= F[l].sum(axis=1, keepdims=True)
-        cur += assigned * P.pair_cost
     return SolverResult(F, objective(P, F), "ok", 0.0)
 
 
@@ -128,8 +130,8 @@ def eplb(P: PlacementProblem) -> SolverResult:
     least, each replica of an expert on a different rank, within memory slots."""
     L, E, R = P.shape
     F = np.zeros((L, E, R))
-    cur = P.base.astype(float).copy()
     for l, n in enumerate(_units(P)):
+        cur = P.base / L  # every layer synchronizes: pack each from its share of the dense work
         units = sorted(((P.loads[l, e] / n[e], e) for e in range(E) for _ in range(n[e])), key=lambda t: -t[0])
         slots = np.minimum(P.slots, E).astype(int).copy()
         for w, e in units:

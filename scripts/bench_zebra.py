@@ -1,0 +1,232 @@
+"""Attention/expert disaggregation with the zebra pipeline against non-disaggregated plans, measured on
+gloo CPU ranks with component emulation (one rank slower at attention than at experts, like a V100
+beside an A40). Prints a table and writes JSON.
+
+    python scripts/bench_zebra.py [--world 2] [--json bench_zebra.json] [--attention-slowdown 3.7]
+                                  [--expert-slowdown 1.25] [--rounds 3] [--steps 3]
+
+All plans run in one process group, interleaved in rounds (each round: ``--steps`` timed steps of every
+plan), so machine load hits them alike; per plan the median step is reported as tokens/s:
+
+- ``uniform_ep``: even batch shares, experts split evenly, expert parallel (the uniform plan);
+- ``ep_*``: uneven shares by attention speed and experts by expert speed (the split that balances each
+  phase of a per-layer-synchronized step), with one-sample / one-expert neighbours;
+- ``dc_*``: data-centric (every rank computes every expert for its own tokens) with shares by whole-layer
+  speed, from the attention/expert cost ratio measured in this run;
+- ``zebra``: disaggregated, micro-batches pipelined (``ds_hexamoe.parallel.zebra``), with the split of
+  ranks into attention and expert ranks that ``placement.zebra.best_zebra`` simulates fastest from the
+  component times calibrated in this run (its ``simulated_step_s`` is in the JSON).
+
+The best non-disaggregated plan is the fastest measured ``ep_*``/``dc_*`` plan. Also reachable as
+``bench_hetero.py --zebra``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+from ds_hexamoe.apportion import largest_remainder
+from ds_hexamoe.parallel.zebra_model import ZebraModel, ZebraModelConfig, make_batch
+from ds_hexamoe.placement.zebra import best_zebra
+from ds_hexamoe.testing import run_distributed
+
+
+def _owners(counts: list[int]) -> list[int]:
+    return [r for r, n in enumerate(counts) for _ in range(n)]
+
+
+def _shift(v: list[int], src: int, dst: int, lo: int) -> list[int] | None:
+    """``v`` with one unit moved from ``src`` to ``dst``, or None when ``src`` would drop below ``lo``."""
+    if v[src] - 1 < lo:
+        return None
+    w = list(v)
+    w[src] -= 1
+    w[dst] += 1
+    return w
+
+
+def candidate_plans(world: int, batch: int, experts: int, fa: list[float], fe: list[float], att_over_exp: float) -> list[dict]:
+    """Every plan measured, as ``{name, kind, shares, owner}``; ``fa``/``fe``: per-rank slowdowns."""
+    plans = [{"name": "uniform_ep", "kind": "ep", "shares": largest_remainder(batch, [1] * world),
+              "owner": _owners(largest_remainder(experts, [1] * world))}]
+    fast, slow = min(range(world), key=lambda r: fa[r]), max(range(world), key=lambda r: fa[r])
+    shares = largest_remainder(batch, [1 / f for f in fa])
+    counts = largest_remainder(experts, [1 / f for f in fe])
+    for s in (shares, _shift(shares, slow, fast, 1), _shift(shares, fast, slow, 1)):
+        for c in (counts, _shift(counts, slow, fast, 0), _shift(counts, fast, slow, 0)):
+            if s is not None and c is not None:
+                plans.append({"name": f"ep_{'/'.join(map(str, s))}_e{'/'.join(map(str, c))}", "kind": "ep", "shares": s, "owner": _owners(c)})
+    dc = largest_remainder(batch, [1 / (att_over_exp * fa[r] + fe[r]) for r in range(world)])
+    for s in (dc, _shift(dc, slow, fast, 1), _shift(dc, fast, slow, 1)):
+        if s is not None:
+            plans.append({"name": f"dc_{'/'.join(map(str, s))}", "kind": "dc", "shares": s, "owner": None})
+    return plans
+
+
+def calibrate(c: ZebraModelConfig, samples: int, reps: int = 3) -> dict:
+    """Forward+backward seconds of one layer's attention segment and expert segment for ``samples`` samples."""
+    torch.set_num_threads(1)
+    m = ZebraModel(c)
+    z = torch.randn(samples, c.seq, c.d, requires_grad=True)
+    h, x, i, w = m.attention_segment(0, z)
+    xd, wd = x.detach().requires_grad_(), w.detach().requires_grad_()
+
+    def att():
+        out = m.attention_segment(0, z)
+        (out[0].sum() + out[1].sum() + out[3].sum()).backward()
+
+    def exp():
+        m.expert_segment(0, list(range(c.experts)), xd, i, wd).sum().backward()
+
+    out = {}
+    for name, f in (("attention_s", att), ("experts_s", exp)):
+        f()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        out[name] = (time.perf_counter() - t0) / reps
+    return out
+
+
+def _build(rank, world, plan, c, batch, micro):
+    from ds_hexamoe.parallel.zebra import ZebraLayout, ZebraPipeline
+    from ds_hexamoe.parallel.zebra_colocated import ColocatedStep
+
+    model = ZebraModel(c)
+    if plan["kind"] == "zebra":
+        layout = ZebraLayout(tuple(plan["attention"]), tuple(plan["shares"]), tuple(plan["owner"]), micro_batches=micro)
+        pipe = ZebraPipeline(model, layout, batch)
+        att = list(layout.attention_ranks)
+        mine = (sum(layout.shares[: att.index(rank)]), layout.shares[att.index(rank)]) if rank in att else None
+    else:
+        pipe = ColocatedStep(model, plan["shares"], plan["owner"])
+        mine = (sum(plan["shares"][:rank]), plan["shares"][rank])
+    return model, pipe, mine, torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+def _rank(rank, world, plans, cfg, batch, micro, factors, rounds, steps):
+    import torch.distributed as dist
+
+    from ds_hexamoe.hetero.slowdown import CollectiveClock
+
+    torch.set_num_threads(1)
+    c = ZebraModelConfig(**cfg)
+    x, t = make_batch(c, batch)
+    built = [_build(rank, world, p, c, batch, micro) for p in plans]
+    clock = CollectiveClock(*factors[rank]).install()
+    times: list[list[float]] = [[] for _ in plans]
+    laps = [{"busy_s": 0.0, "comm_s": 0.0, "slept_s": 0.0} for _ in plans]
+    try:
+        for rnd in range(rounds + 1):  # round 0 warms up
+            for i, (model, pipe, mine, opt) in enumerate(built):
+                for _ in range(steps):
+                    opt.zero_grad(set_to_none=False)
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    pipe.step(x[mine[0]:mine[0] + mine[1]], t[mine[0]:mine[0] + mine[1]]) if mine else pipe.step()
+                    opt.step()
+                    dist.barrier()
+                    if rnd:
+                        times[i].append(time.perf_counter() - t0)
+                lap = clock.lap()
+                for k in laps[i]:
+                    laps[i][k] += lap[k] / steps / rounds if rnd else 0.0
+    finally:
+        clock.uninstall()
+    return times, laps
+
+
+def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, micro: int, cfg: dict,
+        base: float = 1.0) -> dict:
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    c = ZebraModelConfig(**cfg)
+    cal = calibrate(c, batch // micro)
+    slow = [world - 1]
+    fas = [fa if r in slow else 1.0 for r in range(world)]
+    fes = [fe if r in slow else 1.0 for r in range(world)]
+    plans = candidate_plans(world, batch, c.experts, fas, fes, cal["attention_s"] / cal["experts_s"])
+    # the split placement/zebra.py's simulator picks from this run's calibration (per sample and layer)
+    per = batch // micro
+    att = [cal["attention_s"] / per * fas[r] for r in range(world)]
+    exp = [cal["experts_s"] / per * fes[r] for r in range(world)]
+    est = best_zebra(att, exp, batch, c.layers, micro)
+    counts = largest_remainder(c.experts, est.expert_fraction)
+    zebra = {"name": "zebra", "kind": "zebra", "attention": est.attention, "shares": est.shares,
+             "owner": [est.experts[i] for i in _owners(counts)], "simulated_step_s": est.step_time}
+    plans.append(zebra)
+    # ``base`` slows every rank alike: most of each step becomes emulated sleep, so ranks computing at the
+    # same time compete less for a loaded machine's cores (the ratios between ranks are unchanged)
+    out = run_distributed(_rank, world, plans, cfg, batch, micro, [(base * fas[r], base * fes[r]) for r in range(world)],
+                          rounds, steps, timeout=1800)
+    times = out[0][0]
+    tokens = batch * c.seq
+    rows = []
+    for i, (p, ts) in enumerate(zip(plans, times)):
+        med = statistics.median(ts)
+        # per rank, mean per step: busy (work, emulated extra included), comm (in collectives), slept (emulated)
+        per_rank = [{k: round(v, 4) for k, v in o[1][i].items()} for o in out]
+        rows.append(p | {"median_step_s": med, "tokens_per_s": tokens / med, "steps_s": ts, "clock_per_rank": per_rank})
+    by = {r["name"]: r for r in rows}
+    best = max((r for r in rows if r["kind"] != "zebra"), key=lambda r: r["tokens_per_s"])
+    z, u = by["zebra"]["tokens_per_s"], by["uniform_ep"]["tokens_per_s"]
+    return {
+        "uptime_start": uptime, "world": world, "slow_ranks": slow, "attention_slowdown": fa, "expert_slowdown": fe,
+        "model": cfg, "global_batch": batch, "micro_batches": micro, "tokens_per_step": tokens,
+        "calibration_one_micro_batch": cal, "plans": rows,
+        "zebra_tokens_per_s": z, "best_plan": best["name"], "best_plan_tokens_per_s": best["tokens_per_s"],
+        "uniform_ep_tokens_per_s": u, "base_slowdown": base, "zebra_over_best_plan": z / best["tokens_per_s"], "zebra_over_uniform_ep": z / u,
+        "goal_zebra_over_best_plan": 1.2, "goal_met": z / best["tokens_per_s"] >= 1.2,
+        "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def print_table(res: dict) -> None:
+    print(f"uptime at start: {res['uptime_start']}")
+    print(f"world {res['world']}, slow ranks {res['slow_ranks']}: attention x{res['attention_slowdown']}, "
+          f"experts x{res['expert_slowdown']}; every rank x{res['base_slowdown']}; {res['tokens_per_step']} tokens/step")
+    print(f"{'plan':<22} {'shares':<12} {'median s':>9} {'tokens/s':>10} {'vs uniform':>10}  busy s per rank")
+    u = res["uniform_ep_tokens_per_s"]
+    for r in res["plans"]:
+        busy = " ".join(f"{x['busy_s']:.3f}" for x in r["clock_per_rank"])
+        print(f"{r['name']:<22} {'/'.join(map(str, r['shares'])):<12} {r['median_step_s']:>9.3f} "
+              f"{r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / u:>9.2f}x  {busy}")
+    print(f"zebra / best non-disaggregated ({res['best_plan']}): {res['zebra_over_best_plan']:.2f}x "
+          f"(goal >= 1.2x: {'met' if res['goal_met'] else 'not met'}); zebra / uniform EP: {res['zebra_over_uniform_ep']:.2f}x")
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", type=int, default=2, choices=(2, 3))
+    ap.add_argument("--json", default="bench_zebra.json")
+    ap.add_argument("--attention-slowdown", type=float, default=3.7)
+    ap.add_argument("--expert-slowdown", type=float, default=1.25)
+    ap.add_argument("--base-slowdown", type=float, default=1.0,
+                    help="slow every rank by this factor too (>= 1), leaving each rank's cores mostly idle")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16, help="global batch in samples")
+    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=192)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=2)
+    a = ap.parse_args(argv)
+    cfg = {"layers": a.layers, "d": a.d, "heads": 4, "seq": a.seq, "experts": a.experts, "ffn": a.ffn, "top_k": 2}
+    if not a.base_slowdown >= 1.0:
+        ap.error(f"--base-slowdown: got {a.base_slowdown}; expected a number >= 1")
+    res = run(a.world, a.attention_slowdown, a.expert_slowdown, a.rounds, a.steps, a.batch, a.micro_batches, cfg,
+              a.base_slowdown)
+    print_table(res)
+    with open(a.json, "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The zebra step simulator (placement/zebra.py) and the planner's disaggregation verdict."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ds_hexamoe.placement.zebra import best_zebra, simulate_zebra
+
+
+def test_one_micro_batch_runs_everything_in_sequence():
+    # attention and experts wait for each other: a step is the sum of all work
+    L, n, a, e = 3, 5, 2.0, 0.7
+    assert simulate_zebra([a, 9.0], [9.0, e], [0], [1], [n], L, 1) == pytest.approx(L * n * (a + e))
+
+
+def test_hops_are_paid_each_way_at_every_layer():
+    L, n, hop = 2, 3, 0.5
+    t = simulate_zebra([1.0, 1.0], [1.0, 1.0], [0], [1], [n], L, 1, hop=hop)
+    assert t == pytest.approx(L * n * 2.0 + 2 * 2 * L * n * hop)  # forward and backward, there and back
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_pipelining_hides_the_shorter_side(m):
+    L, n = 4, 64
+    a, e = 1.0, 0.8
+    t = simulate_zebra([a, 9.0], [9.0, e], [0], [1], [n], L, m)
+    busiest = L * n * a
+    assert busiest < t < L * n * (a + e)
+    # the fill: at most one micro-batch of the other side per pass and layer boundary
+    assert t <= busiest + 2 * (n / m) * (a + e) + 1e-9
+
+
+def test_more_micro_batches_never_hurt_without_hops():
+    times = [simulate_zebra([1.0, 9.0], [9.0, 1.1], [0], [1], [64], 2, m) for m in (1, 2, 4, 8, 16)]
+    assert times == sorted(times, reverse=True)
+
+
+def test_two_attention_ranks_share_one_expert_rank():
+    # both attention ranks feed the expert rank; with equal shares the step is symmetric in them
+    t = simulate_zebra([1.0, 1.0, 9.0], [9.0, 9.0, 0.5], [0, 1], [2], [8, 8], 2, 4)
+    assert t >= 2 * 16 * 0.5  # the expert rank's work
+    assert t >= 2 * 8 * 1.0
+    assert t == pytest.approx(simulate_zebra([1.0, 1.0, 9.0], [9.0, 9.0, 0.5], [1, 0], [2], [8, 8], 2, 4))
+
+
+def test_best_split_gives_attention_to_ranks_good_at_it():
+    # rank 2 is 3.7x slower at attention but only 1.25x at experts (a V100 beside A40s)
+    att, exp = [1.0, 1.0, 3.7], [0.5, 0.5, 0.625]
+    est = best_zebra(att, exp, 16, 2, 4)
+    assert est.experts == [2] and est.attention == [0, 1] and est.shares == [8, 8]
+    # it is the best over every disaggregation with speed-proportional fractions
+    for k in (1, 2):
+        for att_ranks in itertools.combinations(range(3), k):
+            xr = [r for r in range(3) if r not in att_ranks]
+            sh = [16 // k] * k
+            assert est.step_time <= simulate_zebra(att, exp, list(att_ranks), xr, sh, 2, 4) + 1e-9
+
+
+def test_planner_reports_disaggregation_verdict():
+    from ds_hexamoe.experts.stats import synthetic_stats
+    from ds_hexamoe.placement.planner import plan
+    from ds_hexamoe.placement.profiles import load_profiles
+    from ds_hexamoe.placement.shapes import MODEL_SHAPES
+
+    sh = MODEL_SHAPES["mixtral-8x7b"]
+    st = synthetic_stats(sh.num_moe_layers, sh.num_experts, 4096, sh.top_k, skew=1.0, seed=0)
+    devs = load_profiles([{"name": "A40", "count": 2}, {"name": "V100-32GB", "count": 2}])
+    p = plan(devs, st, global_batch=16, model_shape="mixtral-8x7b", memory_limits=[1000] * 4)
+    z = p.meta["zebra"]
+    assert set(z["attention_ranks"]) <= {0, 1} and set(z["expert_ranks"]) >= {2, 3}
+    assert z["wins"] == (z["step_time"] < min(p.meta["candidates"].values()))
