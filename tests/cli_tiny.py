@@ -21,8 +21,9 @@ def exe() -> str:
 
 def tiny_recipe(root, steps: int = 4, save_every: int = 2, sharding: str = "none", nproc: int = 2,
                 micro_batch_size: int = 4, hexamoe: dict | None = None, name: str = "recipe.json",
-                task: str | None = None) -> str:
-    """A recipe file under ``root`` (data copied beside it); ``sharding="fssdp"`` shards the experts."""
+                task: str | None = None, training: dict | None = None) -> str:
+    """A recipe file under ``root`` (data copied beside it); ``sharding="fssdp"`` shards the experts;
+    ``training`` overrides keys of the recipe's ``"training"`` section."""
     data = os.path.join(root, "data")
     if not os.path.isdir(data):
         os.makedirs(data)
@@ -40,7 +41,7 @@ def tiny_recipe(root, steps: int = 4, save_every: int = 2, sharding: str = "none
         "training": {"steps": steps, "micro_batch_size": micro_batch_size, "lr": 0.003, "warmup_steps": 1,
                      "dtype": "fp32", "log_every": 1, "save_every": save_every, "keep_checkpoints": 0,
                      "eval_every": 0, "seed": 11, "output_dir": os.path.join(root, "run"), "num_threads": 1,
-                     "export_hf": False},
+                     "export_hf": False, **(training or {})},
         "deepspeed": {"zero_optimization": {"stage": 2}},
         "hexamoe": hx,
         "launcher": {"nproc": nproc},

@@ -13,50 +13,21 @@ import types
 import pytest
 import torch
 
+import cli_tiny
 from ds_hexamoe import cli
 from ds_hexamoe.config import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORPUS = os.path.join(REPO, "ds_hexamoe", "data", "corpus")
 STEPS = 8
 
 
-def _exe() -> str:
-    local = os.path.join(os.path.dirname(sys.executable), "ds-hexamoe")
-    return local if os.path.exists(local) else shutil.which("ds-hexamoe")
-
-
 def _tiny_recipe(root) -> str:
-    data = root / "data"
-    data.mkdir()
-    for name in ("Artistic.txt", "LGPL-3.txt", "Apache-2.0.txt"):
-        shutil.copy(os.path.join(CORPUS, name), data / name)
-    recipe = {
-        "name": "cli-tiny",
-        "model": {"config": {"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 64,
-                             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-                             "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64,
-                             "output_router_logits": True}},
-        "tokenizer": {"build": {"vocab_size": 300}},
-        "data": {"train_files": ["data/*.txt"], "seq_len": 32, "validation_fraction": 0.1,
-                 "cache_dir": "hf-cache"},
-        "training": {"steps": STEPS, "micro_batch_size": 4, "lr": 0.003, "warmup_steps": 2, "dtype": "fp32",
-                     "log_every": 1, "save_every": 4, "keep_checkpoints": 0, "eval_every": 4, "seed": 11,
-                     "output_dir": str(root / "run"), "num_threads": 1},
-        "deepspeed": {"zero_optimization": {"stage": 2}},
-        "hexamoe": {"enabled": True},
-        "launcher": {"nproc": 2},
-    }
-    path = root / "recipe.json"
-    path.write_text(json.dumps(recipe, indent=2))
-    return str(path)
+    # the shared tiny recipe, with a warm-up, evaluation every 4 steps and the Hugging Face export
+    return cli_tiny.tiny_recipe(str(root), steps=STEPS, save_every=4,
+                                training={"warmup_steps": 2, "eval_every": 4, "export_hf": True})
 
 
 def _train(args: list[str], cwd) -> subprocess.CompletedProcess:
-    proc = subprocess.run([_exe(), "train", *args], cwd=cwd, capture_output=True, text=True, timeout=420)
-    if proc.returncode != 0:
-        raise AssertionError(f"ds-hexamoe train failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return cli_tiny.train(args, cwd, timeout=420)
 
 
 def _metrics(run_dir) -> list[dict]:
