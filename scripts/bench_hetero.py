@@ -108,10 +108,14 @@ def _ds_config(micro: int, hexamoe: dict) -> dict:
 
 
 def _fit(sizes, times) -> dict:
-    """``time = fixed + per_sample * b`` through two (batch size, seconds) points."""
+    """``time = fixed + per_sample * b`` through two (batch size, seconds) points. On a loaded machine the
+    larger batch can time faster than the smaller one; the slope is then noise, and the rate falls back
+    to the larger point's seconds per sample with no fixed part (a negative rate would be no device)."""
     per_sample = (times[1] - times[0]) / (sizes[1] - sizes[0])
-    return {"per_sample_s": per_sample, "fixed_s": max(0.0, times[0] - per_sample * sizes[0]), "sizes": list(sizes),
-            "times_s": list(times)}
+    fixed = max(0.0, times[0] - per_sample * sizes[0])
+    if per_sample <= 0:
+        per_sample, fixed = times[1] / sizes[1], 0.0
+    return {"per_sample_s": per_sample, "fixed_s": fixed, "sizes": list(sizes), "times_s": list(times)}
 
 
 def _calib_worker(rank, world, seq, sizes, repeats):

@@ -44,6 +44,14 @@ def test_measured_part_bookkeeping(bench):
     assert u["predicted_s"] > 0 and p["predicted_s"] > 0 and m["ideal_s"] > 0
 
 
+def test_two_point_fit_never_gives_a_negative_rate(bench):
+    # under load the larger batch once timed faster and the negative rate failed the device check
+    clean = bench._fit((2, 8), (1.0, 2.2))
+    assert abs(clean["per_sample_s"] - 0.2) < 1e-12 and abs(clean["fixed_s"] - 0.6) < 1e-12
+    noisy = bench._fit((2, 8), (1.0, 0.9))
+    assert noisy["per_sample_s"] == 0.9 / 8 and noisy["fixed_s"] == 0.0
+
+
 def test_validate_bytes_equal_and_bookkeeping(bench):
     """``--validate`` at a tiny shape: per mode the runtime's recorded bytes equal the simulator's count
     at every step and layer, steps are measured and predicted, and auto names a mode."""
