@@ -34,7 +34,7 @@ def esmm(
 
 
 @esmm.register_fake
-def _(x, w, idx, offs, gather_div=None, scatter=False, bias=None, row_scale=None):
+def _esmm_fake(x, w, idx, offs, gather_div=None, scatter=False, bias=None, row_scale=None):
     check_esmm(x, w, idx, offs, gather_div, scatter, bias, row_scale)
     return x.new_empty(idx.numel(), w.size(2), dtype=esmm_out_dtype(w, bias))
 
@@ -171,10 +171,7 @@ def expert_linear_op(
     return linear_forward(get_backend(x.device), x, w, idx, offs, gather_div, scatter, bias, row_scale)
 
 
-@expert_linear_op.register_fake
-def _(x, w, idx, offs, gather_div=None, scatter=False, bias=None, row_scale=None):
-    check_esmm(x, w, idx, offs, gather_div, scatter, bias, row_scale)
-    return x.new_empty(idx.numel(), w.size(2), dtype=esmm_out_dtype(w, bias))
+expert_linear_op.register_fake(_esmm_fake)  # same operands, same output as ESMM
 
 
 @torch.library.custom_op("hexamoe::expert_linear_backward", mutates_args=())
