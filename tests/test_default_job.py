@@ -8,7 +8,7 @@ import os
 import re
 import subprocess
 
-from test_cli import _exe
+from cli_tiny import exe as _exe
 
 
 def test_default_job_fine_tunes_the_shipped_checkpoint_and_reports(tmp_path):

@@ -17,7 +17,8 @@ from ds_hexamoe import cli
 from ds_hexamoe.cli import jobs
 from ds_hexamoe.cli import train as cli_train
 
-from test_cli import _exe, _tiny_recipe
+from cli_tiny import exe as _exe
+from test_cli import _tiny_recipe
 
 
 def _previous_run(out: str, recipe: str) -> None:
