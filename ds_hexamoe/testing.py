@@ -127,7 +127,22 @@ def run_distributed(
             errors.append(f"rank {r} raised:\n{rec['error']}")
             results.append(None)
     if hung:
-        raise TimeoutError(f"ranks {hung} still running after {timeout:.0f}s and were killed; " + "; ".join(errors))
+        raise TimeoutError(f"ranks {hung} still running after {timeout:.0f}s and were killed; " + "; ".join(errors)
+                           + _build_lock_hint())
     if errors:
         raise RuntimeError("\n".join(errors))
     return results
+
+
+def _build_lock_hint() -> str:
+    """Names DeepSpeed op build locks left on disk: ranks killed while compiling leave them, and the next
+    engine then waits on them forever."""
+    try:
+        from .integrations.ds_ops import stale_build_locks
+
+        locks = stale_build_locks(stale_after_s=0)
+    except Exception:  # the hint must never hide the timeout itself
+        return ""
+    return (f"; op build lock(s) left: {', '.join(locks)} (remove them if no build is running, then "
+            "`ds-hexamoe build-ops`)") if locks else ""
+

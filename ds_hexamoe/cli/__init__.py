@@ -5,6 +5,7 @@
     ds-hexamoe validate [RECIPE.json] [--set KEY=VALUE ...] [--print]
     ds-hexamoe plan ...                      (ds_hexamoe.cli.plan)
     ds-hexamoe profile-routing RECIPE.json ... (ds_hexamoe.cli.profile_routing)
+    ds-hexamoe build-ops                     (build DeepSpeed's C++ ops once; scripts/setup.sh runs it)
 
 ``train`` validates the whole recipe (every path included) before it starts anything, then runs
 ``ds_hexamoe/train.py`` on every rank through DeepSpeed's launcher (``deepspeed --num_gpus N`` or
@@ -33,7 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     # these two parse their own arguments (see main)
     sub.add_parser("plan", help="plan expert placement (see `ds-hexamoe plan --help`)", add_help=False)
     sub.add_parser("profile-routing", help="record routing statistics of a recipe's model", add_help=False)
+    b = sub.add_parser("build-ops", help="build DeepSpeed's C++ ops ahead, once per machine (scripts/setup.sh runs it)")
+    b.set_defaults(fn=_build_ops)
     return p
+
+
+def _build_ops(args) -> int:
+    import time
+
+    from ..integrations.ds_ops import prebuild
+
+    t0 = time.perf_counter()
+    print("building DeepSpeed's ops ahead (once per machine; a few minutes the first time) ...", flush=True)
+    ops = prebuild()
+    print(f"DeepSpeed ops ready: {', '.join(ops) or 'none needed'} ({time.perf_counter() - t0:.0f} s)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

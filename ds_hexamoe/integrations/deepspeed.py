@@ -25,6 +25,7 @@ from torch import nn
 from ..config import ConfigError, HexaMoEConfig, hexamoe_section, load_ds_config
 from ..ops.dispatch import set_backend
 from ..runtime import HexaMoERuntime
+from .ds_ops import check_build_locks
 from .shm import release_shm_workspace
 from ..experts import IMPLEMENTATION, experts_modules, state_of
 
@@ -147,6 +148,7 @@ def initialize(
         raise ConfigError("ds_hexamoe.initialize: model is required")
     ds_config, from_args = _resolve_config(args, config, config_params)
     hcfg = hexamoe_section(ds_config) or HexaMoEConfig()
+    check_build_locks()  # a dead op build's lock would make DeepSpeed wait forever, silently
     ds_kwargs = dict(
         args=args, training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
         mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, mesh_param=mesh_param,
