@@ -356,3 +356,19 @@ def test_plan_cli_on_examples(tmp_path, capsys):
     assert "predicted step" in report(p)
     rc = plan_main(["--devices", str(tmp_path / "none.json"), "--stats", os.path.join(EXAMPLES, "routing.json")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_ilp_solves_even_when_greedys_fractional_split_is_better():
+    """Greedy water-fills experts into token fractions, which no whole-expert placement reaches; bounding the
+    MILP by it made HiGHS report "infeasible", and ``ilp`` returned greedy without its own optimum. EPLB's
+    packing (a whole-expert point) bounds it now: the ILP's optimum is reported beside greedy's."""
+    # one expert, two equal ranks: greedy halves it, a whole expert sits on one rank
+    P = S.PlacementProblem(loads=np.array([[100.0]]), hops=[], home=np.array([0.5, 0.5]),
+                           pair_cost=np.ones(2), hop_cost=np.zeros(2), host_cost=np.zeros(2), overlap=np.zeros(2),
+                           base=np.zeros(2), slots=np.array([1, 1]), replicas=0)
+    g, best = S.greedy(P), _brute_force(P)
+    assert g.objective < best * (1 - 1e-6)
+    res = S.solve("ilp", P)
+    assert res.objective == pytest.approx(g.objective)  # still never worse than greedy
+    assert res.meta["ilp_objective"] == pytest.approx(best, rel=1e-6)
+    assert "infeasible" not in res.status.lower() and "fractional" in res.status

@@ -157,8 +157,10 @@ def solve_ilp(P: PlacementProblem, upper: float | None = None, joint: bool | Non
 
 @register_solver("ilp")
 def ilp(P: PlacementProblem) -> SolverResult:
-    """MoETuner's ILP; EPLB's packing (a feasible point of the same ILP) bounds the objective, and the
-    greedy result is returned when HiGHS finds nothing better within the time limit."""
+    """MoETuner's ILP over whole experts; EPLB's packing (a feasible point of the same ILP) bounds the
+    objective. Greedy's result is returned instead when it is better (it splits experts into token
+    fractions, which no whole-expert placement reaches) or when HiGHS finds nothing in the time limit; the
+    ILP's own objective stays in ``meta``."""
     t0 = time.perf_counter()
     g = greedy(P)
     e = eplb(P)
@@ -166,11 +168,14 @@ def ilp(P: PlacementProblem) -> SolverResult:
     P = replace(P, time_limit=max(0.05, P.time_limit - (time.perf_counter() - t0)))
     L, E, R = P.shape
     joint = sum(int(x.sum()) for x in _units(P)) * R <= P.joint_max_binaries
-    # scipy's milp takes no warm start: the best heuristic bounds T instead (prunes the search)
-    upper = min(e.objective, g.objective) * (1 + 1e-9) + 1e-15 if joint else None
+    # scipy's milp takes no warm start: EPLB's objective bounds T instead (prunes the search). Never
+    # greedy's: a fractional bound can leave no whole-expert point, and HiGHS then reports "infeasible"
+    upper = e.objective * (1 + 1e-9) + 1e-15 if joint else None
     r = solve_ilp(P, upper=upper, joint=joint)
-    if r.objective < g.objective * (1 - 1e-9):
-        r.meta.update(greedy_objective=g.objective, eplb_objective=e.objective)
+    meta = {"ilp_objective": r.objective, "greedy_objective": g.objective, "eplb_objective": e.objective}
+    if r.objective <= g.objective * (1 + 1e-9):
+        r.meta.update(meta)
         return r
-    return SolverResult(g.F, g.objective, f"fallback to greedy (ilp: {r.status})", 0.0,
-                        {"ilp_objective": r.objective, "eplb_objective": e.objective, **r.meta})
+    why = (f"greedy's fractional split beats the ILP's whole experts ({g.objective:.4g} < {r.objective:.4g})"
+           if np.isfinite(r.objective) else f"fallback to greedy (ilp: {r.status})")
+    return SolverResult(g.F, g.objective, why, 0.0, {**meta, **r.meta})
