@@ -94,3 +94,56 @@ def test_expert_phases_are_announced_in_forward_and_backward():
         assert calls == [True, False, True, False]  # expert backward starts at the output, ends at the input
     finally:
         C.PHASE_HOOKS.remove(calls.append)
+
+
+# ------------------------------------------------------------------ "profile": "measure" at the job's shapes
+def _job(seq: int, name: str = "tiny") -> ModelShape:
+    return ModelShape(**{**MODEL_SHAPES[name].to_dict(), "seq_len": seq})
+
+
+def test_measure_shapes_are_the_jobs_capped_at_mixtral_sizes():
+    from ds_hexamoe.hetero.profiling import _BUDGET, _SDPA_BUDGETS, measure_shape_for, measured_at
+
+    flops, least, elems = _BUDGET["cpu"]
+    job = measure_shape_for(_job(1024), micro_tokens=2 * 1024)  # timed as the job runs it
+    assert (job.hidden, job.qkv_cols, job.ffn, job.experts, job.heads, job.head_dim) == (64, 192, 128, 8, 4, 16)
+    assert (job.seq_len, job.seqs, job.tokens, job.rows) == (1024, 2, 2048, 2048 * 2 // 8)
+    assert measured_at(f"cpu [{job.note}]") == {"hidden": 64, "ffn": 128, "experts": 8, "top_k": 2, "heads": 4,
+                                                "seq": 1024, "tokens": 2048}
+    # a small job: the same layer sizes and sequence, more rows and sequences per call (noted)
+    small = measure_shape_for(_job(64), micro_tokens=4 * 64)
+    assert (small.hidden, small.qkv_cols, small.ffn, small.experts, small.seq_len) == (64, 192, 128, 8, 64)
+    assert 2 * small.tokens * 64 * 192 >= least * 0.99 and 2 * 8 * small.rows * 64 * 128 >= least * 0.99
+    assert 2 * small.seqs * 4 * 64 ** 2 * 16 >= least * 0.99
+    rec = measured_at(f"cpu [{small.note}]")
+    assert (rec["seq"], rec["tokens"], rec["timed_tokens"], rec["timed_seqs"]) == (64, 256, small.tokens, small.seqs)
+    for seq in (4096, 32768):
+        m = measure_shape_for(_job(seq, "mixtral-8x7b"), micro_tokens=2 * seq)
+        rec = measured_at(f"cpu [{m.note}]")
+        assert (rec["hidden"], rec["ffn"], rec["experts"], rec["heads"], rec["seq"]) == (4096, 14336, 8, 32, seq)
+        # the rate-setting sizes stay: hidden, head dim, 256 GEMM rows, the sequence up to the score matrix's memory
+        assert (m.hidden, m.head_dim, m.tokens, m.rows, m.seq_len) == (4096, 128, 256, 256, min(seq, 4096))
+        assert 2 * m.tokens * m.hidden * m.qkv_cols <= flops and 2 * m.experts * m.rows * m.hidden * m.ffn <= flops
+        assert 2 * m.seqs * m.heads * m.seq_len ** 2 * m.head_dim <= _SDPA_BUDGETS * flops
+        assert m.hidden * max(m.qkv_cols, m.experts * m.ffn) <= elems
+        assert rec["timed_ffn"] == m.ffn and rec["timed_experts"] == 1 and ("timed_seq" in rec) == (seq > 4096)
+
+
+def test_measured_profile_records_the_job_shape_and_declared_values_win():
+    from ds_hexamoe.config import HexaMoEConfig
+    from ds_hexamoe.hetero.profiling import measured_at
+    from ds_hexamoe.hetero.resolve import _measure_local
+
+    cfg = HexaMoEConfig.from_dict({"profile": "measure"})
+    short, long = (_measure_local(cfg, 0, 1, _job(seq), micro_tokens=2 * seq) for seq in (64, 1024))
+    assert measured_at(short.name)["seq"] == 64 and measured_at(short.name)["tokens"] == 128
+    assert measured_at(long.name)["seq"] == 1024 and measured_at(long.name)["hidden"] == 64
+    assert measured_at(_measure_local(cfg, 0, 1).name) == {}  # no job shape: the function's defaults
+    # a declared entry (one for every rank) still wins over what was measured
+    cfg = HexaMoEConfig.from_dict({"profile": "measure", "devices": [
+        {"name": "cpu", "attn_tflops": 7.0, "sdpa_tflops": 2.0, "slowdown": 2.0, "latency_us": 9.0}]})
+    p = _measure_local(cfg, 1, 2, _job(64), micro_tokens=128)
+    assert (p.attn_tflops, p.sdpa_tflops, p.slowdown) == (7.0, 2.0, 2.0) and measured_at(p.name)["seq"] == 64
+    cfg = HexaMoEConfig.from_dict({"profile": "measure", "devices": [{"name": "V100", "expert_tflops": 3.0}]})
+    p = _measure_local(cfg, 0, 1, _job(64), micro_tokens=128)
+    assert p.name == "V100" and p.expert_tflops == 3.0

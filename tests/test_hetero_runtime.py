@@ -10,6 +10,7 @@ import torch
 
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.hetero import ShareSampler, count_tokens, loss_scale, share_bounds, split_batch
+from ds_hexamoe.hetero.profiling import measured_at as _measured_at
 from ds_hexamoe.testing import run_distributed
 
 VOCAB, SEQ, GLOBAL, STEPS, LR = 64, 8, 8, 4, 1e-2
@@ -295,18 +296,34 @@ def test_slowdown_clock_counts_async_waits_as_collective_time():
     assert r1["lap"]["collectives"] == 1
 
 
+def measured_at(name: str) -> dict:
+    """The job shape a measured profile's name records (without the sizes timed instead)."""
+    return {k: v for k, v in _measured_at(name).items() if not k.startswith("timed_")}
+
+
 def _measure_worker(rank, world):
     import deepspeed
 
     import ds_hexamoe
+    from ds_hexamoe.hetero import count_tokens, loss_scale, split_batch
 
     deepspeed.init_distributed("gloo")
     # measured speeds on identical CPU ranks; rank 1 declares a 3x slowdown and a link latency
     hexamoe = {"profile": "measure", "devices": [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0, "latency_us": 500.0}]}
     engine, *_ = ds_hexamoe.initialize(model=make_model(), config=ds_config(hexamoe))
-    h = engine.hexamoe.hetero
-    return {"profiles": [p.to_dict() for p in h.profiles], "shares": list(h.batch_shares),
-            "sync": h.plan.predicted["sync_time"]}
+    rt = engine.hexamoe
+    h = rt.hetero
+    out = {"profiles": [p.to_dict() for p in h.profiles], "shares": list(h.batch_shares),
+           "sync": h.plan.predicted["sync_time"]}
+    # the data is shorter than the model's 8 positions, and longer on rank 1: step 1 measures at 6
+    ids, labels = (t[:, :5 + rank] for t in global_batch(0))
+    x, y = split_batch(ids, h, rank), split_batch(labels, h, rank)
+    engine.backward(engine(input_ids=x, labels=y).loss * loss_scale(count_tokens(y), count_tokens(labels), world))
+    engine.step()
+    rt.after_step(engine.global_steps)
+    out["after"] = [p.to_dict() for p in h.profiles]
+    out["history"] = [r["step"] for r in h.history]
+    return out
 
 
 def test_measured_profiles_with_declared_overrides():
@@ -321,3 +338,33 @@ def test_measured_profiles_with_declared_overrides():
     assert 0 < p0["latency_us"] < 1e5 and p1["latency_us"] == 500.0
     assert r0["shares"][1] in (1, 2, 3) and sum(r0["shares"]) == GLOBAL  # a quarter of 8 is 2
     assert r0["sync"] > 0
+    # timed at the model's shapes and ranks' mean micro-batch; after step 1 at the data's longest sequence
+    job = {"hidden": 32, "ffn": 48, "experts": 8, "top_k": 2, "heads": 4}
+    assert [measured_at(p["name"]) for p in r0["profiles"]] == [{**job, "seq": SEQ, "tokens": 4 * SEQ}] * 2
+    assert r0["after"] == r1["after"] and r0["history"] == r1["history"] == [0, 1]
+    assert [measured_at(p["name"]) for p in r0["after"]] == [{**job, "seq": 6, "tokens": 4 * 6}] * 2
+    assert r0["after"][1]["slowdown"] == 3.0 and r0["after"][1]["latency_us"] == 500.0  # declared still wins
+
+
+def test_measure_waits_for_the_datas_sequence_length():
+    """One process: the first profiles are timed at the model's shapes (its 8 positions); the first batch
+    is 5 tokens long, so after step 1 the controller measures again at 5 and re-plans with those."""
+    from ds_hexamoe.config import HexaMoEConfig
+    from ds_hexamoe.hetero import HeteroController
+    from ds_hexamoe.runtime import HexaMoERuntime
+
+    model = make_model()
+    cfg = HexaMoEConfig.from_dict({"profile": "measure"})
+    ctl = HeteroController.from_config(model, cfg, {"train_micro_batch_size_per_gpu": 4})
+    first = measured_at(ctl.profiles[0].name)
+    assert first == {"hidden": 32, "ffn": 48, "experts": 8, "top_k": 2, "heads": 4, "seq": SEQ, "tokens": 4 * SEQ}
+    rt = HexaMoERuntime(model, cfg)
+    ctl.attach(rt)
+    model(input_ids=global_batch(0)[0][:4, :5])
+    rt.after_step(1)
+    assert measured_at(ctl.profiles[0].name) == {**first, "seq": 5, "tokens": 4 * 5}
+    assert ctl.shape.seq_len == 5 and [r["step"] for r in ctl.history] == [0, 1]
+    assert ctl.history[1]["devices"][0]["name"] == ctl.profiles[0].name
+    model(input_ids=global_batch(1)[0][:4, :7])
+    rt.after_step(2)  # measured once, at the first batch: no more re-plans
+    assert len(ctl.history) == 2 and ctl._seq_hook is None

@@ -195,3 +195,42 @@ def test_transformers_experts_forward_records_each_layer():
         detach_collector(model, ref)
     emb = model.model.embed_tokens(batches[0])
     assert sum(ref.load()["model.layers.0.mlp.experts"]) == emb.shape[0] * emb.shape[1] * 2
+
+
+def _tracker_model(impl: str):
+    transformers = pytest.importorskip("transformers")
+    import ds_hexamoe  # noqa: F401  (registers "hexamoe")
+
+    cfg = transformers.AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, vocab_size=64)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation=impl)
+
+
+@pytest.mark.parametrize("impl", ["hexamoe", "eager"])
+def test_worker_tracker_counts_through_the_collector(impl):
+    """The worker's balance figure counts with the package's collector: the same counts as a collector
+    attached to the experts (hexamoe) or as the router's top-k (eager); a layer re-run in backward by
+    activation checkpointing counts once (a second count per forward would double every expert)."""
+    from ds_hexamoe.worker import ExpertLoadTracker
+
+    model = _tracker_model(impl)
+    tracker = ExpertLoadTracker(model, torch.device("cpu"))
+    assert isinstance(tracker.collector, RoutingStatsCollector)
+    ref = attach_collector(model, RoutingStatsCollector()) if impl == "hexamoe" else None
+    # reentrant checkpointing re-runs every layer's whole forward in backward
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = torch.randint(0, 64, (2, 8))
+    if ref is not None:
+        ref.step()
+    model(input_ids=ids, labels=ids).loss.backward()  # layers re-run in backward
+    counts = {l: c.tolist() for l, c in tracker.counts.items()}
+    assert list(counts) == [f"model.layers.{i}.mlp.experts" for i in range(2)]
+    assert all(sum(c) == 2 * 8 * 2 for c in counts.values())  # tokens x top-2, once
+    if ref is not None:
+        assert counts == ref.snapshot().counts
+    expected = sum(max(c) / (sum(c) / len(c)) for c in counts.values()) / len(counts)
+    assert tracker.balance() == pytest.approx(expected) and tracker.counts == {}
+    assert tracker.balance() is None

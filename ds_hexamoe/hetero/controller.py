@@ -9,9 +9,11 @@ with the plan's weights and the controller is attached to the engine's runtime a
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
+import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, HexaMoEConfig
@@ -22,7 +24,8 @@ from ..placement.plan import Plan
 from ..placement.profiles import DeviceProfile, load_profiles
 from ..placement.report import report
 from ..placement.shapes import ModelShape
-from .planning import at_least_one, global_micro_batch, make_plan, model_shape_for, moe_layers, shape_for_stats
+from .planning import (at_least_one, global_micro_batch, make_plan, micro_tokens, model_shape_for, moe_layers,
+                       shape_for_stats)
 from .resolve import load_declared, resolve_profiles
 from .slowdown import CollectiveClock
 
@@ -54,6 +57,8 @@ class HeteroController:
         self.engine = None
         self._window_start: RoutingStats | None = None
         self._last_replan_step: int | None = None
+        self._batch_seq: int | None = None  # the first batch's sequence length ("profile": "measure")
+        self._seq_hook = None
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -69,10 +74,11 @@ class HeteroController:
         rank = dist.get_rank(group) if dist_on() else 0
         if cfg.profile == "declared":  # a file error is a config error: report it before touching the GPU
             profiles = load_declared(cfg, world)
-        else:
-            profiles = resolve_profiles(cfg, world, rank, group)
         gb = global_micro_batch(ds_config, world)
         shape = model_shape_for(model)
+        if cfg.profile != "declared":  # measured at the model's shapes; the data's sequence length after step 1
+            profiles = resolve_profiles(cfg, world, rank, group, shape=shape,
+                                        micro_tokens=micro_tokens(shape, gb, world))
         stats = None
         ctl = cls(cfg, profiles, shape, layers, gb, rank, world, group)
         if cfg.stats_path is not None and os.path.isfile(cfg.stats_path):
@@ -150,6 +156,8 @@ class HeteroController:
         runtime.plan = self.plan
         runtime.replan = self.replan
         runtime.step_hooks.append(self.step_hook)
+        if self.cfg.profile == "measure" and getattr(runtime, "model", None) is not None:
+            self._seq_hook = runtime.model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
         if runtime.stats is not None:
             self._window_start = runtime.stats.snapshot()
         if any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in self.profiles):
@@ -168,9 +176,38 @@ class HeteroController:
             lap["step"] = int(global_step)
             self.step_times.append(lap)
             del self.step_times[:-1000]
+        if self._seq_hook is not None:
+            self._measure_at_batch_seq(global_step)
         every = self.cfg.placement.replan_every
         if every and global_step % every == 0 and self._last_replan_step != global_step:
             self.replan(step=global_step)
+
+    def _see_batch(self, _module, args, kwargs) -> None:
+        """Forward pre-hook: the first batch's sequence length (token ids or embeddings ``[B, S, ...]``)."""
+        if self._batch_seq is not None:
+            return
+        x = next((kwargs[k] for k in ("input_ids", "inputs_embeds") if torch.is_tensor(kwargs.get(k))), None)
+        if x is None and args and torch.is_tensor(args[0]) and not args[0].is_floating_point():
+            x = args[0]  # positional token ids (pixel values are not a sequence)
+        if x is not None and x.dim() >= 2:
+            self._batch_seq = int(x.shape[1])
+
+    def _measure_at_batch_seq(self, step: int) -> None:
+        """After the first step (a collective): the ranks' longest first-batch sequence is the job's; when
+        the profiles were measured at another, measure again at it and re-plan with them."""
+        self._seq_hook.remove()
+        self._seq_hook = None
+        seq = self._batch_seq or 0
+        if dist_on() and self.world > 1:
+            t = torch.tensor([seq], device="cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            seq = int(t.item())
+        if seq < 1 or seq == self.shape.seq_len:
+            return
+        self.shape = dataclasses.replace(self.shape, seq_len=seq)
+        fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group, shape=self.shape,
+                                 micro_tokens=micro_tokens(self.shape, self.global_batch, self.world))
+        self.replan(profiles=fresh, step=step)
 
     def window_stats(self) -> RoutingStats | None:
         """Routing recorded by the runtime's collector since the last re-plan, summed over ranks (collective)."""
@@ -215,9 +252,11 @@ class HeteroController:
             if self.clock is not None:  # the emulated device changed speed
                 self.clock.set_factors(new[self.rank].slowdown, new[self.rank].expert_slowdown)
         elif self.cfg.profile == "measure":
-            fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group)
-            if any(abs(a.attn_tflops / b.attn_tflops - 1) > 0.1 or abs(a.expert_tflops / b.expert_tflops - 1) > 0.1
-                   for a, b in zip(fresh, self.profiles)):
+            fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group, shape=self.shape,
+                                     micro_tokens=micro_tokens(self.shape, self.global_batch, self.world))
+            # adopted when measured at other shapes (the name records them) or a speed moved by > 10%
+            if any(a.name != b.name or abs(a.attn_tflops / b.attn_tflops - 1) > 0.1
+                   or abs(a.expert_tflops / b.expert_tflops - 1) > 0.1 for a, b in zip(fresh, self.profiles)):
                 self.profiles = fresh
         plan = self._make_plan()
         migration = None

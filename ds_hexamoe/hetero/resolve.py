@@ -15,7 +15,8 @@ import torch.distributed as dist
 from ..config import ConfigError, HexaMoEConfig
 from ..distributed import dist_on
 from ..placement.profiles import DeviceProfile, load_profiles
-from .profiling import gather_profiles, measure_latency, measure_profile
+from ..placement.shapes import ModelShape
+from .profiling import gather_profiles, measure_latency, measure_profile, measure_shape_for
 
 
 def _declared_source(cfg: HexaMoEConfig) -> tuple[Any, str]:
@@ -38,8 +39,13 @@ def load_declared(cfg: HexaMoEConfig, world: int) -> list[DeviceProfile]:
     return profiles
 
 
-def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
-    """This rank's measured profile; a ``devices`` entry for the rank overrides measured numbers it sets."""
+def _measure_local(cfg: HexaMoEConfig, rank: int, world: int, shape: ModelShape | None = None,
+                   micro_tokens: int | None = None) -> DeviceProfile:
+    """This rank's measured profile; a ``devices`` entry for the rank overrides measured numbers it sets.
+
+    With the job's ``shape`` (and ``micro_tokens`` per rank and micro-batch) the kernels are timed at its
+    sizes, capped by :func:`~.profiling.measure_shape_for` (the name records both); else at
+    :func:`~.profiling.measure_profile`'s defaults."""
     override = None
     if cfg.devices is not None:
         if len(cfg.devices) not in (1, world):
@@ -50,7 +56,8 @@ def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
         dev = torch.device("cpu")
-    prof = measure_profile(dev, slowdown=override.slowdown if override is not None else 1.0)
+    at = measure_shape_for(shape, micro_tokens, dev.type) if shape is not None else None
+    prof = measure_profile(dev, slowdown=override.slowdown if override is not None else 1.0, at=at)
     if dev.type == "cpu":  # ranks on one host share its memory
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         prof.memory_bytes = int(prof.memory_bytes // max(1, local_world))
@@ -75,15 +82,17 @@ def _measure_local(cfg: HexaMoEConfig, rank: int, world: int) -> DeviceProfile:
     return prof
 
 
-def resolve_profiles(cfg: HexaMoEConfig, world: int, rank: int, group=None) -> list[DeviceProfile]:
+def resolve_profiles(cfg: HexaMoEConfig, world: int, rank: int, group=None, shape: ModelShape | None = None,
+                     micro_tokens: int | None = None) -> list[DeviceProfile]:
     """One profile per rank for ``hexamoe.profile`` (a collective for "measure").
 
-    "declared": the ``devices``/``devices_file`` entries, one per rank; "measure": every rank times itself,
-    declared values win; "uniform": see :func:`_uniform_profiles`."""
+    "declared": the ``devices``/``devices_file`` entries, one per rank; "measure": every rank times itself
+    at the job's ``shape`` and ``micro_tokens`` (see :func:`_measure_local`), declared values win;
+    "uniform": see :func:`_uniform_profiles`."""
     if cfg.profile == "declared":
         return load_declared(cfg, world)
     if cfg.profile == "measure":
-        local = _measure_local(cfg, rank, world)
+        local = _measure_local(cfg, rank, world, shape, micro_tokens)
         if dist_on() and world > 1:  # every rank measures (a collective), a declared value then wins
             dev = "cuda" if torch.cuda.is_available() and dist.get_backend(group) == "nccl" else "cpu"
             local.latency_us = measure_latency(group, device=dev)

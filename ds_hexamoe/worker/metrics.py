@@ -12,20 +12,23 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import dist_on
-from ..experts import balance, experts_modules
+from ..experts import RoutingStatsCollector, experts_modules, reduce_stats
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class ExpertLoadTracker:
-    """Tokens per expert of every experts module, counted from the routing the module receives.
+    """Tokens per expert of every experts module since the last :meth:`balance`, for the balance figure
+    when the engine's runtime reports none.
 
-    Used for the balance figure when the engine's runtime reports none."""
+    Counting is the package's one :class:`~ds_hexamoe.experts.RoutingStatsCollector` (no affinity), fed
+    by forward hooks with the routing each module receives: it works whatever the experts implementation,
+    and a layer run again in backward (activation checkpointing) counts once per forward of the model."""
 
-    def __init__(self, model: torch.nn.Module, device):
-        self.device = device
-        self.counts: dict[str, torch.Tensor] = {}
-        self.handles = []
+    def __init__(self, model: torch.nn.Module, device=None):
+        del device  # kept for callers: reduce_stats puts the counts where the process group needs them
+        self.collector = RoutingStatsCollector(affinity=False)
+        self.handles = [model.register_forward_pre_hook(lambda _m, _a: self.collector.step())]
         for name, m in experts_modules(model):
             n = getattr(m, "num_experts", None)
             if n is None:
@@ -35,26 +38,25 @@ class ExpertLoadTracker:
     def _hook(self, name: str, n: int):
         def hook(module, args, output):
             if len(args) >= 2 and torch.is_tensor(args[1]):
-                idx = args[1].detach().reshape(-1)
-                # counted on the device: no host sync until balance() is read
-                c = torch.bincount(idx[idx < n].to(torch.long), minlength=n)
-                self.counts[name] = self.counts.get(name, 0) + c
+                idx = args[1]
+                self.collector.record(name, idx.reshape(-1, idx.size(-1)) if idx.dim() > 2 else idx, n)
 
         return hook
+
+    @property
+    def counts(self) -> dict[str, torch.Tensor]:
+        """Tokens per expert of each layer so far (this rank)."""
+        snap = self.collector.snapshot()
+        return {l: torch.tensor(snap.counts[l]) for l in snap.layers}
 
     def balance(self) -> float | None:
         """The package's balance figure (:func:`ds_hexamoe.experts.balance`) of the tokens routed on all
         ranks since the last call."""
-        if not self.counts:
+        snap = self.collector.snapshot()
+        if not snap.layers:
             return None
-        names = sorted(self.counts)
-        sizes = [self.counts[n].numel() for n in names]
-        flat = torch.cat([self.counts[n].to(self.device, torch.float64) for n in names])
-        if dist_on():
-            dist.all_reduce(flat)  # one collective for every layer
-        self.counts.clear()
-        rows = [part.tolist() for part in flat.cpu().split(sizes)]
-        return float(balance(dict(zip(names, rows)))["overall"])
+        self.collector.reset()
+        return float(reduce_stats(snap).balance()["overall"])
 
 
 def runtime_metrics(engine) -> dict:
