@@ -95,3 +95,38 @@ def test_huge_device_count_is_refused_before_work(tmp_path, capsys):
     with pytest.raises(ConfigError, match="devices: 8193 ranks in all"):
         CostModel([DeviceProfile("x", 1.0, 1.0, int(1e9), 1.0)] * (MAX_RANKS + 1), synthetic_stats(1, 4, 10, 1),
                   SMALL, 8, PlanOptions())
+
+
+def test_hecate_schedule_hides_the_predicted_gather_and_pays_the_calibration():
+    """FSSDP's "hecate" forward: the window's experts are gathered ahead under dense compute; only what
+    the router picks beyond them stays exposed. With ample dense time the exposed forward gather is the
+    calibration alone (far below "sync"'s); with none, the whole over-fetched window is exposed (above it)."""
+    profiles = [DeviceProfile(f"r{r}", 100.0, 100.0, int(80e9), 1e9) for r in range(2)]
+    stats = synthetic_stats(2, 4, 500, 1, skew=1.0, seed=0)
+    shares, sw = np.array([4.0, 4.0]), np.array([0.5, 0.5])
+    sync = CostModel(profiles, stats, SMALL, 8, PlanOptions(schedule="sync"))
+    hecate = CostModel(profiles, stats, SMALL, 8, PlanOptions(schedule="hecate", history=5))
+    l = 1
+    compute = sync.dc_parts(l, shares, sw)[0]
+    used_s, hidden_s = sync.dc_forward(l, shares, sw, compute)
+    assert not hidden_s.any()
+    n = shares * SMALL.seq_len * hecate.k[l]
+    per_expert = 0.5 * SMALL.expert_bytes / hecate.bw
+    used = 1 - np.exp(-np.outer(n, hecate.p[l]))
+    window = 1 - np.exp(-5 * np.outer(n, hecate.p[l]))
+    calibrate = (used * (1 - window)).sum(axis=1) * per_expert
+    ahead = window.sum(axis=1) * per_expert
+    hecate.dense_per_sample = np.full(2, 1e3)  # dense compute hides any gather
+    exposed, hidden = hecate.dc_forward(l, shares, sw, compute)
+    assert exposed == pytest.approx(calibrate) and hidden == pytest.approx(ahead)
+    assert (exposed < 0.5 * used_s).all()
+    hecate.dense_per_sample = np.zeros(2)
+    exposed, hidden = hecate.dc_forward(0, shares, sw, compute)  # layer 0: nothing before it to hide under
+    assert exposed == pytest.approx(ahead + calibrate) and not hidden.any()
+    assert (exposed >= used_s).all()
+
+
+@pytest.mark.parametrize("field,value", [("schedule", "eager"), ("history", 0)])
+def test_bad_schedule_options_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        PlanOptions(**{field: value}).validate(2)

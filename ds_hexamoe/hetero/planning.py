@@ -66,6 +66,11 @@ def model_shape_for(model, seq_len: int | None = None) -> ModelShape:
     return dataclasses.replace(shape, param_bytes=pbytes, grad_bytes=4, optimizer_bytes=opt)
 
 
+def micro_tokens(shape: ModelShape, global_batch: int, world: int) -> int:
+    """Tokens of one rank's micro-batch on average: what a measured profile times (see ``resolve_profiles``)."""
+    return -(-global_batch // max(1, world)) * shape.seq_len
+
+
 def infer_seq_len(stats: RoutingStats, global_batch: int, world: int) -> int | None:
     """Tokens per sample, from statistics summed over ``world`` ranks.
 
@@ -97,12 +102,19 @@ def make_plan(cfg: HexaMoEConfig, profiles, stats: RoutingStats, shape: ModelSha
     rank = dist.get_rank(group) if dist_on() else 0
     out = placement_plan(profiles, stats, global_batch=global_batch, model_shape=shape, solver=p.solver,
                          replicas=p.replicas or None, time_limit=p.ilp_time_limit, mode=mode or cfg.mode,
-                         use_affinity=p.use_affinity, **options)
+                         use_affinity=p.use_affinity, **_schedule_options(cfg), **options)
     if dist_on() and dist.get_world_size(group) > 1:  # the planner is deterministic; rank 0's plan is applied
         box = [out.to_dict() if rank == 0 else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         out = Plan.from_dict(box[0])
     return out
+
+
+def _schedule_options(cfg: HexaMoEConfig) -> dict:
+    """FSSDP's forward schedule, which the cost of data-centric layers depends on (none without FSSDP)."""
+    if cfg.sharding != "fssdp":
+        return {}
+    return {"schedule": cfg.fssdp.schedule, "history": cfg.fssdp.history}
 
 
 def global_micro_batch(ds_config: dict, world: int) -> int:
@@ -140,10 +152,12 @@ def replan_fssdp(runtime, stats: RoutingStats | None, profiles=None) -> Plan | N
         return None
     world = fssdp.world_size
     rank = dist.get_rank(fssdp.group) if dist_on() else 0
-    profiles = resolve_profiles(cfg, world, rank, fssdp.group) if profiles is None else profiles
     micro = int(fssdp.engine.train_micro_batch_size_per_gpu()) if fssdp.engine is not None else 1
     global_batch = micro * world
     shape = shape_for_stats(runtime.plan_shape, stats, global_batch, world)
+    if profiles is None:
+        tokens = micro * shape.seq_len if shape is not None else None
+        profiles = resolve_profiles(cfg, world, rank, fssdp.group, shape=shape, micro_tokens=tokens)
     plan = make_plan(cfg, profiles, stats, shape, global_batch, group=fssdp.group)
     fssdp.apply_plan(plan, check=False)
     return plan

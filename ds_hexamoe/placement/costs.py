@@ -57,6 +57,10 @@ class PlanOptions:
     replicas: int | None = None
     time_limit: float = 10.0
     mode: str = "auto"
+    # FSSDP's forward schedule (hexamoe.fssdp): "sync" gathers after the router; "hecate" gathers the
+    # experts of the last ``history`` calls ahead, hidden under dense compute, and calibrates the rest
+    schedule: str = "sync"
+    history: int = 5
 
     def validate(self, world_size: int) -> None:
         if not 0 < self.memory_fraction <= 1:
@@ -69,6 +73,10 @@ class PlanOptions:
             raise ConfigError(f"replicas: got {self.replicas!r}; expected an integer >= 0 or None (automatic)")
         if not self.time_limit > 0:
             raise ConfigError(f"time_limit: got {self.time_limit!r}; expected a number of seconds > 0")
+        if self.schedule not in ("sync", "hecate"):
+            raise ConfigError(f"schedule: got {self.schedule!r}; expected \"sync\" or \"hecate\" (hexamoe.fssdp.schedule)")
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
+            raise ConfigError(f"history: got {self.history!r}; expected an integer >= 1 (hexamoe.fssdp.history)")
         if self.mode not in MODES + ("auto",):
             raise ConfigError(f"mode: got {self.mode!r}; expected one of {list(MODES) + ['auto']}")
 
@@ -270,13 +278,31 @@ class CostModel:
         active = (1.0 - np.exp(-np.outer(n, self.p[l]))).sum(axis=1)  # expected distinct experts used
         m = self.model
         gathered = active * (1.0 - sw) / self.bw  # seconds per byte of an expert, over the experts it fetches
-        forward = gathered * m.expert_bytes  # exposed: the router decides what to gather
+        forward, _ = self.dc_forward(l, shares, sw, compute)
         backward = gathered * (int(self.options.rematerialize) * m.expert_bytes + m.expert_grad_bytes)
         if self.options.prefetch:  # issued ahead, under the layer's backward (2/3 of its FLOPs) and dense compute
             exposed = np.maximum(0.0, backward - compute * 2.0 / 3.0 - self.overlap(shares))
         else:
             exposed = backward
         return compute, forward, exposed, backward - exposed
+
+    def dc_forward(self, l: int, shares, sw, compute) -> tuple[np.ndarray, np.ndarray]:
+        """A data-centric layer's forward gather per rank: (exposed, hidden) seconds. ``"sync"``: all
+        exposed (the router decides what to gather). ``"hecate"``: the experts used in the last ``history``
+        calls are gathered ahead, under the dense compute and the previous layer's experts (approximated by
+        this layer's); what the router then picks beyond them is a calibration gather, exposed. Calls are
+        taken as independent draws of the layer's routing distribution."""
+        n = np.asarray(shares, dtype=float) * self.seq * self.k[l]
+        per_expert = (1.0 - sw) * self.model.expert_bytes / self.bw  # seconds to fetch one expert
+        used = 1.0 - np.exp(-np.outer(n, self.p[l]))
+        if self.options.schedule == "sync":
+            return used.sum(axis=1) * per_expert, np.zeros(self.R)
+        window = 1.0 - np.exp(-self.options.history * np.outer(n, self.p[l]))
+        ahead = window.sum(axis=1) * per_expert
+        calibrate = (used * (1.0 - window)).sum(axis=1) * per_expert
+        room = self.overlap(shares) + (compute / 3.0 if l > 0 else 0.0)
+        late = np.maximum(0.0, ahead - room)
+        return late + calibrate, ahead - late
 
     def dc_layer(self, l: int, shares, sw) -> np.ndarray:
         compute, forward, exposed, _ = self.dc_parts(l, shares, sw)

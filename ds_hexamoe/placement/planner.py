@@ -181,6 +181,8 @@ def plan(
     rematerialize: bool = True,
     prefetch: bool = True,
     shard_by: str = "memory",
+    schedule: str = "sync",
+    history: int = 5,
 ) -> Plan:
     """Plan training on the ranks of ``profiles`` (one per rank) for the routing in ``stats``.
 
@@ -189,7 +191,8 @@ def plan(
     for ``eplb``/``ilp`` (None: enough for every rank to host one); ``time_limit`` bounds the ILP;
     ``mode`` forces one mode for every layer ("auto": the fastest candidate); ``shard_by`` sizes the FSSDP
     shards by free memory (``"memory"``) or by expert speed within memory (``"speed"``, what the runtime
-    uses: see :meth:`CostModel.shard_weights`).
+    uses: see :meth:`CostModel.shard_weights`); ``schedule`` and ``history`` are FSSDP's forward schedule
+    (``hexamoe.fssdp``: see :meth:`CostModel.dc_forward`).
     """
     t0 = time.perf_counter()
     if solver not in SOLVERS:
@@ -199,7 +202,7 @@ def plan(
     model = resolve_model(model_shape, stats.model)
     options = PlanOptions(memory_fraction=memory_fraction, memory_limits_gb=memory_limits, rematerialize=rematerialize,
                           prefetch=prefetch, use_affinity=use_affinity, replicas=replicas, time_limit=time_limit,
-                          mode=mode)
+                          mode=mode, schedule=schedule, history=history)
     cost = CostModel(profiles, stats, model, global_batch, options)
     sw = cost.shard_weights(shard_by)
     cost.check_expert_fits(sw)

@@ -88,8 +88,9 @@ def _layers(plan: Plan, cost: CostModel, shares, sw, slices, F) -> list[_Layer]:
                                               ("dispatch", q)), (mat - exposed, zero), cost.cache_bytes(mode, hosted=hosted)))
         elif mode == "data_centric":
             compute, fwd, exposed, hid = cost.dc_parts(l, shares, sw)
+            _, ahead = cost.dc_forward(l, shares, sw, compute)
             out.append(_Layer(mode, compute, (("gather", fwd), ("none", zero), ("gather", exposed), ("none", zero)),
-                              (zero, hid), cost.cache_bytes(mode)))
+                              (ahead, hid), cost.cache_bytes(mode)))
         else:
             compute, comm = cost.mc_parts(l, shares, slices)
             q = comm / 4.0
