@@ -77,17 +77,22 @@ class LSHConfig:
 class FSSDPConfig:
     """FSSDP scheduling (docs/fssdp.md, "Scheduling"): ``"hecate"`` gathers each layer's predicted experts
     before its router runs (history of the last ``history`` calls) and fetches the rest by a calibration
-    gather; ``"sync"`` gathers after the router, as before."""
+    gather; ``"sync"`` gathers after the router, as before. ``fanout``: how an expert reaches many ranks."""
 
     schedule: Literal["hecate", "sync"] = "hecate"
     history: int = 5  # calls of a layer in the sliding load window
-    # per rank and layer, at most this many non-owned experts are gathered ahead (null: every expert in the window)
-    budget: int | None = None
+    # per rank and layer, at most this many non-owned experts are gathered ahead (null: every expert in the
+    # window; "auto": as many as the compute between issue and use hides at the measured link bandwidth)
+    budget: int | str | None = None
     reshard_every: int = 100  # optimizer steps between load-aware re-ownerships; 0: never
+    # "direct": owner -> every user in one all_to_all; "tree": broadcast/reduce trees (binomial doubling);
+    # "auto": a tree for an exchange in which some expert goes to >= 3 ranks
+    fanout: Literal["direct", "tree", "auto"] = "auto"
 
     def validate(self, path: str) -> None:
         _check(self.history >= 1, f"{path}.history", self.history, "an integer >= 1")
-        _check(self.budget is None or self.budget >= 0, f"{path}.budget", self.budget, "an integer >= 0 or null")
+        _check(self.budget is None or self.budget == "auto" or (isinstance(self.budget, int) and self.budget >= 0),
+               f"{path}.budget", self.budget, 'an integer >= 0, "auto" or null')
         _check(self.reshard_every >= 0, f"{path}.reshard_every", self.reshard_every, "an integer >= 0")
 
 

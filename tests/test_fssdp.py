@@ -75,7 +75,7 @@ def hexamoe_cfg(case: dict):
     from ds_hexamoe.config import HexaMoEConfig
 
     fssdp = {"schedule": case.get("schedule", "hecate"), "history": case.get("history", 5), "budget": case.get("budget"),
-             "reshard_every": case.get("reshard_every", 100)}
+             "reshard_every": case.get("reshard_every", 100), "fanout": case.get("fanout", "auto")}
     return HexaMoEConfig.from_dict({"sharding": "fssdp", "shard_weights": case.get("shard_weights"),
                                     "rematerialize": case.get("remat", True), "prefetch": case.get("prefetch", True),
                                     "fssdp": fssdp})
@@ -194,6 +194,7 @@ def _train_worker(rank: int, world: int, case: dict) -> dict:
     out["state"] = manager.full_state_dict()
     out["memory"] = manager.memory_stats()
     out["ownership"] = [layer.ownership.experts for layer in manager.layers]
+    out["budgets"] = dict(manager.prediction_budgets)
     out["shards"] = {layer.name: (layer.owned[0] if layer.owned else None, layer.local_count) for layer in manager.layers}
     return out
 

@@ -70,6 +70,39 @@ def test_four_ranks_budget_one_natural_routing():
     assert sum(c[s]["gather_bytes"] for c in comm for s in range(1, 4)) > 0
 
 
+def test_auto_budget_follows_measured_window_and_bandwidth():
+    from ds_hexamoe.fssdp.budget import LinkMeter, auto_budget
+
+    assert auto_budget(None, 1e9, S, 8) is None and auto_budget(0.01, None, S, 8) is None  # not measured yet
+    assert auto_budget(0.01, 10 * S / 0.01, S, 16) == 10  # 10 experts' bytes fit the window
+    assert auto_budget(0.02, 10 * S / 0.01, S, 16) == 16  # twice the window: 20, bounded by the cache room
+    assert auto_budget(0.01, 2.5 * S / 0.01, S, 16) == 2  # whole experts only
+    assert auto_budget(0.0, 1e12, S, 16) == 0
+    m = LinkMeter(alpha=0.5)
+    m.hidden(0, 0.010)
+    m.gathered(4 * S, 0.010)  # a blocked gather: 400 experts/s
+    assert m.budget(0, S, 16) == 4
+    m.gathered(8 * S, 0.010)  # EMA: (400 + 800) / 2 = 600 experts/s
+    assert m.budget(0, S, 16) == 6
+    m.gathered(S, 0.010, complete_before=True)  # done before use: only a lower bound (100/s), kept at 600
+    assert m.budget(0, S, 16) == 6
+    m.gathered(20 * S, 0.010, complete_before=True)  # a faster lower bound raises it to 2000/s
+    assert m.budget(0, S, 16) == 16
+    m.hidden(0, 0.0)  # the window shrinks (EMA 5 ms): 10 copies
+    assert m.budget(0, S, 16) == 10
+    assert m.budget(1, S, 16) is None  # layer 1 never had a predicted gather
+
+
+def test_two_ranks_auto_budget_switch_routing_exact():
+    """budget "auto": each rank's measured budget rides along the load exchange; exact whatever it is."""
+    case = dict(world=2, experts=8, top_k=2, micro=1, gas=2, global_rows=4, lr=3e-3, clip=0.3, steps=4,
+                remat=True, prefetch=True, budget="auto", routing={0: ("switch", 1, 6, 2)})
+    results = _run(case)
+    budgets = results[0]["budgets"]
+    assert budgets and all(b == results[1]["budgets"][k] for k, b in budgets.items())  # every rank agrees
+    assert all(isinstance(v, int) and 0 <= v <= 8 for b in budgets.values() for v in b)  # measured, bounded
+
+
 def test_exposed_comm_reaches_metrics_row_and_progress_bar():
     from ds_hexamoe.worker.metrics import Window, metrics_row, progress_postfix
 
@@ -90,6 +123,7 @@ def test_fssdp_config_section_is_validated():
     bad = [({"schedule": "eager"}, r"hexamoe\.fssdp\.schedule: got 'eager'"),
            ({"history": 0}, r"hexamoe\.fssdp\.history: got 0; expected an integer >= 1"),
            ({"budget": -1}, r"hexamoe\.fssdp\.budget"),
+           ({"budget": "fast"}, r"hexamoe\.fssdp\.budget: got 'fast'; expected an integer >= 0, \"auto\" or null"),
            ({"reshard_every": -5}, r"hexamoe\.fssdp\.reshard_every"),
            ({"histroy": 3}, r"hexamoe\.fssdp\.histroy: unknown key \(did you mean 'history'\?\)")]
     for section, msg in bad:
@@ -123,3 +157,32 @@ def test_backward_prefetch_keeps_the_layer_forward_left_in_the_other_slot():
     stats = run_distributed(_regather_worker, 2, timeout=300)
     assert stats[0]["regather_bytes"] == 2 * S
     assert stats[1]["regather_bytes"] == 0
+
+
+def _late_reduce_worker(rank: int, world: int) -> dict:
+    from test_fssdp import batch, build_engine, quiet
+
+    quiet()
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+    case = dict(world=world, experts=8, top_k=2, micro=1, gas=2, global_rows=2, lr=3e-3, clip=0.3,
+                routing={0: ("hot", 1)})
+    engine, manager = build_engine(case)
+    seen = []
+    for m in range(2):
+        x = batch(0, m, 2)[rank:rank + 1]
+        engine.backward(engine(input_ids=x, labels=x).loss)
+        seen.append(len(manager._pending))  # reduces still in flight after DeepSpeed's backward
+        engine.step()
+        seen.append(len(manager._pending))
+    return {"seen": seen}
+
+
+def test_gradient_reduces_are_waited_at_the_optimizer_step():
+    """Attached to an engine, async reduce-scatters outlive engine.backward() (they overlap DeepSpeed's
+    end-of-backward work) and engine.step() finishes them before reading the gradients; exactness with
+    accumulation is the other tests' (gas=2, prefetch on)."""
+    for res in run_distributed(_late_reduce_worker, 2, init_process_group=False, timeout=300):
+        assert res["seen"][0] > 0 and res["seen"][2] > 0
+        assert res["seen"][1] == 0 and res["seen"][3] == 0

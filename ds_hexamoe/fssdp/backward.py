@@ -2,7 +2,10 @@
 
 Under re-materialization autograd keeps only where a cached weight lived; backward re-gathers it (or
 finds it still in the cache) and prefetches the layer backward reaches next. Reduce-scatters may run
-asynchronously; :meth:`BackwardMixin.synchronize` finishes them in issue order (docs/design.md, "FSSDP").
+asynchronously; :meth:`BackwardMixin.synchronize` finishes them in issue order (docs/design.md, "FSSDP"):
+attached to a DeepSpeed engine, as late as possible, at ``engine.step()`` before the gradient norm and
+overflow check read them (so they overlap DeepSpeed's own end-of-backward work), or at the next forward;
+without an engine, at the end of backward.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ class BackwardMixin:
             slot = self.cache.slot(self._bwd_turn, record.layer.dtype, record.layer.device)
             slot.claim(record)
             sparse_all_gather(record.layer, record.transfer, record.layer.full_views(slot.buf), self.group,
-                              self.stats, kind="regather_bytes").wait()
+                              self.stats, kind="regather_bytes", fanout=self.fanout).wait()
         self._bwd_turn = self._slot_index(slot) + 1
         if self.prefetch:
             nxt = self._previous_record(record)
@@ -61,7 +64,8 @@ class BackwardMixin:
                 if other is not slot and not waiting:
                     other.claim(nxt)
                     other.pending = sparse_all_gather(nxt.layer, nxt.transfer, nxt.layer.full_views(other.buf),
-                                                      self.group, self.stats, kind="regather_bytes", async_op=True)
+                                                      self.group, self.stats, kind="regather_bytes", async_op=True,
+                                                      fanout=self.fanout)
         return slot.buf
 
     def _slot_index(self, slot) -> int:
@@ -82,11 +86,12 @@ class BackwardMixin:
         return best
 
     def _reduce_grads(self, layer: ExpertLayer, transfer: Transfer, grads: dict) -> None:
-        pending = sparse_reduce_scatter(layer, transfer, grads, self.group, self.stats, async_op=self.prefetch)
+        pending = sparse_reduce_scatter(layer, transfer, grads, self.group, self.stats, async_op=self.prefetch,
+                                        fanout=self.fanout)
         acc = functools.partial(self._accumulate, layer, pending)
         if self.prefetch:
             self._pending.append(Pending(None, acc))
-            if not self._callback_queued:
+            if self.engine is None and not self._callback_queued:  # no engine.step() to wait at
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
         else:

@@ -61,7 +61,7 @@ class MaterializeMixin:
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in layer.shards.values())
         if fill is None:
             def fill(full):
-                sparse_all_gather(layer, transfer, full, self.group, self.stats).wait()
+                sparse_all_gather(layer, transfer, full, self.group, self.stats, fanout=self.fanout).wait()
         self._forward_record = None
         if grad and not self.rematerialize:
             if dest is None:

@@ -15,12 +15,14 @@ actually used go back to their owners (docs/fssdp.md, "Scheduling").
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .budget import BLOCKED_S, LinkMeter
 from .cache import Slot
 from .collectives import Pending, Transfer, exchange_counts, plan_transfer, sparse_all_gather
 from .layer import WEIGHT_KEYS, ExpertLayer
@@ -36,9 +38,10 @@ class LoadHistory:
     def add(self, counts: list[list[int]]) -> None:
         self.calls.append(counts)
 
-    def predict(self, ownership: LayerOwnership, budget: int | None) -> list[list[bool]] | None:
+    def predict(self, ownership: LayerOwnership, budget) -> list[list[bool]] | None:
         """Per rank, the experts to materialize ahead: its owned experts seen in the window (local copies)
-        and up to ``budget`` (null: all) others it used in the window, most loaded first. None before any call."""
+        and up to ``budget`` (None: all; a list: rank ``q``'s own) others it used in the window, most loaded
+        first. None before any call."""
         if not self.calls:
             return None
         owners = ownership.owners()
@@ -47,7 +50,8 @@ class LoadHistory:
         for q in range(world):
             load = [sum(c[q][e] for c in self.calls) for e in range(num)]
             remote = sorted((e for e in range(num) if load[e] > 0 and owners[e] != q), key=lambda e: (-load[e], e))
-            keep = set(remote if budget is None else remote[:budget])
+            b = budget[q] if isinstance(budget, (list, tuple)) else budget
+            keep = set(remote if b is None else remote[:b])
             keep.update(e for e in ownership.owned(q) if load[e] > 0)
             masks.append([e in keep for e in range(num)])
         return masks
@@ -62,6 +66,7 @@ class Ahead:
     pending: Pending
     slot: Slot | None
     dest: torch.Tensor | None
+    issued_at: float = 0.0
 
     def valid(self) -> bool:
         # a slot claimed by anyone else since the issue no longer holds the prediction
@@ -73,9 +78,11 @@ class ScheduleMixin:
 
     def _init_schedule(self, cfg) -> None:
         f = cfg.fssdp
-        self.schedule, self._budget = f.schedule, f.budget
+        self.schedule, self._budget, self.fanout = f.schedule, f.budget, f.fanout
         self._history = {layer.index: LoadHistory(f.history) for layer in self.layers}
         self._ahead: dict[int, Ahead] = {}
+        self._meter = LinkMeter()  # fssdp.budget "auto": measured window and bandwidth
+        self.prediction_budgets: dict[int, list[int | None]] = {}  # per layer, every rank's last "auto" budget
         self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
         self._ahead_group = self.group
         if self.schedule == "hecate" and self.layers:
@@ -122,7 +129,8 @@ class ScheduleMixin:
     def _issue_ahead(self, layer: ExpertLayer | None) -> None:
         if layer is None or layer.index in self._ahead or self._modes[layer.index] != "data_centric":
             return
-        masks = self._history[layer.index].predict(layer.ownership, self._budget)
+        budget = self.prediction_budgets.get(layer.index) if self._budget == "auto" else self._budget
+        masks = self._history[layer.index].predict(layer.ownership, budget)
         if masks is None:
             return
         transfer = plan_transfer(layer.ownership, masks, self.rank)
@@ -133,15 +141,16 @@ class ScheduleMixin:
             slot = self.cache.slot(self._forward_slot(layer), layer.dtype, layer.device)
             slot.claim(None)
             dest = slot.buf
+        issued_at = time.perf_counter()
         pending = sparse_all_gather(layer, transfer, layer.full_views(dest), self._ahead_group, self.stats,
-                                    async_op=True)
+                                    async_op=True, fanout=self.fanout)
         if slot is not None:
             slot.pending = pending
-        self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None)
+        self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None, issued_at)
 
     def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
         ahead = self._ahead.pop(layer.index, None)
-        counts = exchange_counts(index.counts, self.group, self.stats)
+        counts = self._exchange_loads(index.counts)
         nxt = self.layers[layer.index + 1] if layer.index + 1 < len(self.layers) else None
         self._issue_ahead(nxt)  # overlaps this layer's calibration and experts, and the next attention
         self._history[layer.index].add(counts)
@@ -155,14 +164,43 @@ class ScheduleMixin:
 
         def fill(full: dict[str, torch.Tensor]) -> None:
             if ahead is not None:
+                used_at = time.perf_counter()
                 ahead.pending.wait()
+                done = time.perf_counter()
+                self._meter.hidden(layer.index, used_at - ahead.issued_at)
+                self._meter.gathered(ahead.pending.nbytes, done - ahead.issued_at, done - used_at < BLOCKED_S)
             if calib.moves:
                 self.stats.calibrations += 1
-            sparse_all_gather(layer, calib, full, self.group, self.stats, kind="calibrate_bytes").wait()
+            t0 = time.perf_counter()
+            pending = sparse_all_gather(layer, calib, full, self.group, self.stats, kind="calibrate_bytes",
+                                        fanout=self.fanout)
+            pending.wait()
+            self._meter.gathered(pending.nbytes, time.perf_counter() - t0)
 
         dest = ahead.dest if ahead is not None else None
         full = self._materialize_transfer(layer, transfer, fill=fill, dest=dest)
         return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+
+    def _exchange_loads(self, counts_e: torch.Tensor) -> list[list[int]]:
+        """Every rank's loads of this layer (``[N][E]``); under ``budget: "auto"`` every rank's own budget
+        for every layer rides along (-1: no limit yet), so all ranks predict alike."""
+        if self._budget != "auto":
+            return exchange_counts(counts_e, self.group, self.stats)
+        num = counts_e.numel()
+        mine = [self._own_budget(layer) for layer in self.layers]
+        extra = torch.tensor([-1 if b is None else b for b in mine], dtype=torch.int32)
+        rows = exchange_counts(torch.cat([counts_e.to(device="cpu", dtype=torch.int32), extra]), self.group,
+                               self.stats)
+        for layer in self.layers:
+            self.prediction_budgets[layer.index] = [None if r[num + layer.index] < 0 else r[num + layer.index]
+                                                    for r in rows]
+        return [r[:num] for r in rows]
+
+    def _own_budget(self, layer: ExpertLayer) -> int | None:
+        """This rank's measured budget for ``layer`` (non-owned experts gathered ahead; :mod:`.budget`), at most
+        the experts it does not own: the room a full-layer cache slot has for them."""
+        size = layer.numel_per_expert * torch.empty(0, dtype=layer.dtype).element_size()
+        return self._meter.budget(layer.index, size, layer.num_experts - layer.local_count)
 
 
 def _ranks_per_node(world: int) -> int:
