@@ -1,7 +1,7 @@
 """MoE layer forward+backward on CPU: hexamoe against transformers and DeepSpeed, as ratios.
 
     python scripts/bench_layer.py [--quick] [--json bench_layer.json] [--repeats 5] [--threads N]
-                                  [--compile] [--profile]
+                                  [--compile] [--profile] [--live-bytes]
 
 Methods, all with the same weights and (except DeepSpeed's capacity drops) the same routing:
   hexamoe        transformers MixtralSparseMoeBlock, experts_implementation="hexamoe"
@@ -20,8 +20,11 @@ Memory: each method again in a fresh subprocess; the RSS high-water mark is rese
 forward+backward (``/proc/self/clear_refs``) and the peak is ``VmHWM`` after it minus ``VmRSS`` before it,
 i.e. the activation/workspace peak of the step (``resource.getrusage`` maxrss delta off Linux). Every
 ratio is against the hexamoe run; the JSON also holds every method's ratios to ``grouped_mm`` and
-``dense_limit`` (``time_vs``/``mem_vs``) and the output of ``uptime`` taken at the start. ``transformers``' ``batched_mm`` is left out: it allocates tens of
-GiB at these sizes on CPU.
+``dense_limit`` (``time_vs``/``mem_vs``) and the output of ``uptime`` taken at the start. ``--live-bytes`` adds,
+from the same child, ``live_peak_bytes``: the peak of tensor bytes allocated and not yet freed over a second
+forward+backward, counted by ``torch.profiler`` (``profile_memory``) allocation by allocation, which unlike RSS
+does not depend on what the C allocator keeps mapped. ``transformers``' ``batched_mm`` is left out: it allocates
+tens of GiB at these sizes on CPU.
 """
 from __future__ import annotations
 
@@ -206,7 +209,20 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def memory_child(method, shape):
+def live_peak_bytes(fn) -> int:
+    """Largest sum of tensor bytes allocated and not yet freed while ``fn`` runs (profiler memory events)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def memory_child(method, shape, live=False):
     """Run in a subprocess: peak RSS growth over one forward+backward (weights and inputs already built).
 
     Imports leave a high-water mark above a layer step, so on Linux the mark is reset first
@@ -223,21 +239,27 @@ def memory_child(method, shape):
     before = _maxrss_bytes()
     step()
     if rss_before is not None and _status_kib("VmHWM") is not None:
-        return (_status_kib("VmHWM") - rss_before) * 1024
-    return _maxrss_bytes() - before
+        rss = (_status_kib("VmHWM") - rss_before) * 1024
+    else:
+        rss = _maxrss_bytes() - before
+    return (rss, live_peak_bytes(step)) if live else rss
 
 
-def memory_methods(shape, methods, threads):
-    out = {}
+def memory_methods(shape, methods, threads, live=False):
+    """``({method: peak RSS growth}, {method: live tensor peak})``, the second empty unless ``live``."""
+    out, live_out = {}, {}
     for m in methods:
         cmd = [sys.executable, os.path.abspath(__file__), "--_mem-child", m, "--_shape", json.dumps(shape),
-               "--threads", str(threads)]
+               "--threads", str(threads)] + (["--live-bytes"] if live else [])
         env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}  # ours is held by this process's group
         res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if res.returncode != 0:
             raise RuntimeError(f"memory run of {m} failed:\n{res.stderr[-2000:]}")
-        out[m] = int(res.stdout.strip().splitlines()[-1])
-    return out
+        values = [int(v) for v in res.stdout.strip().splitlines()[-1].split()]
+        out[m] = values[0]
+        if live:
+            live_out[m] = values[1]
+    return out, live_out
 
 
 def _uptime() -> str:
@@ -285,6 +307,8 @@ def report(results):
                 + f"{tg.get(m, float('nan')):>8.2f}{mg.get(m, float('nan')):>8.2f}"
                 + (f"  {drop:.1%}" if drop is not None else "  0 (dropless)" if m != "dense_limit" else "  -")
             )
+        for m, v in r.get("live_vs", {}).get("grouped_mm", {}).items():
+            lines.append(f"  live tensor peak {m:<16}{r['live_peak_bytes'][m] / 2**20:>9.1f} MiB  {v:.2f}x grouped_mm")
     return "\n".join(lines)
 
 
@@ -298,12 +322,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--live-bytes", action="store_true",
+                    help="also count each method's peak of live tensor bytes with torch.profiler (one more step)")
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_shape", dest="shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.mem_child:
-        print(memory_child(args.mem_child, tuple(json.loads(args.shape))))
+        got = memory_child(args.mem_child, tuple(json.loads(args.shape)), args.live_bytes)
+        print(*(got if isinstance(got, tuple) else (got,)))
         return 0
     if "hexamoe" not in args.methods:
         args.methods.insert(0, "hexamoe")
@@ -319,13 +346,15 @@ def main(argv=None):
         check_same_output(shape)
         t, infos = time_methods(shape, args.methods, repeats)
         eager = [m for m in args.methods if m not in COMPILED]  # compiled blocks: time only
-        mem = {} if args.no_memory else memory_methods(shape, eager, args.threads)
+        mem, live = ({}, {}) if args.no_memory else memory_methods(shape, eager, args.threads, args.live_bytes)
         results["shapes"][name] = {
             "shape": list(shape), "time_s": t, "peak_bytes": mem, "info": infos,
             "time_ratio": {m: v / t["hexamoe"] for m, v in t.items()},
             "mem_ratio": {m: v / mem["hexamoe"] for m, v in mem.items()} if mem and mem["hexamoe"] else {},
             "time_vs": _ratios(t), "mem_vs": _ratios(mem),
         }
+        if live:
+            results["shapes"][name].update(live_peak_bytes=live, live_vs=_ratios(live))
         if args.profile:
             results["shapes"][name]["profile"] = profile_tables(shape)
     print(f"uptime at start: {results['uptime']}")

@@ -179,8 +179,46 @@ def _recompute_activation(h, act, gated, inter):
     return act_g * u, act_g
 
 
-def mlp_backward(ops, dout, x, h, w1, w2, idx, offs, k, act, gated, inter, b1, b2, row_scale, needs):
-    """``(dx, dw1, dw2, db1, db2, ds)`` of :func:`mlp_forward`; ``needs`` flags the wanted ones."""
+def _activate_backward_into_h(h: torch.Tensor, da: torch.Tensor, act: str, gated: bool, interleaved: bool,
+                              act_g: torch.Tensor | None) -> torch.Tensor:
+    """``dh`` written over ``h`` (same shape; ``h`` is read only element-wise before its own slot is written),
+    so the backward holds one ``[P, F1]`` buffer instead of two. ``da`` and ``act_g`` are overwritten."""
+    bwd = backward_fn(act)
+    if not gated:
+        if act in SILU_OUT:
+            torch.ops.aten.silu_backward.grad_input(da, h, grad_input=h)
+        else:
+            h.copy_(bwd(da, h))
+        return h
+    g, u = _split_gate(h, interleaved)
+    du = (act_g if act_g is not None else get_activation(act)[0](g)).mul_(da)  # act(g) * da
+    t = da.mul_(u)  # da * u: read u before du overwrites it
+    if act in SILU_OUT:  # element-wise, so writing dg over g is safe (each element read before written)
+        torch.ops.aten.silu_backward.grad_input(t, g, grad_input=g)
+    else:
+        g.copy_(bwd(t, g))
+    u.copy_(du)
+    return h
+
+
+def _input_grads(ops, dh, x, w1, idx, offs, k, needs):
+    """``(dx, dw1)`` from ``dh``: ``dx`` first, so its ``[P, d]`` expert-order buffer is freed before ``dw1``
+    (the largest gradient) is allocated; ``dw1``'s token rows are gathered per expert (:func:`weight_grad`)."""
+    dx = None
+    if needs[0] and _bag_combine(dh):
+        dx = combine(ops.esmm(dh, w1.transpose(1, 2), idx, offs), inverse_index(idx), k, None, x.dtype)
+    elif needs[0]:
+        dx = _pairs_to_tokens(ops.esmm(dh, w1.transpose(1, 2), idx, offs, scatter=True), k, x.dtype)
+    dw1 = weight_grad(ops, x, dh, idx, offs, w1, x_div=k) if needs[1] else None
+    return dx, dw1
+
+
+def mlp_backward(ops, dout, x, h, w1, w2, idx, offs, k, act, gated, inter, b1, b2, row_scale, needs,
+                 reuse_h=False):
+    """``(dx, dw1, dw2, db1, db2, ds)`` of :func:`mlp_forward`; ``needs`` flags the wanted ones.
+
+    ``reuse_h``: ``h`` is dead after this call (autograd frees it and keeps no graph), so ``dh`` is written
+    over it in fp32/fp64 instead of into a second ``[P, F1]`` buffer; ``h`` then holds ``dh``."""
     n_valid = int(offs[-1])
     rows = idx[:n_valid]
     # dy rows in expert order, gathered once for dA, ds, dW2 and db2 (each would gather them again)
@@ -196,14 +234,12 @@ def mlp_backward(ops, dout, x, h, w1, w2, idx, offs, k, act, gated, inter, b1, b
         dy.mul_(s.to(dy.dtype))
     dw2 = weight_grad(ops, a, dy, idx, offs, w2) if needs[2] else None
     db2 = ops.ess(dy, idx, offs).to(b2.dtype) if b2 is not None and needs[4] else None
-    a = dy = None  # free [P, f] and [P, d] before the activation backward allocates dh
-    dh = _activate_backward(h, da, act, gated, inter, act_g=act_g, da_owned=True)
+    a = dy = None  # free [P, f] and [P, d] before the activation backward
+    if reuse_h and h.dtype == acc_dtype(h.dtype) and da.dtype == h.dtype:
+        dh = _activate_backward_into_h(h, da, act, gated, inter, act_g)
+    else:
+        dh = _activate_backward(h, da, act, gated, inter, act_g=act_g, da_owned=True)
     da = act_g = None
-    dw1 = weight_grad(ops, x, dh, idx, offs, w1, x_div=k) if needs[1] else None
     db1 = ops.ess(dh, idx, offs).to(b1.dtype) if b1 is not None and needs[3] else None
-    dx = None
-    if needs[0] and _bag_combine(dh):
-        dx = combine(ops.esmm(dh, w1.transpose(1, 2), idx, offs), inverse_index(idx), k, None, x.dtype)
-    elif needs[0]:
-        dx = _pairs_to_tokens(ops.esmm(dh, w1.transpose(1, 2), idx, offs, scatter=True), k, x.dtype)
+    dx, dw1 = _input_grads(ops, dh, x, w1, idx, offs, k, needs)
     return dx, dw1, dw2, db1, db2, ds

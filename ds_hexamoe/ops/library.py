@@ -3,7 +3,8 @@
 * ``hexamoe::esmm``, ``hexamoe::estmm``, ``hexamoe::ess``: the three operators (contract: :mod:`ds_hexamoe.ops`).
 * ``hexamoe::expert_mlp`` -> ``(y, h)`` and ``hexamoe::expert_linear`` -> ``y``: the differentiable layers; their
   backward is one more op each (``hexamoe::expert_mlp_backward``, ``hexamoe::expert_linear_backward``), the
-  closed form of :mod:`.functions`.
+  closed form of :mod:`.functions`. Eager backward that frees its graph runs ``hexamoe::expert_mlp_backward_``
+  instead, which writes the pre-activation's gradient over ``h`` (after backward, ``h`` holds ``dh``).
 
 Every op is opaque to the compiler and has a fake (meta) implementation that validates shapes from
 metadata alone, so a compiled graph holds each op in one piece and never breaks on the host syncs or
@@ -86,7 +87,8 @@ def expert_mlp_op(
     x: Tensor, w1: Tensor, w2: Tensor, idx: Tensor, offs: Tensor, k: int, act: str, gated: bool, interleaved: bool,
     b1: Optional[Tensor] = None, b2: Optional[Tensor] = None, row_scale: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Token-order ``x[T, d]`` -> ``(y[T, d_out], h[P, F1])``; ``h`` is the pre-activation kept for backward."""
+    """Token-order ``x[T, d]`` -> ``(y[T, d_out], h[P, F1])``; ``h`` is the pre-activation kept for backward
+    (whose buffer the backward may reuse for ``dh``)."""
     check_expert_mlp(x, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, row_scale)
     return mlp_forward(get_backend(x.device), x, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, row_scale)
 
@@ -110,10 +112,35 @@ def expert_mlp_backward(
     return [g if g is not None else _absent(dout) for g in grads]
 
 
+@torch.library.custom_op("hexamoe::expert_mlp_backward_", mutates_args=("h",))
+def expert_mlp_backward_(
+    dout: Tensor, x: Tensor, h: Tensor, w1: Tensor, w2: Tensor, idx: Tensor, offs: Tensor, k: int, act: str,
+    gated: bool, interleaved: bool, b1: Optional[Tensor], b2: Optional[Tensor], row_scale: Optional[Tensor],
+    needs: list[bool],
+) -> list[Tensor]:
+    """:func:`expert_mlp_backward` that writes ``dh`` over ``h`` (fp32/fp64): one ``[P, F1]`` buffer fewer at the
+    backward's peak. Eager autograd only, when the graph is not kept (``h`` is dead afterwards)."""
+    grads = mlp_backward(get_backend(dout.device), dout, x, h, w1, w2, idx, offs, k, act, gated, interleaved,
+                         b1, b2, row_scale, needs, reuse_h=True)
+    return [g if g is not None else _absent(dout) for g in grads]
+
+
 @expert_mlp_backward.register_fake
-def _(dout, x, h, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, row_scale, needs):
+def _mlp_backward_fake(dout, x, h, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, row_scale, needs):
     like = (x, w1, w2, b1, b2, row_scale)
     return [_grad_like(t) if want and t is not None else _absent(dout) for t, want in zip(like, needs)]
+
+
+expert_mlp_backward_.register_fake(_mlp_backward_fake)
+
+
+def _may_reuse_h(*ts: Tensor) -> bool:
+    """True when overwriting the saved ``h`` is unobservable: eager plain tensors, and the graph is freed after
+    this backward (``retain_graph``/``create_graph``, e.g. gradcheck, would unpack ``h`` again)."""
+    if torch.compiler.is_compiling() or any(type(t) is not Tensor for t in ts):
+        return False  # traced graphs keep the functional op: no input mutation in a backward graph
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is not None and not keep_graph()
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -131,7 +158,8 @@ def _mlp_grad(ctx, dout, _dh_unused):
     x, h, w1, w2, b1, b2, row_scale, idx, offs = ctx.saved_tensors
     n = ctx.needs_input_grad
     wanted = [n[0], n[1], n[2], b1 is not None and n[9], b2 is not None and n[10], row_scale is not None and n[11]]
-    grads = torch.ops.hexamoe.expert_mlp_backward(dout, x, h, w1, w2, idx, offs, *ctx.args, b1, b2, row_scale, wanted)
+    op = torch.ops.hexamoe.expert_mlp_backward_ if _may_reuse_h(dout, h) else torch.ops.hexamoe.expert_mlp_backward
+    grads = op(dout, x, h, w1, w2, idx, offs, *ctx.args, b1, b2, row_scale, wanted)
     dx, dw1, dw2, db1, db2, ds = _present(grads, wanted)
     return dx, dw1, dw2, None, None, None, None, None, None, db1, db2, ds
 

@@ -63,6 +63,25 @@ def _grouped_tmatmul(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, boun
     return out
 
 
+def _gathered_tmatmul(x, dy, idx, bounds, x_div, dy_div) -> torch.Tensor:
+    """ESTMM with one operand read through ``idx``: its rows are gathered one expert at a time, so the
+    temporary is one segment (``[P/E, K]``) rather than a ``[P, K]`` copy held beside the ``[E, K, N]`` result."""
+    out = x.new_empty(len(bounds) - 1, x.size(1), dy.size(1))
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi == lo:
+            out[e].zero_()
+            continue
+        xs = x[lo:hi] if x_div is None else _segment_rows(x, idx[lo:hi], x_div)
+        gs = dy[lo:hi] if dy_div is None else _segment_rows(dy, idx[lo:hi], dy_div)
+        torch.mm(xs.t(), gs, out=out[e])
+    return out
+
+
+def _segment_rows(t: torch.Tensor, idx: torch.Tensor, div: int) -> torch.Tensor:
+    return t.index_select(0, idx if div == 1 else torch.div(idx, div, rounding_mode="floor"))
+
+
 def esmm(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -115,6 +134,8 @@ def estmm(
     """
     bounds = offs.tolist()
     n_valid = bounds[-1]
+    if dy_scale is None and (x_div is None) != (dy_div is None) and x.dtype == dy.dtype:
+        return _gathered_tmatmul(x, dy, idx, bounds, x_div, dy_div)
     xs = _rows(x, idx, n_valid, x_div)
     gs = _rows(dy, idx, n_valid, dy_div)
     if dy_scale is not None:
