@@ -146,3 +146,19 @@ def _build_lock_hint() -> str:
     return (f"; op build lock(s) left: {', '.join(locks)} (remove them if no build is running, then "
             "`ds-hexamoe build-ops`)") if locks else ""
 
+
+
+def live_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Largest sum of tensor bytes allocated and not yet freed while ``fn`` runs (``torch.profiler`` memory
+    events, allocation by allocation; tensors made before it count 0). Deterministic, unlike RSS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -41,6 +41,8 @@ import time
 
 import torch
 
+from ds_hexamoe.testing import live_peak_bytes
+
 SHAPES = {  # name -> (d, f, E, k, tokens)
     "mixtral-like": (1024, 2048, 8, 2, 2048),
     "fine-grained": (512, 256, 64, 8, 2048),
@@ -207,19 +209,6 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
-
-
-def live_peak_bytes(fn) -> int:
-    """Largest sum of tensor bytes allocated and not yet freed while ``fn`` runs (profiler memory events)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def memory_child(method, shape, live=False):

@@ -11,21 +11,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ds_hexamoe.ops import build_expert_index, expert_mlp
+from ds_hexamoe.testing import live_peak_bytes
 
 T, D, F, E, K = 256, 128, 256, 8, 2  # P = T*K = 512 pairs
-
-
-def peak_live_bytes(fn) -> int:
-    """Largest sum of bytes allocated and not yet freed while ``fn`` runs (tensors made before it count 0)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def _leaves(seed=0):
@@ -53,7 +41,7 @@ def test_backward_peak_is_gradients_plus_less_than_half_h():
     for t in (x, w1, w2, s):
         t.grad = None
     y = _forward(x, w1, w2, s, index)
-    peak = peak_live_bytes(lambda: y.backward(dout))
+    peak = live_peak_bytes(lambda: y.backward(dout))
     grads = sum(t.grad.numel() * t.grad.element_size() for t in (x, w1, w2, s))
     h_bytes = T * K * 2 * F * 4
     assert peak <= grads + h_bytes // 2, (peak, grads, h_bytes)
@@ -115,5 +103,5 @@ def test_layer_peak_at_or_below_transformers_grouped_mm():
 
         step()
         block.zero_grad(set_to_none=True)
-        peaks[impl] = peak_live_bytes(step)
+        peaks[impl] = live_peak_bytes(step)
     assert peaks["hexamoe"] <= peaks["grouped_mm"], peaks
