@@ -22,8 +22,11 @@ def test_default_job_fine_tunes_the_shipped_checkpoint_and_reports(tmp_path):
     assert sum(shares) == 16 and shares[0] > shares[1] >= 1, shares  # rank 1 declares a 2x slowdown
     m = re.search(r"step time: predicted ([0-9.]+) ms, measured ([0-9.]+) ms", said)
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, said[-2000:]
+    # measured profiles are calibrated online (steps 3-5, after the step-1 re-measure) and the job re-plans once
+    assert "re-plan at step 5" in said and "the prediction is calibrated on steps 3-5" in said, said[-3000:]
     assert re.search(r"expert bytes per step and rank: [0-9.]+ [KM]?B moved by FSSDP against [0-9.]+ [KM]?B", said)
     report = json.load(open(out / "summary.json"))["report"]
+    assert len(report["calibration"]["factors"]) == 2 and all(f > 0 for f in report["calibration"]["factors"])
     assert report["replicated_expert_bytes_per_step"] == 2 * 4 * 3 * 64 * 128 * 4  # 2(W-1)/W x fp32 experts, W=2
     assert report["hf_export"] == str(out / "hf") and f"export (from_pretrained loads it): {out / 'hf'}" in said
 

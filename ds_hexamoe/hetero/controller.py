@@ -24,6 +24,7 @@ from ..placement.plan import Plan
 from ..placement.profiles import DeviceProfile, load_profiles
 from ..placement.report import report
 from ..placement.shapes import ModelShape
+from .calibrate import CALIBRATION_LAPS, calibrated, calibration_factor, laps_under_plan
 from .planning import (at_least_one, global_micro_batch, make_plan, micro_tokens, model_shape_for, moe_layers,
                        shape_for_stats)
 from .resolve import load_declared, resolve_profiles
@@ -59,6 +60,7 @@ class HeteroController:
         self._last_replan_step: int | None = None
         self._batch_seq: int | None = None  # the first batch's sequence length ("profile": "measure")
         self._seq_hook = None
+        self.calibration: dict | None = None  # the per-step overhead calibrated online (.calibrate)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -178,6 +180,8 @@ class HeteroController:
             del self.step_times[:-1000]
         if self._seq_hook is not None:
             self._measure_at_batch_seq(global_step)
+        elif self.clock is not None and self.cfg.profile == "measure" and self.calibration is None:
+            self._calibrate_overhead(global_step)
         every = self.cfg.placement.replan_every
         if every and global_step % every == 0 and self._last_replan_step != global_step:
             self.replan(step=global_step)
@@ -208,6 +212,25 @@ class HeteroController:
         fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group, shape=self.shape,
                                  micro_tokens=micro_tokens(self.shape, self.global_batch, self.world))
         self.replan(profiles=fresh, step=step)
+
+    def _calibrate_overhead(self, step: int) -> None:
+        """Once, after ``CALIBRATION_LAPS`` steps under the current plan: every rank's measured busy time over
+        the plan's prediction scales its profile's rates (:mod:`.calibrate`); re-plan with them (a collective,
+        all ranks alike)."""
+        laps = laps_under_plan(self.step_times, self.history[-1]["step"])
+        if len(laps) < CALIBRATION_LAPS:
+            return
+        busy = [t["busy_s"] for t in laps[-CALIBRATION_LAPS:]]
+        t = torch.zeros(self.world, dtype=torch.float64)
+        t[self.rank] = calibration_factor(busy, self.plan.predicted["per_rank"]["busy"][self.rank])
+        if dist_on() and self.world > 1:
+            if dist.get_backend(self.group) == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t, group=self.group)
+        factors = [float(v) for v in t.cpu()]
+        self.calibration = {"step": step, "steps": [laps[-CALIBRATION_LAPS]["step"], laps[-1]["step"]],
+                            "factors": factors, "before_step_s": self.plan.predicted.get("step_time")}
+        self.replan(profiles=[calibrated(p, f) for p, f in zip(self.profiles, factors)], step=step)
 
     def window_stats(self) -> RoutingStats | None:
         """Routing recorded by the runtime's collector since the last re-plan, summed over ranks (collective)."""
@@ -258,6 +281,8 @@ class HeteroController:
             if any(a.name != b.name or abs(a.attn_tflops / b.attn_tflops - 1) > 0.1
                    or abs(a.expert_tflops / b.expert_tflops - 1) > 0.1 for a, b in zip(fresh, self.profiles)):
                 self.profiles = fresh
+                if self.calibration is not None:  # the micro-benchmark alone misses what calibration found
+                    self.profiles = [calibrated(p, f) for p, f in zip(fresh, self.calibration["factors"])]
         plan = self._make_plan()
         migration = None
         fssdp = getattr(self.runtime, "fssdp", None)

@@ -17,11 +17,15 @@ import statistics
 from typing import Any
 
 
-def _measured_step_s(hetero, train_s: float, steps: int) -> float | None:
-    laps = [t["busy_s"] + t["comm_s"] for t in (getattr(hetero, "step_times", None) or [])][2:]
+def _measured_step_s(hetero, train_s: float, steps: int) -> tuple[float | None, list[int] | None]:
+    """Median step time under the final plan (its first step left out) and the steps it covers; before
+    that plan's steps exist, every recorded step from the third on; without a clock, the mean."""
+    times = list(getattr(hetero, "step_times", None) or [])
+    history = getattr(hetero, "history", None) or []
+    laps = [t for t in times if history and t["step"] > history[-1]["step"] + 1] or times[2:]
     if laps:
-        return statistics.median(laps)
-    return train_s / steps if steps > 0 else None
+        return statistics.median(t["busy_s"] + t["comm_s"] for t in laps), [laps[0]["step"], laps[-1]["step"]]
+    return (train_s / steps if steps > 0 else None), None
 
 
 def _comm_bytes(metrics_path: str) -> float | None:
@@ -57,13 +61,16 @@ def run_report(engine, world: int, metrics_path: str, train_s: float, steps: int
         return None
     plan = getattr(hetero, "plan", None)
     pred = dict(getattr(plan, "predicted", None) or {})
+    measured, measured_steps = _measured_step_s(hetero, train_s, steps)
     out: dict[str, Any] = {
         "batch_shares": list(hetero.batch_shares) if hetero is not None else None,
         "shard_weights": [round(w, 4) for w in hetero.shard_weights] if hetero is not None else None,
         "slowdowns": [p.slowdown for p in hetero.profiles] if hetero is not None else None,
         "predicted_step_s": pred.get("step_time"),
         "predicted_uniform_step_s": pred.get("uniform_step_time"),
-        "measured_step_s": _measured_step_s(hetero, train_s, steps),
+        "measured_step_s": measured,
+        "measured_steps": measured_steps,
+        "calibration": getattr(hetero, "calibration", None),
         "expert_bytes_per_step": _comm_bytes(metrics_path),
         "replicated_expert_bytes_per_step": _replicated_bytes(rt, world),
         "hf_export": hf_dir,
@@ -91,8 +98,17 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
     if p is not None and m is not None:
         u = rep["predicted_uniform_step_s"]
         uni = f"; uniform plan predicted {u * 1e3:.1f} ms" if u is not None else ""
-        lines.append(f"step time: predicted {p * 1e3:.1f} ms, measured {m * 1e3:.1f} ms (measured/predicted "
+        over = rep.get("measured_steps")
+        over = f" (median of steps {over[0]}-{over[1]})" if over else ""
+        lines.append(f"step time: predicted {p * 1e3:.1f} ms, measured {m * 1e3:.1f} ms{over} (measured/predicted "
                      f"{m / p:.2f}){uni}")
+        cal = rep.get("calibration")
+        if cal:
+            fs = ", ".join(f"{f:.2f}" for f in cal["factors"])
+            lines.append(f"  the prediction is calibrated on steps {cal['steps'][0]}-{cal['steps'][1]}: measured busy time "
+                         f"was [{fs}]x the predicted per rank (norms, loss, framework, optimizer and data work that "
+                         f"the measured GEMM rates leave out); before it the plan predicted "
+                         f"{cal['before_step_s'] * 1e3:.1f} ms")
     moved, repl = rep["expert_bytes_per_step"], rep["replicated_expert_bytes_per_step"]
     if moved is not None and repl:
         lines.append(f"expert bytes per step and rank: {_fmt_bytes(moved)} moved by FSSDP against {_fmt_bytes(repl)} "
