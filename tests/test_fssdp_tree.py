@@ -69,32 +69,33 @@ def test_fanout_is_validated():
         HexaMoEConfig.from_dict({"sharding": "fssdp", "fssdp": {"fanout": "star"}})
 
 
-def _grads_worker(rank: int, world: int, fanout: str, hot: int) -> dict:
-    """Forward + backward of a 2-layer model whose layers send every token to expert ``hot``."""
-    import torch
-
+def _grads_worker(rank: int, world: int, hot: int) -> dict:
+    """Forward + backward of a 2-layer model whose layers send every token to expert ``hot``, once with
+    ``fanout`` "direct" and once "auto" (one process group for both: the test pays one 4-rank start)."""
     from ds_hexamoe.config import HexaMoEConfig
     from ds_hexamoe.fssdp import FSSDPManager
     from test_fssdp import batch, make_model, set_routing
 
-    model = make_model(8, 2)
-    set_routing(model, {0: ("hot", hot), 1: ("hot", hot)})
-    mgr = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict(
-        {"sharding": "fssdp", "fssdp": {"fanout": fanout, "schedule": "sync"}}))
-    x = batch(0, rank, 2)
-    model(input_ids=x, labels=x).loss.backward()
-    mgr.synchronize()
-    grads = {f"{k[0]}.{k[1]}": v.clone() for k, v in mgr.grads.items()}
-    return {"stats": mgr.stats.as_dict(), "grads": grads,
-            "owner": mgr.layers[0].ownership.owner(hot)}
+    out = {}
+    for fanout in ("direct", "auto"):
+        model = make_model(8, 2)
+        set_routing(model, {0: ("hot", hot), 1: ("hot", hot)})
+        mgr = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict(
+            {"sharding": "fssdp", "fssdp": {"fanout": fanout, "schedule": "sync"}}))
+        x = batch(0, rank, 2)
+        model(input_ids=x, labels=x).loss.backward()
+        mgr.synchronize()
+        grads = {f"{k[0]}.{k[1]}": v.clone() for k, v in mgr.grads.items()}
+        out[fanout] = {"stats": mgr.stats.as_dict(), "grads": grads, "owner": mgr.layers[0].ownership.owner(hot)}
+    return out
 
 
 def test_four_ranks_tree_owner_sends_fewer_copies_and_same_gradients():
     """Expert 1 (rank 0's) used by all 4 ranks in both layers: direct sends 3 copies from its owner, the tree
     ("auto": 3 users) 2, plus one forwarded by a rank that received it; the owner receives 2 partial gradient
     sums instead of 3 gradients. Gradients equal the direct ones."""
-    direct = run_distributed(_grads_worker, 4, "direct", 1, timeout=300)
-    tree = run_distributed(_grads_worker, 4, "auto", 1, timeout=300)
+    both = run_distributed(_grads_worker, 4, 1, timeout=300)
+    direct, tree = [r["direct"] for r in both], [r["auto"] for r in both]
     owner = direct[0]["owner"]
     d, t = direct[owner]["stats"], tree[owner]["stats"]
     assert d["gather_bytes"] == 2 * 3 * S and t["gather_bytes"] == 2 * 2 * S  # 2 layers
