@@ -186,3 +186,15 @@ def test_gradient_reduces_are_waited_at_the_optimizer_step():
     for res in run_distributed(_late_reduce_worker, 2, init_process_group=False, timeout=300):
         assert res["seen"][0] > 0 and res["seen"][2] > 0
         assert res["seen"][1] == 0 and res["seen"][3] == 0
+
+
+def test_covered_prediction_defers_the_load_exchange_and_stays_exact():
+    """Natural routing: once every rank's window holds every expert, no calibration can be needed, so the
+    layer's load exchange runs asynchronously (read by the next prediction and by backward's re-gather and
+    reduce) instead of blocking the forward. 2 ranks with accumulation; 3 ranks, uneven shards, weights kept."""
+    for case in (dict(world=2, experts=8, top_k=2, micro=2, gas=2, global_rows=4, lr=3e-3, clip=0.3, steps=4,
+                      remat=True, prefetch=True),
+                 dict(world=3, experts=8, top_k=2, micro=1, gas=1, global_rows=3, lr=3e-3, clip=0.3, steps=4,
+                      remat=False, prefetch=False, shard_weights=[2.0, 1.0, 1.0])):
+        comm = [res["comm"] for res in _run(case)]
+        assert all(sum(s["loads_deferred"] for s in c) > 0 for c in comm), [[s["loads_deferred"] for s in c] for c in comm]

@@ -19,7 +19,8 @@ from .ownership import LayerOwnership
 from .transport import CommStats, Pending, blocked, count_sent, exchange
 from .tree import max_fanout, tree_all_gather, tree_reduce_scatter, use_tree
 
-__all__ = ["CommStats", "Pending", "Transfer", "blocked", "exchange_counts", "exchange_masks", "plan_transfer",
+__all__ = ["CommStats", "Pending", "Transfer", "UsedLater", "blocked", "exchange_counts", "exchange_counts_async",
+           "exchange_masks", "plan_transfer",
            "sparse_all_gather", "sparse_reduce_scatter"]
 
 
@@ -72,6 +73,35 @@ def exchange_counts(counts_e: torch.Tensor, group, stats: CommStats) -> list[lis
         dist.all_gather(out, c, group=group)
     stats.mask_bytes += 4 * c.numel() * (n - 1)
     return [t.tolist() for t in out]
+
+
+def exchange_counts_async(counts_e: torch.Tensor, group, stats: CommStats) -> Pending:
+    """:func:`exchange_counts` issued asynchronously: a :class:`Pending` whose ``wait()`` gives ``[N][E]``."""
+    n = dist.get_world_size(group)
+    c = counts_e.to(device="cpu", dtype=torch.int32).contiguous()
+    out = [torch.empty_like(c) for _ in range(n)]
+    work = dist.all_gather(out, c, group=group, async_op=True)
+    stats.mask_bytes += 4 * c.numel() * (n - 1)
+    return Pending(work, lambda keep=c: [t.tolist() for t in out], stats, "loads")
+
+
+class UsedLater:
+    """The :class:`Transfer` of the experts each rank used, known once an asynchronous load exchange is in:
+    built on first use (backward's re-gather and reduce), with the ownership of the forward."""
+
+    def __init__(self, loads: Pending, ownership: LayerOwnership, rank: int):
+        self._loads, self._ownership, self._rank, self._transfer = loads, ownership, rank, None
+
+    def resolve(self) -> Transfer:
+        if self._transfer is None:
+            used = [[c > 0 for c in row] for row in self._loads.wait()]
+            self._transfer = plan_transfer(self._ownership, used, self._rank)
+        return self._transfer
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.resolve(), name)
 
 
 def sparse_all_gather(

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from .budget import BLOCKED_S, LinkMeter
 from .cache import Slot
-from .collectives import Pending, Transfer, exchange_counts, plan_transfer, sparse_all_gather
+from .collectives import (Pending, Transfer, UsedLater, exchange_counts, exchange_counts_async, plan_transfer,
+                          sparse_all_gather)
 from .layer import WEIGHT_KEYS, ExpertLayer
 from .ownership import LayerOwnership, load_aware_ownership
 
@@ -33,10 +34,18 @@ class LoadHistory:
     """Expert loads ``[N][E]`` of a layer's last ``window`` calls, and the prediction made from them."""
 
     def __init__(self, window: int):
-        self.calls: deque[list[list[int]]] = deque(maxlen=window)
+        self._calls: deque = deque(maxlen=window)
 
-    def add(self, counts: list[list[int]]) -> None:
-        self.calls.append(counts)
+    def add(self, counts) -> None:
+        """``counts`` ``[N][E]``, or the :class:`Pending` of an asynchronous load exchange (waited on first read)."""
+        self._calls.append(counts)
+
+    @property
+    def calls(self) -> deque:
+        for i, c in enumerate(self._calls):
+            if isinstance(c, Pending):
+                self._calls[i] = c.wait()
+        return self._calls
 
     def predict(self, ownership: LayerOwnership, budget) -> list[list[bool]] | None:
         """Per rank, the experts to materialize ahead: its owned experts seen in the window (local copies)
@@ -150,25 +159,29 @@ class ScheduleMixin:
 
     def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
         ahead = self._ahead.pop(layer.index, None)
-        counts = self._exchange_loads(index.counts)
         nxt = self.layers[layer.index + 1] if layer.index + 1 < len(self.layers) else None
+        loads = None
+        if ahead is not None and self._budget != "auto" and _covers_all(layer.ownership, ahead.masks):
+            loads = exchange_counts_async(index.counts, self.group, self.stats)
+        else:
+            counts = self._exchange_loads(index.counts)
         self._issue_ahead(nxt)  # overlaps this layer's calibration and experts, and the next attention
+        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._keeps_weights(layer)):
+            ahead.pending.wait()  # its slot was taken since (by the gather just issued): calibrate everything
+            ahead = None
+        if loads is not None:
+            if ahead is not None:
+                return self._provide_covered(layer, loads, ahead)
+            counts = loads.wait()
         self._history[layer.index].add(counts)
         used = [[c > 0 for c in row] for row in counts]
         transfer = plan_transfer(layer.ownership, used, self.rank)  # what backward re-gathers and reduces
-        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._keeps_weights(layer)):
-            ahead.pending.wait()
-            ahead = None
         missing = used if ahead is None else [[u and not p for u, p in zip(ur, pr)] for ur, pr in zip(used, ahead.masks)]
         calib = plan_transfer(layer.ownership, missing, self.rank)
 
         def fill(full: dict[str, torch.Tensor]) -> None:
             if ahead is not None:
-                used_at = time.perf_counter()
-                ahead.pending.wait()
-                done = time.perf_counter()
-                self._meter.hidden(layer.index, used_at - ahead.issued_at)
-                self._meter.gathered(ahead.pending.nbytes, done - ahead.issued_at, done - used_at < BLOCKED_S)
+                self._wait_ahead(layer, ahead)
             if calib.moves:
                 self.stats.calibrations += 1
             t0 = time.perf_counter()
@@ -180,6 +193,31 @@ class ScheduleMixin:
         dest = ahead.dest if ahead is not None else None
         full = self._materialize_transfer(layer, transfer, fill=fill, dest=dest)
         return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+
+    def _provide_covered(self, layer: ExpertLayer, loads: Pending, ahead: Ahead) -> dict[str, torch.Tensor | None]:
+        """Every rank has every expert it could use coming (owned ones by a local copy), so no calibration can
+        be needed and nobody must wait for the loads now: their exchange (``loads``) runs asynchronously,
+        read by the next prediction and, as the experts each rank used, by backward's re-gather and reduce."""
+        self.stats.loads_deferred += 1
+        self._history[layer.index].add(loads)
+        transfer = UsedLater(loads, layer.ownership, self.rank)
+        rest = [e for e in layer.ownership.owned(self.rank) if not ahead.masks[self.rank][e]]
+
+        def fill(full: dict[str, torch.Tensor]) -> None:
+            self._wait_ahead(layer, ahead)
+            if rest:  # owned experts not in the window: local copies
+                layer.unpack_into(full, rest, layer.pack_local(rest))
+
+        full = self._materialize_transfer(layer, transfer, fill=fill, dest=ahead.dest)
+        return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+
+    def _wait_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
+        """Finish the predicted gather right before use; the link meter learns from how long it took."""
+        used_at = time.perf_counter()
+        ahead.pending.wait()
+        done = time.perf_counter()
+        self._meter.hidden(layer.index, used_at - ahead.issued_at)
+        self._meter.gathered(ahead.pending.nbytes, done - ahead.issued_at, done - used_at < BLOCKED_S)
 
     def _exchange_loads(self, counts_e: torch.Tensor) -> list[list[int]]:
         """Every rank's loads of this layer (``[N][E]``); under ``budget: "auto"`` every rank's own budget
@@ -201,6 +239,12 @@ class ScheduleMixin:
         the experts it does not own: the room a full-layer cache slot has for them."""
         size = layer.numel_per_expert * torch.empty(0, dtype=layer.dtype).element_size()
         return self._meter.budget(layer.index, size, layer.num_experts - layer.local_count)
+
+
+def _covers_all(ownership: LayerOwnership, masks) -> bool:
+    """Whether every rank's predicted experts, with the ones it owns, are all the layer's experts."""
+    owners = ownership.owners()
+    return all(m[e] or owners[e] == q for q, m in enumerate(masks) for e in range(len(owners)))
 
 
 def _ranks_per_node(world: int) -> int:

@@ -35,6 +35,7 @@ class CommStats:
     skipped: int = 0  # sparse exchanges skipped because nothing had to move
     experts_sent: int = 0  # expert copies (weights or gradients) sent
     calibrations: int = 0  # calibration gathers issued
+    loads_deferred: int = 0  # layer calls whose load exchange ran asynchronously (the prediction covered all)
     trees: int = 0  # sparse exchanges that ran as broadcast/reduce trees (fssdp.fanout)
     tree_rounds: int = 0  # all_to_all rounds those trees took
     exposed_s: float = 0.0
@@ -53,7 +54,7 @@ class CommStats:
             "exposed_by": dict(self.exposed_by),
             "reduce_bytes": self.reduce_bytes, "norm_bytes": self.norm_bytes, "total": self.total_bytes,
             "received": self.recv_bytes, "collectives": self.collectives, "skipped": self.skipped,
-            "experts_sent": self.experts_sent, "trees": self.trees, "tree_rounds": self.tree_rounds,
+            "experts_sent": self.experts_sent, "loads_deferred": self.loads_deferred, "trees": self.trees, "tree_rounds": self.tree_rounds,
             "per_expert": dict(self.expert_bytes),
         }
 
