@@ -66,13 +66,7 @@ def exchange_masks(mask_e: torch.Tensor, group, stats: CommStats) -> list[list[b
 def exchange_counts(counts_e: torch.Tensor, group, stats: CommStats) -> list[list[int]]:
     """All ranks' expert loads ``[N][E]`` (tokens per expert; one all_gather of ``4E`` bytes per rank):
     the active masks and the load history in one collective."""
-    n = dist.get_world_size(group)
-    c = counts_e.to(device="cpu", dtype=torch.int32).contiguous()
-    out = [torch.empty_like(c) for _ in range(n)]
-    with blocked(stats, "loads"):
-        dist.all_gather(out, c, group=group)
-    stats.mask_bytes += 4 * c.numel() * (n - 1)
-    return [t.tolist() for t in out]
+    return exchange_counts_async(counts_e, group, stats).wait()
 
 
 def exchange_counts_async(counts_e: torch.Tensor, group, stats: CommStats) -> Pending:

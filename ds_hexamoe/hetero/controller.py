@@ -60,7 +60,7 @@ class HeteroController:
         self._last_replan_step: int | None = None
         self._batch_seq: int | None = None  # the first batch's sequence length ("profile": "measure")
         self._seq_hook = None
-        self.calibration: dict | None = None  # the per-step overhead calibrated online (.calibrate)
+        self.calibration: dict | None = None  # the rate factors calibrated online (.calibrate)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -201,17 +201,21 @@ class HeteroController:
         the profiles were measured at another, measure again at it and re-plan with them."""
         self._seq_hook.remove()
         self._seq_hook = None
-        seq = self._batch_seq or 0
-        if dist_on() and self.world > 1:
-            t = torch.tensor([seq], device="cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-            seq = int(t.item())
+        seq = int(self._all_reduce(torch.tensor([self._batch_seq or 0]), dist.ReduceOp.MAX)[0])
         if seq < 1 or seq == self.shape.seq_len:
             return
         self.shape = dataclasses.replace(self.shape, seq_len=seq)
         fresh = resolve_profiles(self.cfg, self.world, self.rank, self.group, shape=self.shape,
                                  micro_tokens=micro_tokens(self.shape, self.global_batch, self.world))
         self.replan(profiles=fresh, step=step)
+
+    def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
+        """``t`` reduced over the group (on the GPU for NCCL), back on the CPU; ``t`` itself alone."""
+        if not (dist_on() and self.world > 1):
+            return t
+        dev = t.cuda() if dist.get_backend(self.group) == "nccl" else t
+        dist.all_reduce(dev, op=op, group=self.group)
+        return dev.cpu()
 
     def _calibrate_overhead(self, step: int) -> None:
         """Once, after ``CALIBRATION_LAPS`` steps under the current plan: every rank's measured busy time over
@@ -223,11 +227,7 @@ class HeteroController:
         busy = [t["busy_s"] for t in laps[-CALIBRATION_LAPS:]]
         t = torch.zeros(self.world, dtype=torch.float64)
         t[self.rank] = calibration_factor(busy, self.plan.predicted["per_rank"]["busy"][self.rank])
-        if dist_on() and self.world > 1:
-            if dist.get_backend(self.group) == "nccl":
-                t = t.cuda()
-            dist.all_reduce(t, group=self.group)
-        factors = [float(v) for v in t.cpu()]
+        factors = [float(v) for v in self._all_reduce(t, dist.ReduceOp.SUM)]
         self.calibration = {"step": step, "steps": [laps[-CALIBRATION_LAPS]["step"], laps[-1]["step"]],
                             "factors": factors, "before_step_s": self.plan.predicted.get("step_time")}
         self.replan(profiles=[calibrated(p, f) for p, f in zip(self.profiles, factors)], step=step)

@@ -16,13 +16,15 @@ import os
 import statistics
 from typing import Any
 
+from ..hetero.calibrate import laps_under_plan
+
 
 def _measured_step_s(hetero, train_s: float, steps: int) -> tuple[float | None, list[int] | None]:
     """Median step time under the final plan (its first step left out) and the steps it covers; before
     that plan's steps exist, every recorded step from the third on; without a clock, the mean."""
     times = list(getattr(hetero, "step_times", None) or [])
     history = getattr(hetero, "history", None) or []
-    laps = [t for t in times if history and t["step"] > history[-1]["step"] + 1] or times[2:]
+    laps = (laps_under_plan(times, history[-1]["step"]) if history else []) or times[2:]
     if laps:
         return statistics.median(t["busy_s"] + t["comm_s"] for t in laps), [laps[0]["step"], laps[-1]["step"]]
     return (train_s / steps if steps > 0 else None), None
