@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..ops.activations import activation_name
+
 IMPLEMENTATION = "hexamoe"
 
 # Flags set by @use_experts_implementation; older transformers v5 releases lack some (e.g. 5.17 has no
@@ -79,6 +81,22 @@ def default_gate(module) -> bool:
     from transformers.integrations.moe import _default_apply_gate
 
     return getattr(type(module), "_apply_gate", _default_apply_gate) is _default_apply_gate
+
+
+def closed_form(module) -> tuple[str | None, str | None]:
+    """``(activation name, None)`` when the module's expert MLP is the plain ``w2(act(w1 x))`` (gated or not)
+    that code outside its own forward can recompute from the 3-D weights; ``(act, why not)`` otherwise."""
+    act = activation_name(module.act_fn) if hasattr(module, "act_fn") else None
+    why = None
+    if act is None:
+        why = f"activation {type(getattr(module, 'act_fn', None)).__name__} has no closed-form kernel"
+    elif flag(module, "has_post_expert_norm"):
+        why = "it applies a post-expert norm"
+    elif flag(module, "has_gate") and not default_gate(module):
+        why = f"{type(module).__name__} overrides the gate (_apply_gate)"
+    elif getattr(module, "_is_expert_parallel", False):
+        why = "transformers' own expert parallelism is on for it"
+    return act, why
 
 
 def weight_names(module) -> dict[str, str]:

@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..experts import default_gate
-from ..ops.activations import activation_name
+from ..experts.protocol import closed_form
 from ..parallel.weights import ExpertSpec, ExpertWeights
 from .collectives import Transfer, blocked, plan_transfer
 from .layer import ExpertLayer
@@ -37,17 +36,7 @@ from .layer import ExpertLayer
 # ------------------------------------------------------------------------------------------ layer spec
 def check_parallel_module(name: str, m) -> str:
     """The activation name of an experts module the parallel modes can run; a ConfigError otherwise."""
-
-    act = activation_name(m.act_fn) if hasattr(m, "act_fn") else None
-    why = None
-    if act is None:
-        why = f"activation {type(getattr(m, 'act_fn', None)).__name__} has no closed-form kernel"
-    elif getattr(m, "has_post_expert_norm", False):
-        why = "it applies a post-expert norm"
-    elif getattr(m, "has_gate", True) and not default_gate(m):
-        why = f"{type(m).__name__} overrides the gate (_apply_gate)"
-    elif getattr(m, "_is_expert_parallel", False):
-        why = "transformers' own expert parallelism is on for it"
+    act, why = closed_form(m)
     if why is not None:
         raise ConfigError(f'hexamoe.mode: experts module {name!r} cannot run "expert_parallel"/"model_centric" '
                           f'({why}); use "mode": "data_centric" for this model')

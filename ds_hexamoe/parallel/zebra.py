@@ -78,10 +78,11 @@ class _Seg:
 class ZebraPipeline:
     """One rank's side of disaggregated training; call :meth:`step` on every rank in the same order.
 
-    Build it on every rank after ``init_process_group`` (group creation is collective). Attention ranks
-    pass their rows of the global batch to :meth:`step`; expert ranks pass nothing. Returns this rank's
-    share of the loss (0 on expert ranks); gradients are left in ``model``'s parameters, dense ones
-    summed over attention ranks.
+    Build it on every rank after ``init_process_group`` (group creation is collective). ``model``: a
+    :class:`~.zebra_model.ZebraModel` or a Hugging Face model cut by :class:`~.zebra_hf.HFZebraStack`.
+    Attention ranks pass their rows of the global batch to :meth:`step`; expert ranks pass nothing.
+    Returns this rank's share of the loss (0 on expert ranks); gradients are left in ``model``'s
+    parameters, dense ones summed over attention ranks.
     """
 
     def __init__(self, model: ZebraModel, layout: ZebraLayout, global_batch: int):
@@ -103,6 +104,7 @@ class ZebraPipeline:
         for r, es in self.hosted.items():
             slot[es] = torch.arange(len(es))
         self.slot, self.owner = slot, torch.as_tensor(layout.expert_owner)
+        self.dtype = model.dense_parameters()[0].dtype  # of the rows on the wire
         self._works: list = []
 
     # -- tags: both sides enumerate (pass, layer, micro-batch, attention rank, kind) the same way -------
@@ -122,17 +124,25 @@ class ZebraPipeline:
         if not self.is_attention:
             self._serve()
             return 0.0
-        c = self.model.c
-        if inputs is None or inputs.shape[0] != self.layout.shares[self.layout.attention_ranks.index(self.rank)]:
-            raise ValueError(f"inputs: rank {self.rank} expected its share of samples as [share, {c.seq}, {c.d}]")
-        denom = self.global_batch * c.seq * c.d
+        share = self.layout.shares[self.layout.attention_ranks.index(self.rank)]
+        if inputs is None or inputs.shape[0] != share:
+            got = None if inputs is None else list(inputs.shape)
+            raise ValueError(f"inputs: rank {self.rank} got {got}; expected its share of samples ({share}) first")
+        denom = torch.tensor([self.model.loss_count(target)], dtype=torch.int64)
+        if self.dense_group is not None:  # the loss is a mean over the global batch
+            dist.all_reduce(denom, group=self.dense_group)
+        denom = int(denom)
         xs = torch.tensor_split(inputs, self.layout.micro_batches)
         ts = torch.tensor_split(target, self.layout.micro_batches)
         segs = self._forward(xs, ts, denom)
         self._backward(segs)
         self._finish()
         if self.dense_group is not None:
-            grads = [p.grad for p in self.model.dense.parameters()]
+            params = self.model.dense_parameters()
+            for p in params:
+                if p.grad is None:  # unused on this rank (say an empty share's routers): still in the sum
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in params]
             flat = torch.cat([g.reshape(-1) for g in grads])
             dist.all_reduce(flat, group=self.dense_group)
             torch.nn.utils.vector_to_parameters(flat, grads)
@@ -177,7 +187,7 @@ class ZebraPipeline:
         segs: list[list[_Seg]] = [[] for _ in range(m)]
         for layer in range(c.layers + 1):
             for j in range(m):
-                seg, z = self._enter(segs[j][-1] if layer else None, xs[j])
+                seg, z = self._enter(segs[j][-1] if layer else None, None if layer else self.model.embed(xs[j]))
                 if layer == c.layers:
                     seg.loss = self.model.head_loss(z, ts[j], denom)
                 else:
@@ -227,7 +237,7 @@ class ZebraPipeline:
                     rows = int(n)
                     if not rows:
                         continue
-                    xw = torch.empty(rows, d + c.top_k)
+                    xw = torch.empty(rows, d + c.top_k, dtype=self.dtype)
                     idx = torch.empty(rows, c.top_k, dtype=torch.int64)
                     dist.recv(xw, a, group=self.dispatch, tag=self._tag(0, layer, j, a, 1))
                     dist.recv(idx, a, group=self.dispatch, tag=self._tag(0, layer, j, a, 2))

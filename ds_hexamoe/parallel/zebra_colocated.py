@@ -28,11 +28,13 @@ class ColocatedStep:
             raise ValueError(f"colocated.expert_owner: got {expert_owner}; expected a rank in [0, {world}) per expert")
         self.shares, self.global_batch = shares, sum(shares)
         self.placement = None if expert_owner is None else {e: [r] for e, r in enumerate(expert_owner)}
-        self.moe = ExpertParallelMoE(model.c.spec)
+        self.moe = ExpertParallelMoE(model.spec)
 
     def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
         m, c = self.model, self.model.c
-        z = inputs
+        denom = torch.tensor([m.loss_count(target)], dtype=torch.int64)
+        dist.all_reduce(denom)  # the loss is a mean over the global batch
+        z = m.embed(inputs)
         for layer in range(c.layers):
             h, x, idx, w = m.attention_segment(layer, z)
             if self.placement is None:
@@ -40,9 +42,12 @@ class ColocatedStep:
             else:
                 y = self.moe(x, idx, w, self.placement, lambda hosted, _r, l=layer: m.experts_of(l, list(hosted)), layer)
             z = h + y.view_as(h)
-        loss = m.head_loss(z, target, self.global_batch * c.seq * c.d)
+        loss = m.head_loss(z, target, int(denom))
         loss.backward()
-        params = list(m.dense.parameters()) + ([m.w1, m.w2] if self.placement is None else [])
+        params = m.dense_parameters() + (m.expert_parameters() if self.placement is None else [])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)

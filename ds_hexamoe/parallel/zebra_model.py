@@ -82,6 +82,24 @@ class ZebraModel(nn.Module):
         self.w1 = nn.Parameter(torch.randn(c.layers, c.experts, c.d, 2 * c.ffn, generator=g) / math.sqrt(c.d))
         self.w2 = nn.Parameter(torch.randn(c.layers, c.experts, c.ffn, c.d, generator=g) / math.sqrt(c.ffn))
 
+    @property
+    def spec(self) -> ExpertSpec:
+        return self.c.spec
+
+    def dense_parameters(self):
+        """What the attention ranks hold and step: blocks' attention and routers, the head."""
+        return list(self.dense.parameters())
+
+    def expert_parameters(self):
+        return [self.w1, self.w2]
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs  # the stack takes vectors, not token ids
+
+    def loss_count(self, target: torch.Tensor) -> int:
+        """Elements of ``target`` in the loss's mean."""
+        return target.numel()
+
     def experts_of(self, layer: int, hosted: list[int]) -> ExpertWeights:
         """Differentiable weights of the ``hosted`` experts of ``layer``."""
         ids = torch.as_tensor(hosted, dtype=torch.int64)
