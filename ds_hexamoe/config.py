@@ -97,6 +97,33 @@ class FSSDPConfig:
 
 
 @dataclass
+class ZebraConfig:
+    """Attention/expert disaggregation with the zebra pipeline in ``ds-hexamoe train`` (docs/modes.md, "Zebra").
+
+    ``enabled``: true runs it; ``"auto"`` runs it when the planner's simulator says it beats the best
+    colocated plan (needs device profiles). The split (``attention_ranks``, their ``shares`` of each global
+    micro-batch, ``expert_owner`` per expert) is the planner's unless all three are given."""
+
+    enabled: bool | str = False
+    attention_ranks: list[int] | None = None
+    shares: list[int] | None = None
+    expert_owner: list[int] | None = None
+    micro_batches: int | None = None  # null: the planner's (2 with an explicit split)
+
+    def validate(self, path: str) -> None:
+        _check(self.enabled in (True, False, "auto"), f"{path}.enabled", self.enabled, 'true, false or "auto"')
+        given = [k for k in ("attention_ranks", "shares", "expert_owner") if getattr(self, k) is not None]
+        _check(len(given) in (0, 3), f"{path}.{given[0] if given else 'attention_ranks'}", "only " + ", ".join(given),
+               "all three of attention_ranks, shares and expert_owner, or none (the planner's split)")
+        _check(self.micro_batches is None or (isinstance(self.micro_batches, int) and self.micro_batches >= 1),
+               f"{path}.micro_batches", self.micro_batches, "an integer >= 1 or null")
+
+    @property
+    def explicit(self) -> bool:
+        return self.attention_ranks is not None
+
+
+@dataclass
 class HexaMoEConfig:
     """Typed form of ``config["hexamoe"]``."""
 
@@ -116,6 +143,7 @@ class HexaMoEConfig:
     lsh: LSHConfig = field(default_factory=LSHConfig)
     fssdp: FSSDPConfig = field(default_factory=FSSDPConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    zebra: ZebraConfig = field(default_factory=ZebraConfig)
     collect_stats: bool = True
     stats_path: str | None = None
     log_every: int = 10
@@ -134,6 +162,12 @@ class HexaMoEConfig:
             _check(self.mode in ("expert_parallel", "auto"), f"{path}.lsh.enabled", True,
                    'false unless "mode" is "expert_parallel" or "auto" (LSH compresses the expert-parallel all-to-all)')
         _check(self.log_every >= 1, f"{path}.log_every", self.log_every, "an integer >= 1")
+        if self.zebra.enabled is not False:
+            _check(self.sharding == "none", f"{path}.sharding", self.sharding,
+                   '"none" with zebra (expert ranks hold whole experts; attention ranks the dense part)')
+            _check(self.zebra.explicit or self.profile != "uniform", f"{path}.zebra.enabled", self.zebra.enabled,
+                   'false, or device profiles ("profile": "declared"/"measure") for the planner to split the ranks, '
+                   "or an explicit split (zebra.attention_ranks, shares, expert_owner)")
         if self.mode != "data_centric":
             _check(self.sharding == "fssdp", f"{path}.sharding", self.sharding,
                    f'"fssdp" when "mode" is {self.mode!r} (experts are materialized from FSSDP shards)')

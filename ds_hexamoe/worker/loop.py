@@ -26,6 +26,7 @@ from .metrics import (METRICS_FILE, ExpertLoadTracker, Window, all_mean, append_
                       runtime_metrics)
 from .resume import trim_metrics
 from .summary import report_lines, run_report
+from .zebra import check_zebra_recipe, try_zebra
 
 SUMMARY_FILE = "summary.json"
 
@@ -48,9 +49,17 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     t = recipe.training
+    zebra = recipe.hexamoe_config is not None and recipe.hexamoe_config.enabled and recipe.hexamoe_config.zebra.enabled
+    if zebra is True:
+        check_zebra_recipe(recipe, resume)
     ctx, accel = _start_process(recipe, resume)
     t0 = time.perf_counter()
-    r, step = _build(recipe, ctx, accel)
+    parts = None
+    if zebra:
+        summary, parts = try_zebra(recipe, ctx, accel, resume, t0)
+        if summary is not None:
+            return summary
+    r, step = _build(recipe, ctx, accel, parts)
     start_step = step
     plan = make_batch_plan(r.parts.train, t.micro_batch_size, ctx.rank, ctx.world_size, t.seed, r.hetero)
     batches = plan.batches(r.parts.train, r.parts.collate, start=step * t.grad_accum)
@@ -98,12 +107,13 @@ def _start_process(recipe: Recipe, resume: bool) -> tuple[WorkerContext, str]:
     return ctx, accel
 
 
-def _build(recipe: Recipe, ctx: WorkerContext, accel: str) -> tuple[_Run, int]:
-    """The task, the engine (with the recipe's schedule), and the step to start from: a checkpoint's
-    on ``--resume`` (its RNG states restored), else 0 with per-rank seeds."""
+def _build(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts | None = None) -> tuple[_Run, int]:
+    """The task (``parts``: already built), the engine (with the recipe's schedule), and the step to start
+    from: a checkpoint's on ``--resume`` (its RNG states restored), else 0 with per-rank seeds."""
     t = recipe.training
-    seed_all(t.seed)
-    parts = task_builder(recipe)(recipe, ctx)
+    if parts is None:
+        seed_all(t.seed)
+        parts = task_builder(recipe)(recipe, ctx)
     ds_config = recipe.ds_config(ctx.world_size, accel)
     scheduler = None if "scheduler" in ds_config else (
         lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)))

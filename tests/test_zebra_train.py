@@ -1,0 +1,96 @@
+"""``ds-hexamoe train`` with ``hexamoe.zebra``: 2 gloo ranks through DeepSpeed's launcher train a tiny Mixtral
+disaggregated (rank 0 attention, rank 1 every expert); the exported model equals one process replaying the
+same samples through transformers' own forward with AdamW, the schedule and clipping. Bad zebra settings are
+named before any work."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import cli_tiny
+from ds_hexamoe.config import ConfigError, HexaMoEConfig
+
+STEPS, MBS = 3, 4
+ZEBRA = {"enabled": True, "attention_ranks": [0], "shares": [2 * MBS], "expert_owner": [1, 1, 1, 1],
+         "micro_batches": 2}
+
+
+def _recipe(root, zebra=ZEBRA, training=None) -> str:
+    path = cli_tiny.tiny_recipe(root, steps=STEPS, save_every=0, micro_batch_size=MBS, hexamoe={"zebra": zebra},
+                                training={"export_hf": True, "max_grad_norm": 0.05, **(training or {})})
+    with open(path) as fh:
+        data = json.load(fh)
+    data["model"]["config"]["output_router_logits"] = False  # zebra leaves the router's auxiliary loss out
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+    return path
+
+
+def _replay(recipe_path):
+    """One process, transformers' forward: the same global micro-batches in the same order."""
+    from ds_hexamoe.recipes import load_recipe, lr_lambda
+    from ds_hexamoe.tasks.base import WorkerContext, seed_all, task_builder
+    from ds_hexamoe.worker.zebra import _Order
+
+    recipe = load_recipe(recipe_path)
+    t = recipe.training
+    seed_all(t.seed)
+    ctx = WorkerContext(output_dir=os.path.join(os.path.dirname(recipe_path), "replay"))
+    parts = task_builder(recipe)(recipe, ctx)
+    model = parts.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                            weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    order = _Order(len(parts.train), t.seed)
+    losses = []
+    for _ in range(t.steps):
+        batch = parts.collate([parts.train[i] for i in order.take(2 * MBS)])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_zebra_train_equals_one_process(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = _recipe(tmp_path)
+    proc = cli_tiny.train([path], cwd=tmp_path, timeout=400)
+    assert "zebra, attention ranks [0]" in proc.stdout
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["zebra"]["expert_owner"] == [1, 1, 1, 1] and summary["zebra"]["source"] == "hexamoe.zebra"
+    rows = cli_tiny.metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(r["zebra"] for r in rows)
+    ref_losses, ref_state = _replay(path)
+    assert [r["loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
+    got = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).state_dict()
+    assert set(got) >= {k for k in ref_state if "inv_freq" not in k}
+    for name, want in ref_state.items():
+        if name in got:
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=f"{name} after {STEPS} steps")
+
+
+def test_zebra_settings_are_named_before_work(tmp_path):
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.worker.zebra import check_zebra_recipe
+
+    bad = _recipe(tmp_path, training={"save_every": 2})
+    with pytest.raises(ConfigError, match=r"training\.save_every"):
+        check_zebra_recipe(load_recipe(bad), resume=False)
+    with pytest.raises(ConfigError, match=r"--resume"):
+        check_zebra_recipe(load_recipe(_recipe(tmp_path)), resume=True)
+    with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled"):  # no profiles, no split
+        load_recipe(_recipe(tmp_path, zebra={"enabled": True}))
+    with pytest.raises(ConfigError, match=r"hexamoe\.sharding"):
+        HexaMoEConfig.from_dict({"sharding": "fssdp", "zebra": ZEBRA})
+    proc = cli_tiny.train([_recipe(tmp_path, zebra={**ZEBRA, "shares": [3]})], cwd=tmp_path, check=False, timeout=300)
+    assert proc.returncode != 0 and "hexamoe.zebra.shares" in proc.stdout + proc.stderr
