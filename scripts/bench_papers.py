@@ -107,8 +107,8 @@ def hetermoe_summary(rows: list[dict], tokens: int, skew: float) -> list[dict]:
             s["zebra_over_ep"] = ep["step_s"] / zebra["step_time"] if "step_s" in ep else None
             s["why"] = ("the paper: 5 small Mixtral-like models (4-8 layers, 12-40 experts) on V100-16GB at the largest "
                         "batch that fits; here 8 Mixtral-8x7B blocks (8 experts) on V100-32GB, "
-                        f"{batch} samples per step; the zebra estimate ignores memory, whole-expert rounding and the "
-                        "attention ranks' all-reduce; uniform EP leaves 4 ranks without an expert; the V100's attention "
+                        f"{batch} samples per step; the zebra estimate ignores memory and whole-expert rounding"
+                        "; uniform EP leaves 4 ranks without an expert; the V100's attention "
                         "is 1/3.7 of an A40's at every length (the paper's long-sequence ratio; smaller at 4K)")
             if batch < len(zebra["attention_ranks"]) * 2:
                 s["why"] += "; too few samples to pipeline (1 micro-batch) or to fill every rank"
@@ -150,7 +150,7 @@ def print_hetermoe(rows: list[dict], summary: list[dict]) -> None:
         print("why they differ: the paper measured 5 small Mixtral-like models (4-8 layers, 12-40 experts) on "
               "V100-16GB at the largest batch that fits; here 8 Mixtral-8x7B blocks (8 experts) on V100-32GB at a "
               "fixed token count (few samples at 32K: no pipelining, idle ranks); the zebra estimate ignores memory, "
-              "whole-expert rounding and the attention all-reduce; uniform EP leaves 4 ranks without an expert; the V100's "
+              "whole-expert rounding and the optimizer step; uniform EP leaves 4 ranks without an expert; the V100's "
               "attention is 1/3.7 of an A40's at every length here (the paper's long-sequence ratio; its gap is "
               "smaller at 4K)")
 

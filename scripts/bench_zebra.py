@@ -54,7 +54,8 @@ def candidate_plans(world: int, batch: int, experts: int, fa: list[float], fe: l
     """Every plan measured, as ``{name, kind, shares, owner}``; ``fa``/``fe``: per-rank slowdowns."""
     plans = [{"name": "uniform_ep", "kind": "ep", "shares": largest_remainder(batch, [1] * world),
               "owner": _owners(largest_remainder(experts, [1] * world))}]
-    fast, slow = min(range(world), key=lambda r: fa[r]), max(range(world), key=lambda r: fa[r])
+    # ties (uniform devices): the first rank counts as fast, the last as slow, so the neighbours differ
+    fast, slow = min(range(world), key=lambda r: (fa[r], r)), max(range(world), key=lambda r: (fa[r], r))
     shares = largest_remainder(batch, [1 / f for f in fa])
     counts = largest_remainder(experts, [1 / f for f in fe])
     for s in (shares, _shift(shares, slow, fast, 1), _shift(shares, fast, slow, 1)):
@@ -65,7 +66,7 @@ def candidate_plans(world: int, batch: int, experts: int, fa: list[float], fe: l
     for s in (dc, _shift(dc, slow, fast, 1), _shift(dc, fast, slow, 1)):
         if s is not None:
             plans.append({"name": f"dc_{'/'.join(map(str, s))}", "kind": "dc", "shares": s, "owner": None})
-    return plans
+    return list({p["name"]: p for p in plans}.values())  # one entry per distinct plan
 
 
 def calibrate(c: ZebraModelConfig, samples: int, reps: int = 3) -> dict:

@@ -92,5 +92,61 @@ def test_zebra_settings_are_named_before_work(tmp_path):
         load_recipe(_recipe(tmp_path, zebra={"enabled": True}))
     with pytest.raises(ConfigError, match=r"hexamoe\.sharding"):
         HexaMoEConfig.from_dict({"sharding": "fssdp", "zebra": ZEBRA})
+    with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled: .*output_router_logits"):
+        _auto_rank(0, 2, _recipe(tmp_path), router_logits=True)
     proc = cli_tiny.train([_recipe(tmp_path, zebra={**ZEBRA, "shares": [3]})], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode != 0 and "hexamoe.zebra.shares" in proc.stdout + proc.stderr
+
+
+HETERO = [{"name": "cpu", "attn_tflops": 0.1, "expert_tflops": 0.1, "memory_gb": 16, "bandwidth_gbps": 5},
+          {"name": "cpu", "attn_tflops": 0.1, "expert_tflops": 0.1, "memory_gb": 16, "bandwidth_gbps": 5,
+           "slowdown": 3.7, "expert_slowdown": 1.25}]
+UNIFORM = [{"name": "V100-32GB", "count": 2}]
+
+
+def _auto_rank(rank, world, path, router_logits=False):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.worker.zebra import zebra_layout
+
+    recipe = load_recipe(path)
+    cfg = {k: v for k, v in recipe.model.config.items() if k != "model_type"}
+    cfg["output_router_logits"] = router_logits
+    model = MixtralForCausalLM(MixtralConfig(**cfg, vocab_size=300))
+    ds = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 1}
+    layout, info = zebra_layout(recipe, model, ds, world)
+    return (None if layout is None else list(layout.attention_ranks)), info
+
+
+@pytest.mark.parametrize("devices,zebra", [(HETERO, True), (UNIFORM, False)])
+def test_auto_follows_the_planner(tmp_path, devices, zebra):
+    # a rank 3.7x slower at attention but 1.25x at experts serves the experts; identical ranks stay colocated
+    from ds_hexamoe.testing import run_distributed
+
+    path = cli_tiny.tiny_recipe(tmp_path, micro_batch_size=MBS, hexamoe={
+        "zebra": {"enabled": "auto"}, "profile": "declared", "devices": devices})
+    for attention, info in run_distributed(_auto_rank, 2, path, timeout=120):
+        assert info["source"] == "planner" and info["wins"] is zebra
+        assert attention == ([0] if zebra else None)
+    if zebra:  # a model the pipeline cannot cut trains colocated under "auto", with the reason
+        for attention, info in run_distributed(_auto_rank, 2, path, True, timeout=120):
+            assert attention is None and info["source"] == "model" and "output_router_logits" in info["why"]
+
+
+def test_declared_slowdowns_are_emulated_on_the_zebra_path(tmp_path):
+    # the colocated run stretches a declared slow rank's work; the zebra run must emulate the same devices
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.tasks.base import WorkerContext
+    from ds_hexamoe.worker.zebra import _emulation
+
+    hetero = load_recipe(cli_tiny.tiny_recipe(tmp_path, hexamoe={"profile": "declared", "devices": HETERO}))
+    for rank, factors in ((0, (1.0, 1.0)), (1, (3.7, 1.25))):
+        clock = _emulation(hetero, WorkerContext(rank=rank, world_size=2))
+        try:
+            assert (clock.slowdown, clock.expert_slowdown) == factors
+        finally:
+            clock.uninstall()
+    uniform = load_recipe(cli_tiny.tiny_recipe(tmp_path, name="u.json", hexamoe={"profile": "declared",
+                                                                                  "devices": UNIFORM}))
+    assert _emulation(uniform, WorkerContext(rank=1, world_size=2)) is None

@@ -242,7 +242,7 @@ def plan(
                     "time_limit": time_limit, "mode": mode, "use_affinity": use_affinity,
                     "rematerialize": rematerialize, "prefetch": prefetch, "shard_by": shard_by},
     }
-    # attention/expert disaggregation (zebra), simulated beside the chosen plan: reported, not applied
+    # attention/expert disaggregation (zebra), simulated beside the chosen plan; "hexamoe.zebra" "auto" applies it
     out.meta["zebra"] = zebra_advice(cost, sims[best].step_time)
     return out
 

@@ -54,9 +54,15 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict, world: int) -> tuple[Ze
     cfg = recipe.hexamoe_config
     z = cfg.zebra
     gb = global_micro_batch(ds_config, world)
+    try:
+        stack = HFZebraStack(model)
+    except ValueError as e:  # a model the pipeline cannot cut: "auto" trains colocated, true is an error
+        if z.enabled == "auto":
+            return None, {"source": "model", "wins": False, "why": str(e)}
+        raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
     if z.explicit:
         layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), tuple(z.expert_owner), z.micro_batches or 2)
-        _check_layout(layout, world, model, gb, "hexamoe.zebra")
+        _check_layout(layout, world, stack, gb, "hexamoe.zebra")
         return layout, {"source": "hexamoe.zebra"}
     ctl = HeteroController.from_config(model, cfg, ds_config)
     advice = ctl.plan.meta.get("zebra") if ctl is not None else None
@@ -70,18 +76,16 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict, world: int) -> tuple[Ze
             "predicted_step_s": advice["step_time"]}
     if z.enabled == "auto" and not advice["wins"]:
         return None, info
-    experts = HFZebraStack(model).c.experts
-    counts = largest_remainder(experts, advice["expert_fraction"], what="zebra expert_fraction")
+    counts = largest_remainder(stack.c.experts, advice["expert_fraction"], what="zebra expert_fraction")
     owner = tuple(r for r, n in zip(advice["expert_ranks"], counts) for _ in range(n))
     layout = ZebraLayout(tuple(advice["attention_ranks"]), tuple(advice["shares"]), owner,
                          z.micro_batches or advice["micro_batches"])
-    _check_layout(layout, world, model, gb, "hexamoe.zebra (the planner's split)")
+    _check_layout(layout, world, stack, gb, "hexamoe.zebra (the planner's split)")
     return layout, info
 
 
-def _check_layout(layout: ZebraLayout, world: int, model, gb: int, where: str) -> None:
+def _check_layout(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int, where: str) -> None:
     try:
-        stack = HFZebraStack(model)
         layout.check(world, stack.c.experts)
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
@@ -237,7 +241,28 @@ def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool, t0: 
             print(f"[ds-hexamoe] hexamoe.zebra \"auto\": the colocated plan runs ({json.dumps(info)})", flush=True)
         return None, parts
     seed_all(t.seed + ctx.rank)
-    return run_zebra(recipe, ctx, parts, layout, info, time.perf_counter() - t0), parts
+    clock = _emulation(recipe, ctx)
+    try:
+        return run_zebra(recipe, ctx, parts, layout, info, time.perf_counter() - t0), parts
+    finally:
+        if clock is not None:
+            clock.uninstall()
+
+
+def _emulation(recipe: Recipe, ctx: WorkerContext):
+    """The slowdown clock of this rank's declared profile (``slowdown``, ``expert_slowdown``), installed as
+    the colocated run installs it, so both paths emulate the same devices; None when nothing is slowed."""
+    from ..hetero import CollectiveClock
+    from ..hetero.resolve import load_declared
+
+    cfg = recipe.hexamoe_config
+    if cfg.profile != "declared":
+        return None
+    profiles = load_declared(cfg, ctx.world_size)
+    if not any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in profiles):
+        return None
+    me = profiles[ctx.rank]
+    return CollectiveClock(me.slowdown, me.expert_slowdown).install()
 
 
 def _export(parts: TaskParts, stack: HFZebraStack, layout: ZebraLayout, ctx: WorkerContext, out: str) -> str:
