@@ -102,8 +102,8 @@ def _build(rank, world, plan, c, batch, micro):
     if plan["kind"] == "zebra":
         layout = ZebraLayout(tuple(plan["attention"]), tuple(plan["shares"]), tuple(plan["owner"]), micro_batches=micro)
         pipe = ZebraPipeline(model, layout, batch)
-        att = list(layout.attention_ranks)
-        mine = (sum(layout.shares[: att.index(rank)]), layout.shares[att.index(rank)]) if rank in att else None
+        r = layout.rows(rank)
+        mine = (r.start, r.stop - r.start) if rank in layout.attention_ranks else None
     else:
         pipe = ColocatedStep(model, plan["shares"], plan["owner"])
         mine = (sum(plan["shares"][:rank]), plan["shares"][rank])

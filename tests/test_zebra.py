@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ds_hexamoe.parallel.zebra import ZebraLayout
 from ds_hexamoe.parallel.zebra_model import ZebraModel, ZebraModelConfig, make_batch
 from ds_hexamoe.testing import run_distributed
+from zebra_steps import reference_steps, run_steps
 
 CFG = ZebraModelConfig(layers=2, d=16, heads=2, seq=8, experts=4, ffn=24, top_k=2)
 BATCH, STEPS = 6, 3
@@ -42,17 +43,7 @@ def _plain_loss(model: ZebraModel, inputs, target):
 
 def _reference():
     model = ZebraModel(CFG)
-    opt = _optimizer(model)
-    losses, grads = [], None
-    for s in range(STEPS):
-        opt.zero_grad()
-        loss = _plain_loss(model, *make_batch(CFG, BATCH, seed=s))
-        loss.backward()
-        if s == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        losses.append(float(loss.detach()))
-        opt.step()
-    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return reference_steps(model, _optimizer(model), _plain_loss, [make_batch(CFG, BATCH, seed=s) for s in range(STEPS)])
 
 
 # the non-disaggregated baselines of the benchmark, on 2 ranks: (shares, expert owners; None: data-centric)
@@ -74,20 +65,8 @@ def _train(rank, world, layouts, colocated=()):
                 layout = ZebraLayout(layout.attention_ranks, shares, (rank,) * CFG.experts)  # every expert's grad is here
         else:
             pipe = ZebraPipeline(model, layout, BATCH)
-        opt = _optimizer(model)
-        att = list(layout.attention_ranks)
-        lo = sum(layout.shares[: att.index(rank)]) if rank in att else 0
-        losses, grads = [], None
-        for s in range(STEPS):
-            opt.zero_grad(set_to_none=False)
-            x, t = make_batch(CFG, BATCH, seed=s)
-            n = layout.shares[att.index(rank)] if rank in att else 0
-            losses.append(pipe.step(x[lo:lo + n], t[lo:lo + n]) if rank in att else pipe.step())
-            if s == 0:
-                grads = {n_: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n_, p in model.named_parameters()}
-            opt.step()
-        out.append({"losses": losses, "grads": grads, "params": {n_: p.detach().clone() for n_, p in model.named_parameters()},
-                    "hosted": layout.hosted(rank), "attention": rank in att})
+        batches = [make_batch(CFG, BATCH, seed=s) for s in range(STEPS)]
+        out.append(run_steps(rank, model, pipe, layout, _optimizer(model), batches))
     return out
 
 

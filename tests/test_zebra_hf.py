@@ -9,6 +9,7 @@ import torch
 
 from ds_hexamoe.parallel.zebra import ZebraLayout
 from ds_hexamoe.testing import run_distributed
+from zebra_steps import reference_steps, run_steps
 
 BATCH, SEQ, VOCAB, EXPERTS, STEPS = 4, 8, 64, 4, 3
 LAYOUTS = {
@@ -56,18 +57,8 @@ def _optimizer(model):
 
 def _reference(path):
     model = _load(path, "eager")
-    opt = _optimizer(model)
-    losses, grads = [], None
-    for s in range(STEPS):
-        opt.zero_grad()
-        ids, labels = _batch(s)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        if s == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        losses.append(float(loss.detach()))
-        opt.step()
-    return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return reference_steps(model, _optimizer(model), lambda m, ids, labels: m(input_ids=ids, labels=labels).loss,
+                           [_batch(s) for s in range(STEPS)])
 
 
 def _train(rank, world, path, layouts, colocated=()):
@@ -85,20 +76,7 @@ def _train(rank, world, path, layouts, colocated=()):
             shares, owner = layout
             pipe = ColocatedStep(stack, list(shares), None if owner is None else list(owner))
             layout = ZebraLayout(tuple(range(world)), shares, owner or (rank,) * EXPERTS)
-        opt = _optimizer(model)
-        att = list(layout.attention_ranks)
-        lo = sum(layout.shares[: att.index(rank)]) if rank in att else 0
-        n = layout.shares[att.index(rank)] if rank in att else 0
-        losses, grads = [], None
-        for s in range(STEPS):
-            opt.zero_grad(set_to_none=False)
-            ids, labels = _batch(s)
-            losses.append(pipe.step(ids[lo:lo + n], labels[lo:lo + n]) if rank in att else pipe.step())
-            if s == 0:
-                grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
-            opt.step()
-        out.append({"losses": losses, "grads": grads, "params": {k: p.detach().clone() for k, p in model.named_parameters()},
-                    "hosted": layout.hosted(rank), "attention": rank in att})
+        out.append(run_steps(rank, model, pipe, layout, _optimizer(model), [_batch(s) for s in range(STEPS)]))
     return out
 
 

@@ -62,6 +62,14 @@ class ZebraLayout:
     def hosted(self, rank: int) -> list[int]:
         return [e for e, r in enumerate(self.expert_owner) if r == rank]
 
+    def rows(self, rank: int) -> slice:
+        """The samples of each global micro-batch that ``rank`` attends (empty on an expert rank)."""
+        if rank not in self.attention_ranks:
+            return slice(0, 0)
+        i = self.attention_ranks.index(rank)
+        lo = sum(self.shares[:i])
+        return slice(lo, lo + self.shares[i])
+
 
 @dataclass
 class _Seg:

@@ -157,8 +157,7 @@ def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, layout: Zebr
     pipe = ZebraPipeline(stack, layout, gb)
     att = list(layout.attention_ranks)
     attending = ctx.rank in att
-    lo = sum(layout.shares[: att.index(ctx.rank)]) if attending else 0
-    share = layout.shares[att.index(ctx.rank)] if attending else 0
+    mine = layout.rows(ctx.rank)
     params = stack.dense_parameters() if attending else stack.expert_parameters()
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
@@ -172,7 +171,7 @@ def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, layout: Zebr
         lr = sched.get_last_lr()[0]
         stats = torch.zeros(2, dtype=torch.float64)  # global mean loss (shares add up), units
         for _ in range(t.grad_accum):
-            rows = order.take(gb)[lo:lo + share]
+            rows = order.take(gb)[mine]
             if attending:
                 batch = _batch(parts, rows)
                 stats[0] += pipe.step(batch["input_ids"], batch["labels"]) / t.grad_accum
