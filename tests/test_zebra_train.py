@@ -150,3 +150,17 @@ def test_declared_slowdowns_are_emulated_on_the_zebra_path(tmp_path):
     uniform = load_recipe(cli_tiny.tiny_recipe(tmp_path, name="u.json", hexamoe={"profile": "declared",
                                                                                   "devices": UNIFORM}))
     assert _emulation(uniform, WorkerContext(rank=1, world_size=2)) is None
+
+
+def test_auto_left_colocated_says_why_in_the_summary(tmp_path):
+    path = _recipe(tmp_path, zebra={"enabled": "auto"}, training={"steps": 2, "export_hf": False})
+    with open(path) as fh:
+        data = json.load(fh)
+    data["hexamoe"].update(profile="declared", devices=UNIFORM)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+    proc = cli_tiny.train([path], cwd=tmp_path, timeout=300)
+    assert 'hexamoe.zebra "auto": the colocated plan runs' in proc.stdout
+    z = json.loads((tmp_path / "run" / "summary.json").read_text())["zebra"]
+    assert z["ran"] is False and z["source"] == "planner" and z["wins"] is False and z["speedup_over_plan"] < 1
+    assert not any(r.get("zebra") for r in cli_tiny.metrics(tmp_path / "run"))

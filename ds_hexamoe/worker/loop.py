@@ -54,9 +54,9 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
         check_zebra_recipe(recipe, resume)
     ctx, accel = _start_process(recipe, resume)
     t0 = time.perf_counter()
-    parts = None
+    parts, zebra_info = None, None
     if zebra:
-        summary, parts = try_zebra(recipe, ctx, accel, resume, t0)
+        summary, parts, zebra_info = try_zebra(recipe, ctx, accel, resume, t0)
         if summary is not None:
             return summary
     r, step = _build(recipe, ctx, accel, parts)
@@ -78,7 +78,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     first_loss, last_loss = _train(r, batches, step, bar, train_t0)
     bar.close()
     times = {"setup_s": setup_s, "train_s": time.perf_counter() - train_t0}
-    return _finish(r, start_step, first_loss, last_loss, times, resume)
+    return _finish(r, start_step, first_loss, last_loss, times, resume, zebra_info)
 
 
 def _start_process(recipe: Recipe, resume: bool) -> tuple[WorkerContext, str]:
@@ -228,8 +228,10 @@ def _evaluate(r: _Run) -> float | None:
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
-def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume: bool) -> dict:
-    """Export the model, write ``summary.json`` and print the run's outcome (rank 0)."""
+def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume: bool,
+            zebra_info: dict | None = None) -> dict:
+    """Export the model, write ``summary.json`` and print the run's outcome (rank 0); ``zebra_info``: why
+    ``"zebra": {"enabled": "auto"}`` left this run colocated."""
     t, ctx = r.recipe.training, r.ctx
     ckpt_dir = r.recipe.checkpoint_dir
     hf_dir = _export_hf(r, os.path.join(t.output_dir, "hf")) if t.export_hf else None
@@ -237,6 +239,8 @@ def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume
                "first_loss": first_loss, "last_loss": last_loss, **times,
                "checkpoint": os.path.join(ckpt_dir, read_latest(ckpt_dir) or ""), "hf_export": hf_dir,
                "resumed": resume}
+    if zebra_info is not None:
+        summary["zebra"] = {"ran": False, **zebra_info}
     if ctx.is_main:
         summary["report"] = run_report(r.engine, ctx.world_size, r.metrics_path, times["train_s"], t.steps - start_step,
                                        hf_dir)

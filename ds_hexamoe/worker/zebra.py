@@ -209,7 +209,7 @@ def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, layout: Zebr
                "first_loss": first, "last_loss": last, "setup_s": setup_s, "train_s": train_s, "checkpoint": None,
                "hf_export": hf_dir, "resumed": False,
                "zebra": {"attention_ranks": att, "shares": list(layout.shares), "expert_owner": list(layout.expert_owner),
-                         "micro_batches": layout.micro_batches, **info}}
+                         "micro_batches": layout.micro_batches, "ran": True, **info}}
     if ctx.is_main:
         atomic_write(os.path.join(t.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
         print(f"[ds-hexamoe] {recipe.name}: zebra, attention ranks {att} (shares {list(layout.shares)}), expert "
@@ -221,9 +221,11 @@ def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, layout: Zebr
     return summary
 
 
-def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool, t0: float) -> tuple[dict | None, TaskParts]:
+def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool,
+              t0: float) -> tuple[dict | None, TaskParts, dict]:
     """Run disaggregated when ``hexamoe.zebra`` says so (``"auto"``: when the planner's simulator prefers it and
-    the recipe allows it); returns ``(summary, parts)``, or ``(None, parts)`` for the colocated loop to train."""
+    the recipe allows it); returns ``(summary, parts, info)``, the summary None for the colocated loop to
+    train (``info``: what decided it)."""
     from ..tasks.base import seed_all, task_builder
 
     t, z = recipe.training, recipe.hexamoe_config.zebra
@@ -238,11 +240,11 @@ def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool, t0: 
     if layout is None:
         if ctx.is_main:
             print(f"[ds-hexamoe] hexamoe.zebra \"auto\": the colocated plan runs ({json.dumps(info)})", flush=True)
-        return None, parts
+        return None, parts, info
     seed_all(t.seed + ctx.rank)
     clock = _emulation(recipe, ctx)
     try:
-        return run_zebra(recipe, ctx, parts, layout, info, time.perf_counter() - t0), parts
+        return run_zebra(recipe, ctx, parts, layout, info, time.perf_counter() - t0), parts, info
     finally:
         if clock is not None:
             clock.uninstall()
