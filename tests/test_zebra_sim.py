@@ -115,3 +115,20 @@ def test_several_attention_ranks_pay_the_dense_all_reduce():
     assert ring > 0 and cost.latency > 0
     assert zebra_sync(cost, [0, 1]) == pytest.approx(ring + cost.latency * 4)
     assert zebra_sync(cost, [0]) == pytest.approx(cost.latency * 2)  # one attention rank: nothing to reduce
+
+
+def test_expert_region_keeps_expert_phase_through_compute_experts():
+    # the slowdown clock stretches what runs inside at the expert factor: compute_experts' own end mark
+    # must not end the region early, and the region's end is announced once
+    from ds_hexamoe.parallel import common
+
+    seen = []
+    common.PHASE_HOOKS.append(seen.append)
+    try:
+        with common.expert_region():
+            common._phase(True)
+            common._phase(False)  # compute_experts ending inside the region
+        common._phase(False)
+    finally:
+        common.PHASE_HOOKS.remove(seen.append)
+    assert seen == [True, True, True, False, False]

@@ -1,6 +1,8 @@
 """Input checks and the local expert computation shared by the parallel paths."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..ops import build_expert_index, expert_mlp
@@ -32,11 +34,27 @@ def check_routing(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
 # and in backward; the slowdown emulation (hetero/slowdown.py) registers one to stretch expert work by its
 # own factor
 PHASE_HOOKS: list = []
+_REGION = [0]  # depth of open expert_region()s: inside one, every phase is expert work
 
 
 def _phase(experts: bool) -> None:
+    experts = experts or _REGION[0] > 0
     for hook in PHASE_HOOKS:
         hook(experts)
+
+
+@contextlib.contextmanager
+def expert_region():
+    """Everything inside counts as expert work for the phase hooks, ``compute_experts``' own marks included:
+    the copies and gradient scatters around the expert GEMMs (materializing experts, taking received rows)
+    are MoE-layer work, which a device slow at attention but not at experts does at its expert speed."""
+    _REGION[0] += 1
+    _phase(True)
+    try:
+        yield
+    finally:
+        _REGION[0] -= 1
+        _phase(False)
 
 
 class _PhaseMark(torch.autograd.Function):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .common import scatter_rows_add
+from .common import expert_region, scatter_rows_add
 from .weights import ExpertWeights
 from .zebra_model import ZebraModel
 
@@ -130,7 +130,8 @@ class ZebraPipeline:
 
     def step(self, inputs: torch.Tensor | None = None, target: torch.Tensor | None = None) -> float:
         if not self.is_attention:
-            self._serve()
+            with expert_region():  # an expert rank runs nothing but expert layers
+                self._serve()
             return 0.0
         share = self.layout.shares[self.layout.attention_ranks.index(self.rank)]
         if inputs is None or inputs.shape[0] != share:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.protocol import closed_form, expert_weights, flag, is_experts_module
-from .common import compute_experts
+from .common import compute_experts, expert_region
 from .weights import ExpertSpec, ExpertWeights
 
 IGNORE = -100  # transformers' label for "no loss here"
@@ -119,8 +119,9 @@ class HFZebraStack(torch.nn.Module):
         return ExpertWeights(w["w1"].index_select(0, ids), w["w2"].index_select(0, ids))
 
     def expert_segment(self, layer: int, hosted: list[int], x, local_idx, w, weights: ExpertWeights | None = None):
-        weights = self.experts_of(layer, hosted) if weights is None else weights
-        return compute_experts(x, local_idx, w, weights, self.spec)
+        with expert_region():
+            weights = self.experts_of(layer, hosted) if weights is None else weights
+            return compute_experts(x, local_idx, w, weights, self.spec)
 
     @staticmethod
     def _shifted(labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import compute_experts
+from .common import compute_experts, expert_region
 from .weights import ExpertSpec, ExpertWeights
 
 
@@ -111,8 +111,9 @@ class ZebraModel(nn.Module):
     def expert_segment(self, layer: int, hosted: list[int], x, local_idx, w, weights: ExpertWeights | None = None) -> torch.Tensor:
         """Sum over a row's pairs hosted here (``local_idx < len(hosted)``) of ``w * expert(x)``; ``weights``:
         the hosted experts already materialized (default: taken from the parameters now)."""
-        weights = self.experts_of(layer, hosted) if weights is None else weights
-        return compute_experts(x, local_idx, w, weights, self.c.spec)
+        with expert_region():  # taking the experts out of the parameters is expert-layer work too
+            weights = self.experts_of(layer, hosted) if weights is None else weights
+            return compute_experts(x, local_idx, w, weights, self.c.spec)
 
     def head_loss(self, z: torch.Tensor, target: torch.Tensor, denom: int) -> torch.Tensor:
         """Summed squared error over ``denom``: a share of the global mean, so shares add up exactly."""
