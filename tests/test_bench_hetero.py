@@ -34,7 +34,9 @@ def test_cluster_scale_rows(bench, tmp_path, capsys):
 def test_measured_part_bookkeeping(bench):
     """2 gloo ranks, rank 1 emulated 3x slower: the re-plan from the in-run calibration gives the slow rank
     the smaller share and shard, both plans ran the same number of steps, and predictions are positive."""
-    m = bench.measured_cpu(2, (1.0, 3.0), micro=4, seq=32, rounds=1, steps=1, warmup=0)
+    # one warm-up step per block: on a fresh machine the first steps (lazy inits, the shm op load) landed in
+    # the calibration's intercept, the fixed cost swamped the per-sample slope and the re-plan came out even
+    m = bench.measured_cpu(2, (1.0, 3.0), micro=4, seq=32, rounds=1, steps=1, warmup=1)
     u, p = m["uniform"], m["planned"]
     assert u["shares"] == [4, 4] and sum(p["shares"]) == 8 and p["shares"][1] < p["shares"][0]
     assert p["shard_weights"][1] < p["shard_weights"][0] and abs(sum(p["shard_weights"]) - 1) < 1e-9
