@@ -115,7 +115,7 @@ def _auto_rank(rank, world, path, router_logits=False):
     cfg["output_router_logits"] = router_logits
     model = MixtralForCausalLM(MixtralConfig(**cfg, vocab_size=300))
     ds = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 1}
-    layout, info = zebra_layout(recipe, model, ds, world)
+    layout, info, _ = zebra_layout(recipe, model, ds, world)
     return (None if layout is None else list(layout.attention_ranks)), info
 
 

@@ -28,7 +28,7 @@ from .calibrate import CALIBRATION_LAPS, calibrated, calibration_factor, laps_un
 from .planning import (at_least_one, global_micro_batch, make_plan, micro_tokens, model_shape_for, moe_layers,
                        shape_for_stats)
 from .resolve import load_declared, resolve_profiles
-from .slowdown import CollectiveClock
+from .slowdown import install_clock
 
 logger = logging.getLogger("ds_hexamoe.hetero")
 
@@ -162,9 +162,7 @@ class HeteroController:
             self._seq_hook = runtime.model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
         if runtime.stats is not None:
             self._window_start = runtime.stats.snapshot()
-        if any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in self.profiles):
-            me = self.profiles[self.rank]
-            self.clock = CollectiveClock(me.slowdown, me.expert_slowdown).install()
+        self.clock = install_clock(self.profiles, self.rank)
         fssdp = getattr(runtime, "fssdp", None)
         if fssdp is not None and self.cfg.mode != "data_centric" and hasattr(fssdp, "apply_plan"):
             fssdp.apply_plan(self.plan)

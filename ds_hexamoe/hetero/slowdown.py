@@ -157,3 +157,12 @@ class _TimedWork:
 
 def active_clock() -> CollectiveClock | None:
     return _ACTIVE
+
+
+def install_clock(profiles, rank: int) -> CollectiveClock | None:
+    """The clock for ``profiles[rank]``'s factors, installed, when any rank is slowed (every rank then runs
+    one, so all record busy and collective time alike); None when none is."""
+    if not any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in profiles):
+        return None
+    me = profiles[rank]
+    return CollectiveClock(me.slowdown, me.expert_slowdown).install()

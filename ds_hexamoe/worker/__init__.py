@@ -10,8 +10,9 @@ resume exactly (:mod:`.checkpoints`), and an atomic Hugging Face export at the e
 from .batches import BatchPlan, SharedBatchPlan, make_batch_plan
 from .checkpoints import load_checkpoint, read_latest, save_checkpoint
 from .entry import decode_overrides, encode_overrides, main
-from .loop import SUMMARY_FILE, run
+from .loop import run
 from .metrics import METRICS_FILE, ExpertLoadTracker
+from .summary import SUMMARY_FILE
 
 __all__ = ["BatchPlan", "ExpertLoadTracker", "METRICS_FILE", "SUMMARY_FILE", "SharedBatchPlan", "decode_overrides",
            "encode_overrides", "load_checkpoint", "main", "make_batch_plan", "read_latest", "run", "save_checkpoint"]

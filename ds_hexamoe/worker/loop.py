@@ -25,10 +25,8 @@ from .checkpoints import (check_resume_compatible, load_checkpoint, loop_state, 
 from .metrics import (METRICS_FILE, ExpertLoadTracker, Window, all_mean, append_row, metrics_row, progress_postfix,
                       runtime_metrics)
 from .resume import trim_metrics
-from .summary import report_lines, run_report
+from .summary import SUMMARY_FILE, report_lines, run_report
 from .zebra import check_zebra_recipe, try_zebra
-
-SUMMARY_FILE = "summary.json"
 
 
 @dataclass

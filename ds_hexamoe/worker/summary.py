@@ -18,6 +18,8 @@ from typing import Any
 
 from ..hetero.calibrate import laps_under_plan
 
+SUMMARY_FILE = "summary.json"  # a run's outcome, in its output_dir
+
 
 def _measured_step_s(hetero, train_s: float, steps: int) -> tuple[float | None, list[int] | None]:
     """Median step time under the final plan (its first step left out) and the steps it covers; before

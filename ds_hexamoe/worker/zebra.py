@@ -25,8 +25,7 @@ from ..parallel.zebra_hf import HFZebraStack
 from ..recipes import Recipe, lr_lambda
 from ..tasks.base import TaskParts, WorkerContext, atomic_save_dir, atomic_write
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
-
-SUMMARY_FILE = "summary.json"
+from .summary import SUMMARY_FILE
 
 
 def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
@@ -45,9 +44,10 @@ def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
                           "set it to 0")
 
 
-def zebra_layout(recipe: Recipe, model, ds_config: dict, world: int) -> tuple[ZebraLayout | None, dict]:
-    """The split to run (None: ``"auto"`` and the planner's simulator prefers the colocated plan), and what
-    decided it, for the run's report."""
+def zebra_layout(recipe: Recipe, model, ds_config: dict,
+                 world: int) -> tuple[ZebraLayout | None, dict, HFZebraStack | None]:
+    """The split to run (None: ``"auto"`` and the planner's simulator prefers the colocated plan), what
+    decided it, for the run's report, and ``model`` cut into the pipeline's segments (None: it cannot be)."""
     from ..hetero import HeteroController
     from ..hetero.planning import global_micro_batch
 
@@ -58,30 +58,30 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict, world: int) -> tuple[Ze
         stack = HFZebraStack(model)
     except ValueError as e:  # a model the pipeline cannot cut: "auto" trains colocated, true is an error
         if z.enabled == "auto":
-            return None, {"source": "model", "wins": False, "why": str(e)}
+            return None, {"source": "model", "wins": False, "why": str(e)}, None
         raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
     if z.explicit:
         layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), tuple(z.expert_owner), z.micro_batches or 2)
         _check_layout(layout, world, stack, gb, "hexamoe.zebra")
-        return layout, {"source": "hexamoe.zebra"}
+        return layout, {"source": "hexamoe.zebra"}, stack
     ctl = HeteroController.from_config(model, cfg, ds_config)
     advice = ctl.plan.meta.get("zebra") if ctl is not None else None
     if advice is None:
         if z.enabled == "auto":
-            return None, {"source": "planner", "wins": False, "why": "no split fits the batch"}
+            return None, {"source": "planner", "wins": False, "why": "no split fits the batch"}, stack
         raise ConfigError(f"hexamoe.zebra.enabled: the planner found no split of {world} ranks for a global micro-batch of "
                           f"{gb} samples (each attention rank needs >= micro_batches samples); give the split "
                           "(attention_ranks, shares, expert_owner) or a larger training.micro_batch_size")
     info = {"source": "planner", "wins": bool(advice["wins"]), "speedup_over_plan": advice["speedup_over_plan"],
             "predicted_step_s": advice["step_time"]}
     if z.enabled == "auto" and not advice["wins"]:
-        return None, info
+        return None, info, stack
     counts = largest_remainder(stack.c.experts, advice["expert_fraction"], what="zebra expert_fraction")
     owner = tuple(r for r, n in zip(advice["expert_ranks"], counts) for _ in range(n))
     layout = ZebraLayout(tuple(advice["attention_ranks"]), tuple(advice["shares"]), owner,
                          z.micro_batches or advice["micro_batches"])
     _check_layout(layout, world, stack, gb, "hexamoe.zebra (the planner's split)")
-    return layout, info
+    return layout, info, stack
 
 
 def _check_layout(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int, where: str) -> None:
@@ -143,16 +143,13 @@ def _clip(params: list[torch.Tensor], max_norm: float, counted: bool) -> float:
     return norm
 
 
-def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, layout: ZebraLayout, info: dict,
-              setup_s: float) -> dict:
-    """Train ``recipe`` disaggregated; every rank calls it. Returns the run's summary (written by rank 0)."""
+def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, stack: HFZebraStack, layout: ZebraLayout,
+              info: dict, setup_s: float) -> dict:
+    """Train ``recipe`` disaggregated (``stack``: ``parts.model`` cut into segments); every rank calls it.
+    Returns the run's summary (written by rank 0)."""
     from tqdm.auto import tqdm
 
     t = recipe.training
-    try:
-        stack = HFZebraStack(parts.model)
-    except ValueError as e:
-        raise ConfigError(f"hexamoe.zebra: {e}") from None
     gb = sum(layout.shares)
     pipe = ZebraPipeline(stack, layout, gb)
     att = list(layout.attention_ranks)
@@ -231,7 +228,7 @@ def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool,
     t, z = recipe.training, recipe.hexamoe_config.zebra
     seed_all(t.seed)
     parts = task_builder(recipe)(recipe, ctx)
-    layout, info = zebra_layout(recipe, parts.model, recipe.ds_config(ctx.world_size, accel), ctx.world_size)
+    layout, info, stack = zebra_layout(recipe, parts.model, recipe.ds_config(ctx.world_size, accel), ctx.world_size)
     if layout is not None and z.enabled == "auto":
         try:
             check_zebra_recipe(recipe, resume)
@@ -244,26 +241,22 @@ def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool,
     seed_all(t.seed + ctx.rank)
     clock = _emulation(recipe, ctx)
     try:
-        return run_zebra(recipe, ctx, parts, layout, info, time.perf_counter() - t0), parts, info
+        return run_zebra(recipe, ctx, parts, stack, layout, info, time.perf_counter() - t0), parts, info
     finally:
         if clock is not None:
             clock.uninstall()
 
 
 def _emulation(recipe: Recipe, ctx: WorkerContext):
-    """The slowdown clock of this rank's declared profile (``slowdown``, ``expert_slowdown``), installed as
-    the colocated run installs it, so both paths emulate the same devices; None when nothing is slowed."""
-    from ..hetero import CollectiveClock
+    """The slowdown clock of this rank's declared profile, installed by the colocated run's rule
+    (``hetero.slowdown.install_clock``), so both paths emulate the same devices; None when nothing is slowed."""
     from ..hetero.resolve import load_declared
+    from ..hetero.slowdown import install_clock
 
     cfg = recipe.hexamoe_config
     if cfg.profile != "declared":
         return None
-    profiles = load_declared(cfg, ctx.world_size)
-    if not any(p.slowdown > 1.0 or (p.expert_slowdown or 1.0) > 1.0 for p in profiles):
-        return None
-    me = profiles[ctx.rank]
-    return CollectiveClock(me.slowdown, me.expert_slowdown).install()
+    return install_clock(load_declared(cfg, ctx.world_size), ctx.rank)
 
 
 def _export(parts: TaskParts, stack: HFZebraStack, layout: ZebraLayout, ctx: WorkerContext, out: str) -> str:
