@@ -1,8 +1,12 @@
-"""Small torch.distributed helpers every layer may use (no package imports)."""
+"""Process helpers every layer may use (no package imports): process-group queries, a host-tensor
+all-reduce that works on gloo and NCCL alike, seeding, and a free loopback port."""
 from __future__ import annotations
 
+import random
 import socket
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 
@@ -16,6 +20,27 @@ def world_and_rank(group=None) -> tuple[int, int]:
     if not dist_on():
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
+
+
+def host_all_reduce(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """``t`` reduced over ``group`` (``op``: SUM by default), returned on ``t``'s device; ``t`` itself outside a
+    process group. NCCL reduces only CUDA tensors, so a host tensor travels through the GPU there."""
+    if not dist_on():
+        return t
+    op = dist.ReduceOp.SUM if op is None else op
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        dev = t.cuda()
+        dist.all_reduce(dev, op=op, group=group)
+        return dev.to(t.device)
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def seed_all(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def free_port() -> int:

@@ -32,7 +32,8 @@ def _recipe(root, zebra=ZEBRA, training=None) -> str:
 def _replay(recipe_path):
     """One process, transformers' forward: the same global micro-batches in the same order."""
     from ds_hexamoe.recipes import load_recipe, lr_lambda
-    from ds_hexamoe.tasks.base import WorkerContext, seed_all, task_builder
+    from ds_hexamoe.distributed import seed_all
+    from ds_hexamoe.tasks.base import WorkerContext, task_builder
     from ds_hexamoe.worker.zebra import _Order
 
     recipe = load_recipe(recipe_path)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import dist_on
+from ..distributed import dist_on, host_all_reduce
 from .protocol import experts_modules, state_of
 from .stats import RoutingStats
 
@@ -148,11 +148,8 @@ def reduce_stats(stats: RoutingStats, group=None) -> RoutingStats:
     pairs = sorted(stats.affinity)
     flat = [v for l in stats.layers for v in stats.counts[l]] + [stats.tokens[l] for l in stats.layers]
     flat += [v for p in pairs for row in stats.affinity[p] for v in row] + [stats.forwards]
-    t = torch.tensor(flat, dtype=torch.float64)  # exact for counts below 2**53 on gloo and NCCL alike
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, group=group)
-    vals = [int(v) for v in t.cpu().round().tolist()]
+    t = host_all_reduce(torch.tensor(flat, dtype=torch.float64), group=group)  # exact for counts below 2**53
+    vals = [int(v) for v in t.round().tolist()]
     off, counts, tokens, aff = 0, {}, {}, {}
     for l in stats.layers:
         n = len(stats.counts[l])

@@ -17,6 +17,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_write, atomic_write_with
+
 FORMAT = 2
 INDEX = "fssdp_index.json"
 
@@ -26,13 +28,10 @@ def _rank_file(r: int) -> str:
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
     if isinstance(obj, (dict, list)) and path.endswith(".json"):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=1)
+        atomic_write(path, json.dumps(obj, indent=1))
     else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+        atomic_write_with(path, lambda fh: torch.save(obj, fh))
 
 
 def save_shards(mgr, directory: str) -> None:

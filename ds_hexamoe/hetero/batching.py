@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import host_all_reduce
+
 
 def _shares_of(shares: Any) -> list[int]:
     s = getattr(shares, "batch_shares", shares)
@@ -100,14 +102,7 @@ def loss_scale(local_tokens: int | float, global_tokens: int | float, world: int
 
 def global_token_count(local_tokens: int, group=None) -> int:
     """Sum of ``local_tokens`` over the ranks (one all-reduce; the local value without torch.distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return int(local_tokens)
-    t = torch.tensor([float(local_tokens)], dtype=torch.float64)
-    if dist.get_backend(group) == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, group=group)
+    t = host_all_reduce(torch.tensor([float(local_tokens)], dtype=torch.float64), group=group)
     return int(round(float(t.item())))
 
 

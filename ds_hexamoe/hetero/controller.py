@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, HexaMoEConfig
-from ..distributed import dist_on
+from ..distributed import dist_on, host_all_reduce
 from ..experts import RoutingStats, reduce_stats, stats_delta, uniform_stats
 from ..fssdp.migrate import migrate_shards
 from ..placement.plan import Plan
@@ -208,12 +208,8 @@ class HeteroController:
         self.replan(profiles=fresh, step=step)
 
     def _all_reduce(self, t: torch.Tensor, op) -> torch.Tensor:
-        """``t`` reduced over the group (on the GPU for NCCL), back on the CPU; ``t`` itself alone."""
-        if not (dist_on() and self.world > 1):
-            return t
-        dev = t.cuda() if dist.get_backend(self.group) == "nccl" else t
-        dist.all_reduce(dev, op=op, group=self.group)
-        return dev.cpu()
+        """``t`` reduced over the group; ``t`` itself alone."""
+        return host_all_reduce(t, op, self.group) if self.world > 1 else t
 
     def _calibrate_overhead(self, step: int) -> None:
         """Once, after ``CALIBRATION_LAPS`` steps under the current plan: every rank's measured busy time over

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..distributed import dist_on
 from ..devices import GB, GPU_TABLE, DeviceProfile, lookup_gpu
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ def measure_latency(group=None, repeats: int = 20, device: Any = "cpu") -> float
     import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+    if not dist_on() or dist.get_world_size(group) < 2:
         return 0.0
     t = torch.zeros(1, device=device)
     sync = (lambda: torch.cuda.synchronize(t.device)) if t.device.type == "cuda" else (lambda: None)
@@ -254,7 +255,7 @@ def gather_profiles(local: DeviceProfile, group=None) -> list[DeviceProfile]:
     """Every rank's profile, in rank order (``all_gather_object``); ``[local]`` without torch.distributed."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not dist_on():
         return [local]
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, local.to_dict(), group=group)

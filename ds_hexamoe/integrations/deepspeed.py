@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, HexaMoEConfig, hexamoe_section, load_ds_config
+from ..distributed import dist_on
 from ..ops.dispatch import set_backend
 from ..runtime import HexaMoERuntime
 from .ds_ops import check_build_locks
@@ -116,13 +117,13 @@ def _filter_optimizer(optimizer: torch.optim.Optimizer, keep: set[int]) -> None:
 def _init_distributed(port) -> None:
     import deepspeed
 
-    if not torch.distributed.is_initialized():
+    if not dist_on():
         deepspeed.init_distributed(distributed_port=port)
     _release_once()
 
 
 def _release_once() -> None:
-    if torch.distributed.is_initialized() and not getattr(_release_once, "done", False):
+    if dist_on() and not getattr(_release_once, "done", False):
         _release_once.done = True
         release_shm_workspace()
 

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from ..distributed import dist_on
+
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
@@ -47,7 +49,7 @@ def release_shm_workspace(group=None) -> int:
     mapped its peers' files (all are past ``init_distributed``: the barrier) the names can go; the
     mappings, all DeepSpeed uses, stay valid."""
     dist = torch.distributed
-    if not dist.is_initialized() or dist.get_backend(group) != "gloo":
+    if not dist_on() or dist.get_backend(group) != "gloo":
         return 0
     dist.barrier(group=group)
     return unlink_shm_workspace(rank=dist.get_rank())

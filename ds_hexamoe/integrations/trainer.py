@@ -25,11 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..config import HexaMoEConfig, hexamoe_section, load_ds_config
-from ..distributed import dist_on
+from ..distributed import dist_on, host_all_reduce
 from ..experts import (RoutingStats, RoutingStatsCollector, attach_collector, balance, collector_of, detach_collector,
                        reduce_stats, stats_delta)
 from ..layers import moe_aux_loss
@@ -220,7 +219,7 @@ class HexaMoECallback(TrainerCallback):
         self._aux_sum, self._aux_n = None, 0
         if self.all_ranks and dist_on():
             window = reduce_stats(window) if window.layers else window
-            dist.all_reduce(aux.cuda() if dist.get_backend() == "nccl" else aux)
+            aux = host_all_reduce(aux)
         routed = {l: window.counts[l] for l in window.layers if sum(window.counts[l]) > 0}
         b = balance(routed)
         for l, c in routed.items():

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import RouterConfig
+from ..distributed import dist_on
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TopKRouter(nn.Module):
     @torch.no_grad()
     def _update_bias(self, counts_E: torch.Tensor) -> None:
         load = counts_E.float()
-        if dist.is_available() and dist.is_initialized():
+        if dist_on():
             # every rank must keep the same bias, so balance on the global load
             dist.all_reduce(load)
         self.expert_bias += self.config.bias_update_rate * torch.sign(load.mean() - load)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..distributed import host_all_reduce
+
 
 @dataclass
 class CollectiveRecord:
@@ -111,9 +113,5 @@ class TokenAccounting:
 
     def global_tokens_per_expert(self, group=None) -> list[int]:
         """Tokens per expert summed over the kept history and all ranks (one all-reduce; for logs only)."""
-        import torch.distributed as dist
-
         tpe = torch.tensor(self.summary()["tokens_per_expert"] or [0], dtype=torch.int64)
-        if dist.is_initialized():
-            dist.all_reduce(tpe, group=group)
-        return tpe.tolist()
+        return host_all_reduce(tpe, group=group).tolist()

@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..distributed import world_and_rank
 from .accounting import CallStats
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def group_rank_size(group) -> tuple[int, int]:
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _per_row(t: torch.Tensor) -> int:
@@ -50,7 +47,7 @@ def exchange_counts(
     ``check`` (e.g. a placement digest and shapes) rides along to every rank; if any rank's differs,
     every rank raises, because every rank receives every other rank's values.
     """
-    rank, world = group_rank_size(group)
+    world, rank = world_and_rank(group)
     check = list(check or [])
     send = torch.tensor([[c] + check for c in send_counts], dtype=torch.int64, device=device)
     recv = torch.empty_like(send)
@@ -71,7 +68,7 @@ class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, send_splits, recv_splits, group, stats, name, *tensors):
         ctx.splits, ctx.group, ctx.stats, ctx.name = (send_splits, recv_splits), group, stats, name
-        rank, _ = group_rank_size(group)
+        _, rank = world_and_rank(group)
         outs = tuple(all_to_all_rows(t, send_splits, recv_splits, group) for t in tensors)
         if stats is not None:
             sent = sum(_bytes(t, send_splits, rank) for t in tensors)
@@ -82,7 +79,7 @@ class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         send_splits, recv_splits = ctx.splits
-        rank, _ = group_rank_size(ctx.group)
+        _, rank = world_and_rank(ctx.group)
         back = tuple(all_to_all_rows(g, recv_splits, send_splits, ctx.group) for g in grads)
         if ctx.stats is not None:
             sent = sum(_bytes(g, recv_splits, rank) for g in grads)
@@ -108,7 +105,7 @@ def all_to_all_v(
 
 def gather_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tensor:
     """All-gather of ``x[sizes[rank], ...]`` into ``[sum(sizes), ...]`` (padded to the largest chunk: gloo needs equal sizes)."""
-    rank, world = group_rank_size(group)
+    world, rank = world_and_rank(group)
     t_max = max(sizes) if sizes else 0
     pad = x.new_zeros((t_max,) + tuple(x.shape[1:]))
     pad[: x.size(0)] = x
@@ -123,7 +120,7 @@ def reduce_scatter_rows(x: torch.Tensor, sizes: list[int], group) -> torch.Tenso
     fp32/fp64 use the reduce-scatter collective; half types go through an all-to-all (same bytes)
     and a local fp32 sum in rank order, so partial outputs are never accumulated in bf16.
     """
-    rank, world = group_rank_size(group)
+    world, rank = world_and_rank(group)
     x = x.contiguous()
     if x.dtype in _HALF:
         recv = all_to_all_rows(x, sizes, [sizes[rank]] * world, group)
@@ -137,7 +134,7 @@ class _AllGatherV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sizes, group, stats, name, *tensors):
         ctx.sizes, ctx.group, ctx.stats, ctx.name = sizes, group, stats, name
-        rank, world = group_rank_size(group)
+        world, rank = world_and_rank(group)
         outs = tuple(gather_rows(t, sizes, group) for t in tensors)
         if stats is not None:  # gloo's all-gather moves chunks padded to the largest
             padded = [max(sizes)] * world
@@ -148,7 +145,7 @@ class _AllGatherV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        rank, world = group_rank_size(ctx.group)
+        world, rank = world_and_rank(ctx.group)
         back = tuple(reduce_scatter_rows(g, ctx.sizes, ctx.group) for g in grads)
         if ctx.stats is not None:
             sent = sum(_bytes(g, ctx.sizes, rank) for g in grads)
@@ -161,7 +158,7 @@ class _ReduceScatterV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sizes, group, stats, name, x):
         ctx.sizes, ctx.group, ctx.stats, ctx.name = sizes, group, stats, name
-        rank, world = group_rank_size(group)
+        world, rank = world_and_rank(group)
         out = reduce_scatter_rows(x, sizes, group)
         if stats is not None:
             stats.record(name, "reduce_scatter", "forward", _bytes(x, sizes, rank), _bytes(out, [out.size(0)] * world, rank))
@@ -169,7 +166,7 @@ class _ReduceScatterV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        rank, world = group_rank_size(ctx.group)
+        world, rank = world_and_rank(ctx.group)
         full = gather_rows(g.contiguous(), ctx.sizes, ctx.group)
         if ctx.stats is not None:
             padded = [max(ctx.sizes)] * world
@@ -193,7 +190,7 @@ def reduce_scatter_v(
 
 def all_gather_sizes(n: int, device: torch.device, group=None, stats: CallStats | None = None) -> list[int]:
     """Every rank's row count (one tiny all-gather)."""
-    rank, world = group_rank_size(group)
+    world, rank = world_and_rank(group)
     t = torch.tensor([n], dtype=torch.int64, device=device)
     if stats is not None:
         stats.record("sizes", "all_gather", "forward", 8 * (world - 1), 8 * (world - 1))

@@ -20,7 +20,8 @@ import torch
 from ..config import LSHConfig
 from ..ops import build_expert_index
 from .accounting import CallStats, TokenAccounting
-from .comm import all_to_all_rows, all_to_all_v, exchange_counts, group_rank_size
+from ..distributed import world_and_rank
+from .comm import all_to_all_rows, all_to_all_v, exchange_counts
 from .common import check_routing, compute_experts, scatter_rows_add
 from .lsh import LSHCompressor, bucket_pairs, centroids
 from .replicas import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
@@ -50,7 +51,7 @@ class ExpertParallelMoE:
     ):
         self.spec = spec
         self.group = group
-        self.rank, self.world = group_rank_size(group)
+        self.world, self.rank = world_and_rank(group)
         rpn = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", self.world))
         if rpn < 1:
             raise ValueError(f"ranks_per_node: got {rpn}; expected an integer >= 1")

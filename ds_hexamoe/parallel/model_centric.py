@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 
 from .accounting import TokenAccounting
-from .comm import gather_rows, all_gather_v, group_rank_size, reduce_scatter_v
+from ..distributed import world_and_rank
+from .comm import all_gather_v, gather_rows, reduce_scatter_v
 from .common import check_routing, compute_experts
 from .weights import ExpertSpec, Materialize, split_hidden
 
@@ -31,7 +32,7 @@ class ModelCentricMoE:
     def __init__(self, spec: ExpertSpec, *, group=None, speeds: Sequence[float] | None = None, accounting: TokenAccounting | None = None):
         self.spec = spec
         self.group = group
-        self.rank, self.world = group_rank_size(group)
+        self.world, self.rank = world_and_rank(group)
         self.set_speeds(speeds)
         self.accounting = accounting if accounting is not None else TokenAccounting()
 

@@ -1,6 +1,5 @@
-"""What every task shares: the process context a task builder receives, the parts it returns, the lookup
-of a recipe's task, seeding, and atomic writes of files the ranks share (docs/design.md, "Recipes, tasks,
-worker and CLI").
+"""What every task shares: the process context a task builder receives, the parts it returns, and the lookup
+of a recipe's task (docs/design.md, "Recipes, tasks, worker and CLI").
 
 A task is ``fn(recipe, ctx: WorkerContext) -> TaskParts``, named in :data:`ds_hexamoe.recipes.TASKS` or
 given as ``"package.module:function"`` in the recipe's ``"task"`` key.
@@ -9,15 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
-import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -82,49 +76,3 @@ def task_builder(recipe: Recipe):
         raise ConfigError(f"task: cannot import {target!r} ({e}); allowed values are {sorted(TASKS)} or an "
                           "importable 'package.module:function'") from None
     return fn
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-# -- atomic writes: a reader (another rank, a resumed run) sees the old file or the new one, never half
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it, then rename it onto ``path``."""
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_dir(write, final: str) -> None:
-    """Call ``write(tmp_dir)`` then move ``tmp_dir`` onto ``final`` (an old ``final`` is replaced whole)."""
-    parent = os.path.dirname(os.path.abspath(final)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        old = None
-        if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -20,7 +20,9 @@ import torch
 
 from ..config import ConfigError
 from ..recipes import Recipe, TokenizerBuildSpec, resolve_data_files
-from .base import TaskParts, WorkerContext, atomic_save_dir, seed_all
+from ..atomic import atomic_save_dir
+from ..distributed import seed_all
+from .base import TaskParts, WorkerContext
 
 TOKENIZER_STAMP = "hexamoe_tokenizer.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,7 +17,9 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..distributed import dist_on
 from ..recipes import Recipe
-from ..tasks.base import WorkerContext, atomic_write, seed_all
+from ..atomic import atomic_write
+from ..distributed import seed_all
+from ..tasks.base import WorkerContext
 from .manifest import (CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest, read_manifest,
                        write_manifest)
 

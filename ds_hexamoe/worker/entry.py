@@ -9,6 +9,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..distributed import dist_on
 from ..recipes import load_recipe
 from .lifeline import arm as arm_lifeline
 from .loop import run
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     arm_lifeline()  # end with the job: parent death signal and a watchdog on the ds-hexamoe process
     recipe = load_recipe(args.recipe, overrides=decode_overrides(args.overrides))
     run(recipe, resume=args.resume)
-    if dist.is_initialized():
+    if dist_on():
         dist.barrier()
         dist.destroy_process_group()
     return 0

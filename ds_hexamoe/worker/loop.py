@@ -18,7 +18,9 @@ import torch.distributed as dist
 from ..config import ConfigError
 from ..distributed import dist_on
 from ..recipes import Recipe, lr_lambda, recipe_json
-from ..tasks.base import TaskParts, WorkerContext, atomic_save_dir, atomic_write, seed_all, task_builder
+from ..atomic import atomic_save_dir, atomic_write
+from ..distributed import seed_all
+from ..tasks.base import TaskParts, WorkerContext, task_builder
 from .batches import make_batch_plan
 from .checkpoints import (check_resume_compatible, load_checkpoint, loop_state, read_latest, remove_unpublished,
                           save_checkpoint)

@@ -13,7 +13,7 @@ import json
 import os
 
 from ..config import ConfigError
-from ..tasks.base import atomic_write
+from ..atomic import atomic_write
 
 MANIFEST = "hexamoe_manifest.json"
 FORMAT = 1

@@ -7,7 +7,7 @@ import json
 import os
 
 from ..config import ConfigError
-from ..tasks.base import atomic_write
+from ..atomic import atomic_write
 from .checkpoints import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
 from .manifest import CheckpointCorrupt, corrupt_message, verify_checkpoint
 

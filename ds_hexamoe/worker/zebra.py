@@ -23,7 +23,9 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..recipes import Recipe, lr_lambda
-from ..tasks.base import TaskParts, WorkerContext, atomic_save_dir, atomic_write
+from ..atomic import atomic_save_dir, atomic_write
+from ..distributed import seed_all
+from ..tasks.base import TaskParts, WorkerContext
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
 from .summary import SUMMARY_FILE
 
@@ -223,7 +225,7 @@ def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool,
     """Run disaggregated when ``hexamoe.zebra`` says so (``"auto"``: when the planner's simulator prefers it and
     the recipe allows it); returns ``(summary, parts, info)``, the summary None for the colocated loop to
     train (``info``: what decided it)."""
-    from ..tasks.base import seed_all, task_builder
+    from ..tasks.base import task_builder
 
     t, z = recipe.training, recipe.hexamoe_config.zebra
     seed_all(t.seed)
