@@ -84,7 +84,7 @@ def _calibrate(rank, world, s, blocks, spec, skew=0.0, reps=5):
     import torch
 
     from ds_hexamoe.parallel import ReplicatedExperts
-    from ds_hexamoe.parallel.common import compute_experts
+    from ds_hexamoe.parallel.local_experts import compute_experts
 
     T, K = s["T"], s["K"]
     b = blocks[0]

@@ -8,7 +8,7 @@ import torch
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.experts.stats import synthetic_stats
 from ds_hexamoe.hetero import slowdown as SD
-from ds_hexamoe.parallel import common as C
+from ds_hexamoe.parallel import local_experts as C
 from ds_hexamoe.placement.costs import CostModel, PlanOptions
 from ds_hexamoe.placement.profiles import load_profiles
 from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape

@@ -23,7 +23,7 @@ from ds_hexamoe.parallel import (
     placement_weights,
     validate_placement,
 )
-from ds_hexamoe.parallel.common import check_routing
+from ds_hexamoe.parallel.local_experts import check_routing
 from ds_hexamoe.parallel.replicas import PlacementTables, assign_destinations
 from ds_hexamoe.testing import run_distributed
 

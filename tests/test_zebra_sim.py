@@ -120,7 +120,7 @@ def test_several_attention_ranks_pay_the_dense_all_reduce():
 def test_expert_region_keeps_expert_phase_through_compute_experts():
     # the slowdown clock stretches what runs inside at the expert factor: compute_experts' own end mark
     # must not end the region early, and the region's end is announced once
-    from ds_hexamoe.parallel import common
+    from ds_hexamoe.parallel import local_experts as common
 
     seen = []
     common.PHASE_HOOKS.append(seen.append)

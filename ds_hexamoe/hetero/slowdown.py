@@ -17,7 +17,7 @@ not see kernel time (emulation is meant for CPU ranks).
 
 Components: ``expert_slowdown`` stretches expert computation by its own factor (a V100 beside an A40 is
 ~3.7x slower at long-sequence attention but only ~1.25x at expert GEMMs). The parallel paths announce
-where expert work starts and ends, in forward and backward (``parallel.common.PHASE_HOOKS``); at each
+where expert work starts and ends, in forward and backward (``parallel.local_experts.PHASE_HOOKS``); at each
 boundary the clock settles the work since the last mark at the factor of the phase it ran in.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 
 import torch.distributed as dist
 
-from ..parallel.common import PHASE_HOOKS
+from ..parallel.local_experts import PHASE_HOOKS
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "broadcast", "broadcast_object_list",

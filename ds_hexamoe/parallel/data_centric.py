@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .accounting import TokenAccounting
-from .common import check_routing, compute_experts
+from .local_experts import check_routing, compute_experts
 from .weights import ExpertSpec, Materialize
 
 

@@ -22,7 +22,7 @@ from ..ops import build_expert_index
 from .accounting import CallStats, TokenAccounting
 from ..distributed import world_and_rank
 from .comm import all_to_all_rows, all_to_all_v, exchange_counts
-from .common import check_routing, compute_experts, scatter_rows_add
+from .local_experts import check_routing, compute_experts, scatter_rows_add
 from .lsh import LSHCompressor, bucket_pairs, centroids
 from .replicas import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
 from .weights import ExpertSpec, ExpertWeights, Materialize

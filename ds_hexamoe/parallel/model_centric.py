@@ -16,7 +16,7 @@ import torch
 from .accounting import TokenAccounting
 from ..distributed import world_and_rank
 from .comm import all_gather_v, gather_rows, reduce_scatter_v
-from .common import check_routing, compute_experts
+from .local_experts import check_routing, compute_experts
 from .weights import ExpertSpec, Materialize, split_hidden
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .common import expert_region, scatter_rows_add
+from .local_experts import expert_region, scatter_rows_add
 from .weights import ExpertWeights
 from .zebra_model import ZebraModel
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.protocol import closed_form, expert_weights, flag, is_experts_module
-from .common import compute_experts, expert_region
+from .local_experts import compute_experts, expert_region
 from .weights import ExpertSpec, ExpertWeights
 
 IGNORE = -100  # transformers' label for "no loss here"

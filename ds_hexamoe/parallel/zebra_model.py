@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import compute_experts, expert_region
+from .local_experts import compute_experts, expert_region
 from .weights import ExpertSpec, ExpertWeights
 
 

@@ -1,4 +1,5 @@
-"""Input checks and the local expert computation shared by the parallel paths."""
+"""The local expert computation every parallel path shares, its input checks, and the phase marks that tell
+expert work from the rest (the slowdown emulation stretches each by its own factor)."""
 from __future__ import annotations
 
 import contextlib
