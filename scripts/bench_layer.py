@@ -34,13 +34,12 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from bench_common import Col, Laps, Table, uptime, write_json
 from ds_hexamoe.testing import live_peak_bytes
 
 SHAPES = {  # name -> (d, f, E, k, tokens)
@@ -186,13 +185,12 @@ def time_methods(shape, methods, repeats, warmup=1):
         steps[m], infos[m] = build(m, shape)
         for _ in range(warmup):
             steps[m]()
-    times = {m: [] for m in methods}
+    times = {m: Laps() for m in methods}
     for _ in tqdm(range(repeats), desc=f"timing {shape}", file=sys.stderr, leave=False):
         for m in methods:  # interleaved so a noisy neighbour hits every method alike
-            t0 = time.perf_counter()
-            steps[m]()
-            times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}, infos
+            with times[m].lap():
+                steps[m]()
+    return {m: v.median() for m, v in times.items()}, infos
 
 
 def _maxrss_bytes() -> int:
@@ -251,13 +249,6 @@ def memory_methods(shape, methods, threads, live=False):
     return out, live_out
 
 
-def _uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:
-        return f"loadavg {os.getloadavg()}"
-
-
 def _ratios(values: dict) -> dict:
     """``{baseline: {method: value / baseline's}}`` for the baselines grouped_mm and dense_limit."""
     return {b: {m: v / values[b] for m, v in values.items()} for b in ("grouped_mm", "dense_limit")
@@ -278,24 +269,26 @@ def profile_tables(shape, methods=("hexamoe", "grouped_mm"), rows=12) -> dict:
 
 
 # ---------------------------------------------------------------- report
+REPORT = Table(Col("method", "<20"), Col("time ms", ">10.1f"), Col("time x", ">9.2f"), Col("peak MiB", ">11.1f"),
+               Col("mem x", ">8.2f"), Col("t/gmm", ">8.2f"), Col("m/gmm", ">8.2f"), Col("dropped pairs", sep="  "))
+
+
 def report(results):
     lines = []
     for name, r in results["shapes"].items():
         d, f, E, k, T = r["shape"]
         lines.append(f"\n{name}: d={d} f={f} E={E} k={k} tokens={T}  (x: vs hexamoe, /gmm: vs grouped_mm; < 1 is better)")
-        lines.append(f"{'method':<20}{'time ms':>10}{'time x':>9}{'peak MiB':>11}{'mem x':>8}{'t/gmm':>8}{'m/gmm':>8}"
-                     "  dropped pairs")
+        lines.append(REPORT.header())
         tg, mg = r["time_vs"].get("grouped_mm", {}), r["mem_vs"].get("grouped_mm", {})
         t0, m0 = r["time_s"]["hexamoe"], r["peak_bytes"].get("hexamoe")
         for m in r["time_s"]:
             t, mem = r["time_s"][m], r["peak_bytes"].get(m)
             drop = r["info"].get(m, {}).get("dropped_frac")
-            lines.append(
-                f"{m:<20}{t * 1e3:>10.1f}{t / t0:>9.2f}"
-                + (f"{mem / 2**20:>11.1f}{mem / m0:>8.2f}" if mem is not None and m0 else f"{'-':>11}{'-':>8}")
-                + f"{tg.get(m, float('nan')):>8.2f}{mg.get(m, float('nan')):>8.2f}"
-                + (f"  {drop:.1%}" if drop is not None else "  0 (dropless)" if m != "dense_limit" else "  -")
-            )
+            has_mem = mem is not None and m0
+            lines.append(REPORT.row(
+                m, t * 1e3, t / t0, mem / 2**20 if has_mem else None, mem / m0 if has_mem else None,
+                tg.get(m, float("nan")), mg.get(m, float("nan")),
+                f"{drop:.1%}" if drop is not None else "0 (dropless)" if m != "dense_limit" else "-"))
         for m, v in r.get("live_vs", {}).get("grouped_mm", {}).items():
             lines.append(f"  live tensor peak {m:<16}{r['live_peak_bytes'][m] / 2**20:>9.1f} MiB  {v:.2f}x grouped_mm")
     return "\n".join(lines)
@@ -327,7 +320,7 @@ def main(argv=None):
         args.methods += [m for m in COMPILED if m not in args.methods]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     repeats = args.repeats or (2 if args.quick else 5)
-    results = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats, "uptime": _uptime(),
+    results = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats, "uptime": uptime(),
                "memory_method": "subprocess per method: VmHWM after one fwd+bwd (mark reset via clear_refs) minus VmRSS before",
                "command": " ".join([os.path.basename(sys.executable), "scripts/bench_layer.py", *(argv or sys.argv[1:])]),
                "shapes": {}}
@@ -348,8 +341,7 @@ def main(argv=None):
             results["shapes"][name]["profile"] = profile_tables(shape)
     print(f"uptime at start: {results['uptime']}")
     print(report(results))
-    with open(args.out, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1)
+    write_json(args.out, results)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -26,13 +26,12 @@ planner's choice is compared with the fastest mode measured.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 
+from bench_common import Col, Laps, Table, write_json
 from ds_hexamoe.config import LSHConfig
 from ds_hexamoe.parallel import ExpertSpec, ParallelMoE, ReplicatedExperts
 from ds_hexamoe.testing import run_distributed
@@ -66,25 +65,24 @@ def _bench_rank(rank: int, world: int, args) -> dict:
     for name, moe in modes.items():
         w1, w2 = w1_0.clone().requires_grad_(), w2_0.clone().requires_grad_()
         mat = ReplicatedExperts(spec, w1, w2)
-        times, step_bytes = [], []
+        times, step_bytes = Laps(), []
         for it in range(args.warmup + args.iters):
             x = x0.clone().requires_grad_()
             dist.barrier()
-            t0 = time.perf_counter()
-            out = moe(x, idx, w, mat, placement=placement)
-            out.square().mean().backward()
-            stats = moe.accounting.last()
-            if name == "data_centric":  # DDP: every replica's gradient is all-reduced
-                flat = torch.cat((w1.grad.flatten(), w2.grad.flatten()))
-                dist.all_reduce(flat)
-                ring = int(2 * (world - 1) / world * flat.numel() * flat.element_size())
-                stats.record("grad_allreduce", "all_reduce", "backward", ring, ring)
-            dist.barrier()
+            with times.lap(keep=it >= args.warmup):
+                out = moe(x, idx, w, mat, placement=placement)
+                out.square().mean().backward()
+                stats = moe.accounting.last()
+                if name == "data_centric":  # DDP: every replica's gradient is all-reduced
+                    flat = torch.cat((w1.grad.flatten(), w2.grad.flatten()))
+                    dist.all_reduce(flat)
+                    ring = int(2 * (world - 1) / world * flat.numel() * flat.element_size())
+                    stats.record("grad_allreduce", "all_reduce", "backward", ring, ring)
+                dist.barrier()
             if it >= args.warmup:
-                times.append(time.perf_counter() - t0)
                 step_bytes.append(stats.bytes_sent())
             w1.grad = w2.grad = None
-        res = {"step_s": statistics.median(times), "bytes_sent": statistics.median(step_bytes)}
+        res = {"step_s": times.median(), "bytes_sent": statistics.median(step_bytes)}
         if name == "expert_parallel+lsh":
             moe.impl.measure_lsh_error = True
             moe(x0, idx, w, mat, placement=placement)
@@ -135,7 +133,7 @@ def _train_rank(rank: int, world: int, args) -> dict:
         engine, _, _, _ = ds_hexamoe.initialize(model=model, config=ds)
         mgr = engine.hexamoe.fssdp
         g = torch.Generator().manual_seed(1 + rank)
-        times, sent = [], []
+        times, sent = Laps(), []
         plan_modes = None
         for it in range(args.warmup + args.iters):
             if name == "auto" and it == args.warmup:  # the planner, on the statistics of the warm-up steps
@@ -145,16 +143,15 @@ def _train_rank(rank: int, world: int, args) -> dict:
                 plan_modes = dict(plan.modes)
             x = torch.randint(0, args.vocab, (args.micro, args.seq), generator=g)
             dist.barrier()
-            t0 = time.perf_counter()
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            dist.barrier()
+            with times.lap(keep=it >= args.warmup):
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)
+                engine.step()
+                dist.barrier()
             if it >= args.warmup:
-                times.append(time.perf_counter() - t0)
                 sent.append(mgr.last_step_comm_stats()["total"])
         c = mgr.last_step_comm_stats()
-        res = {"step_s": statistics.median(times), "bytes_sent": statistics.median(sent),
+        res = {"step_s": times.median(), "bytes_sent": statistics.median(sent),
                "weight_bytes": c["total"] - c.get("token_bytes", 0), "token_bytes": c.get("token_bytes", 0)}
         if "lsh_compression" in c:
             res["lsh_compression"] = c["lsh_compression"]
@@ -188,15 +185,17 @@ def train_bench(args) -> dict:
     tokens = args.micro * args.seq
     print(f"\ntrained tiny Mixtral, {args.world} CPU ranks, ZeRO-2 + FSSDP, {tokens} tokens/rank/step, d={args.t_dim}, "
           f"f={args.t_ffn}, E={args.experts}, k={args.topk}, {args.t_layers} layers, fp32")
-    print(f"{'mode':<22}{'step ms':>10}{'x time':>9}{'KB sent/rank':>14}{'weights KB':>12}{'tokens KB':>11}  notes")
+    t = Table(Col("mode", "<22"), Col("step ms", ">10.1f"), Col("x time", ">9.2f"), Col("KB sent/rank", ">14.1f"),
+              Col("weights KB", ">12.1f"), Col("tokens KB", ">11.1f"), Col("notes", sep="  "))
+    print(t.header())
     for name, r in rows.items():
         note = ""
         if "lsh_compression" in r:
             note = f"compression {r['lsh_compression']:.3f}"
         if "plan_modes" in r:
             note = "planner: " + ", ".join(f"{k.split('.')[2]}={v}" for k, v in r["plan_modes"].items())
-        print(f"{name:<22}{r['step_ms']:>10.1f}{r.get('time_vs_data_centric', 1.0):>9.2f}{r['bytes_per_rank'] / 1e3:>14.1f}"
-              f"{r['weight_bytes_per_rank'] / 1e3:>12.1f}{r['token_bytes_per_rank'] / 1e3:>11.1f}  {note}")
+        print(t.row(name, r["step_ms"], r.get("time_vs_data_centric", 1.0), r["bytes_per_rank"] / 1e3,
+                    r["weight_bytes_per_rank"] / 1e3, r["token_bytes_per_rank"] / 1e3, note))
     out = {"results": rows, "best_exact_mode": best}
     if best is not None and "auto" in rows:
         out["planner_vs_best"] = rows["auto"]["step_ms"] / rows[best]["step_ms"]
@@ -204,7 +203,7 @@ def train_bench(args) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--tokens", type=int, default=512, help="tokens per rank")
@@ -229,18 +228,13 @@ def main(argv=None) -> dict:
     p.add_argument("--t-ffn", type=int, default=256, help="trained path: expert hidden size")
     p.add_argument("--t-layers", type=int, default=2)
     p.add_argument("--hash-dim", type=int, default=4, help="trained path: LSH hash_dim (coarser: more compression)")
-    args = p.parse_args(argv)
-    report = {"config": vars(args)}
-    if args.path in ("train", "both"):
-        report["trained"] = train_bench(args)
-    if args.path == "train":
-        with open(args.out, "w") as fh:
-            json.dump(report, fh, indent=2)
-        print(f"wrote {args.out}")
-        return report
+    return p.parse_args(argv)
 
+
+def layer_bench(args) -> dict:
+    """One MoE layer with replicated weights on ``args.world`` ranks: per mode the step (slowest rank) and
+    the bytes one rank sends, against the data-centric baseline (printed as a table)."""
     per_rank = run_distributed(_bench_rank, args.world, args, timeout=1200)
-    base = per_rank[0]["data_centric"]
     rows = {}
     for name in per_rank[0]:
         step = max(r[name]["step_s"] for r in per_rank)  # the slowest rank sets the step
@@ -254,19 +248,27 @@ def main(argv=None) -> dict:
         for key in ("lsh_compression", "lsh_rel_error"):
             if key in per_rank[0][name]:
                 rows[name][key] = sum(r[name][key] for r in per_rank) / args.world
-    del base
-
     print(f"{args.world} CPU ranks, T={args.tokens}/rank, d={args.dim}, f={args.ffn}, E={args.experts}, k={args.topk}, fp32")
-    print(f"{'mode':<22}{'step ms':>10}{'x time':>9}{'MB sent/rank':>14}{'x bytes':>9}  notes")
+    t = Table(Col("mode", "<22"), Col("step ms", ">10.2f"), Col("x time", ">9.2f"), Col("MB sent/rank", ">14.3f"),
+              Col("x bytes", ">9.3f"), Col("notes", sep="  "))
+    print(t.header())
     for name, r in rows.items():
         note = ""
         if "lsh_compression" in r:
             note = f"compression {r['lsh_compression']:.3f}, rel. output error {r['lsh_rel_error']:.4f}"
-        print(f"{name:<22}{r['step_ms']:>10.2f}{r['time_vs_data_centric']:>9.2f}{r['bytes_per_rank'] / 1e6:>14.3f}"
-              f"{r['bytes_vs_data_centric']:>9.3f}  {note}")
-    report.update({"baseline": "data_centric", "results": rows})
-    with open(args.out, "w") as fh:
-        json.dump(report, fh, indent=2)
+        print(t.row(name, r["step_ms"], r["time_vs_data_centric"], r["bytes_per_rank"] / 1e6,
+                    r["bytes_vs_data_centric"], note))
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    report = {"config": vars(args)}
+    if args.path in ("train", "both"):
+        report["trained"] = train_bench(args)
+    if args.path != "train":
+        report.update({"baseline": "data_centric", "results": layer_bench(args)})
+    write_json(args.out, report, indent=2)
     print(f"wrote {args.out}")
     return report
 

@@ -16,12 +16,9 @@ simulator's; no run on those GPUs was made here.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -34,6 +31,7 @@ from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_setups as ps  # noqa: E402  (a sibling script, not a package module)
+from bench_common import Col, Laps, Table, uptime, write_json  # noqa: E402  (a sibling script too)
 
 SETUPS = {"6xA40+6xV100": (6, 6), "4xA40+8xV100": (4, 8), "6xA40+3xV100": (6, 3)}
 SOLVERS = ("waterfill", "asym_ea", "eplb")
@@ -54,13 +52,14 @@ def hetermoe_inputs(setup: str, seq: int, tokens: int, skew: float = 1.0):
 def run(setup: str, seq: int, tokens: int, solver: str, mode: str, skew: float = 1.0) -> dict:
     profiles, shape, stats, batch = hetermoe_inputs(setup, seq, tokens, skew)
     row = {"setup": setup, "seq": seq, "global_batch": batch, "solver": solver, "mode": mode}
-    t0 = time.perf_counter()
+    wall = Laps()
     try:
-        p = plan(profiles, stats, global_batch=batch, model_shape=shape, solver=solver, mode=mode)
+        with wall.lap():
+            p = plan(profiles, stats, global_batch=batch, model_shape=shape, solver=solver, mode=mode)
     except ConfigError as e:
         return row | {"skipped": str(e)}
     pr = p.predicted
-    return row | {"planner_wall_s": time.perf_counter() - t0, "candidate": p.meta["candidate"],
+    return row | {"planner_wall_s": wall.last, "candidate": p.meta["candidate"],
                   "step_s": pr["step_time"], "sum_bound_s": pr["sum_bound_step_time"],
                   "uniform_s": pr["uniform_step_time"], "ideal_s": pr["ideal_step_time"],
                   "tokens_per_s": batch * seq / pr["step_time"], "speedup_vs_uniform": pr["speedup_vs_uniform"],
@@ -125,27 +124,29 @@ def _avg(v) -> str:
 
 
 def print_hetermoe(rows: list[dict], summary: list[dict]) -> None:
-    hdr = (f"{'setup':<14}{'seq':>7}{'batch':>6}  {'solver':<10}{'mode':<16}{'step s':>9}{'max-of-sums s':>14}"
-           f"{'uniform s':>10}{'x unif':>7}{'tokens/s':>10}  chosen")
-    print(f"\nHeterMoE setups, the planner per solver and mode\n{hdr}\n{'-' * len(hdr)}")
+    t = Table(Col("setup", "<14"), Col("seq", ">7"), Col("batch", ">6"), Col("solver", "<10", sep="  "),
+              Col("mode", "<16"), Col("step s", ">9.3f"), Col("max-of-sums s", ">14.3f"), Col("uniform s", ">10.3f"),
+              Col("x unif", ">7.2f"), Col("tokens/s", ">10.0f"), Col("chosen", sep="  "))
+    print(f"\nHeterMoE setups, the planner per solver and mode\n{t.rule()}")
     for r in rows:
-        head = f"{r['setup']:<14}{r['seq']:>7}{r['global_batch']:>6}  {r['solver']:<10}{r['mode']:<16}"
+        head = t.row(r["setup"], r["seq"], r["global_batch"], r["solver"], r["mode"])
         if "skipped" in r:
             print(f"{head}skipped: {r['skipped'][:70]}")
             continue
-        print(f"{head}{r['step_s']:>9.3f}{r['sum_bound_s']:>14.3f}{r['uniform_s']:>10.3f}{r['speedup_vs_uniform']:>7.2f}"
-              f"{r['tokens_per_s']:>10.0f}  {r['candidate']}")
-    hdr = (f"{'setup':<14}{'seq':>7}{'EP s':>8}{'best s':>8}{'zebra s':>8}  {'split':<12}{'sim zebra/EP':>13}"
-           f"{'paper HeterMoE/EP':>18}{'sim zebra/best':>15}{'paper /EP(Ideal)':>17}")
-    print(f"\nHeterMoE: simulated beside the paper ({ps.HETERMOE}, Sec. 6.2, Fig. 7)\n{hdr}\n{'-' * len(hdr)}")
+        print(t.row(r["setup"], r["seq"], r["global_batch"], r["solver"], r["mode"], r["step_s"], r["sum_bound_s"],
+                    r["uniform_s"], r["speedup_vs_uniform"], r["tokens_per_s"], r["candidate"]))
+    t = Table(Col("setup", "<14"), Col("seq", ">7"), Col("EP s", ">8"), Col("best s", ">8.3f"), Col("zebra s", ">8.3f"),
+              Col("split", "<12", sep="  "), Col("sim zebra/EP", ">13"), Col("paper HeterMoE/EP", ">18"),
+              Col("sim zebra/best", ">15"), Col("paper /EP(Ideal)", ">17"))
+    print(f"\nHeterMoE: simulated beside the paper ({ps.HETERMOE}, Sec. 6.2, Fig. 7)\n{t.rule()}")
     for s in summary:
         if "skipped" in s:
-            print(f"{s['setup']:<14}{s['seq']:>7}  skipped: {s['skipped']}")
+            print(t.row(s["setup"], s["seq"]) + f"  skipped: {s['skipped']}")
             continue
         ep = "-" if s["uniform_ep_s"] is None else f"{s['uniform_ep_s']:.3f}"
-        print(f"{s['setup']:<14}{s['seq']:>7}{ep:>8}{s['best_plan_s']:>8.3f}{s['zebra_s']:>8.3f}  {s['zebra_split']:<12}"
-              f"{_f(s['zebra_over_ep']):>13}{_avg(s['paper_hetermoe_over_ep']):>18}"
-              f"{_f(s['zebra_over_best_plan']):>15}{_avg(s['paper_hetermoe_over_ideal']):>17}")
+        print(t.row(s["setup"], s["seq"], ep, s["best_plan_s"], s["zebra_s"], s["zebra_split"], _f(s["zebra_over_ep"]),
+                    _avg(s["paper_hetermoe_over_ep"]), _f(s["zebra_over_best_plan"]),
+                    _avg(s["paper_hetermoe_over_ideal"])))
     if any("why" in s for s in summary):
         print("why they differ: the paper measured 5 small Mixtral-like models (4-8 layers, 12-40 experts) on "
               "V100-16GB at the largest batch that fits; here 8 Mixtral-8x7B blocks (8 experts) on V100-32GB at a "
@@ -156,25 +157,27 @@ def print_hetermoe(rows: list[dict], summary: list[dict]) -> None:
 
 
 def print_hecate(rows: list[dict]) -> None:
-    hdr = (f"{'cluster':<16}{'GPUs':>5}{'model':>11}{'GB/s':>6}{'EP s':>8}{'FSSDP-dc s':>11}{'hecate s':>9}"
-           f"{'FSSDP+rep s':>12}{'EP/dc':>7}{'EP/hec':>7}{'EP/rep':>7}{'paper EP->Hecate':>18}  why they differ")
-    print(f"\nHecate: expert parallelism against FSSDP ({ps.HECATE}, Sec. 5.2)\n{hdr}\n{'-' * len(hdr)}")
+    t = Table(Col("cluster", "<16"), Col("GPUs", ">5"), Col("model", ">11"), Col("GB/s", ">6.1f"), Col("EP s", ">8.3f"),
+              Col("FSSDP-dc s", ">11.3f"), Col("hecate s", ">9.3f"), Col("FSSDP+rep s", ">12.3f"), Col("EP/dc", ">7.2f"),
+              Col("EP/hec", ">7.2f"), Col("EP/rep", ">7.2f"), Col("paper EP->Hecate", ">18"),
+              Col("why they differ", sep="  "))
+    print(f"\nHecate: expert parallelism against FSSDP ({ps.HECATE}, Sec. 5.2)\n{t.rule()}")
     for r in rows:
-        name = f"{r['cluster']}: {r['gpu']}"
-        print(f"{name:<16}{r['ranks']:>5}{r['model']:>11}{r['effective_gbytes_per_s']:>6.1f}{r['ep_s']:>8.3f}"
-              f"{r['fssdp_dc_s']:>11.3f}{r['fssdp_hecate_s']:>9.3f}{r['fssdp_replicas_s']:>12.3f}"
-              f"{r['ep_over_fssdp_dc']:>7.2f}{r['ep_over_fssdp_hecate']:>7.2f}{r['ep_over_fssdp_replicas']:>7.2f}{_f(r['paper_ep_over_hecate'], '{:.2f}-{:.2f}x'):>18}  {r['why']}")
+        print(t.row(f"{r['cluster']}: {r['gpu']}", r["ranks"], r["model"], r["effective_gbytes_per_s"], r["ep_s"],
+                    r["fssdp_dc_s"], r["fssdp_hecate_s"], r["fssdp_replicas_s"], r["ep_over_fssdp_dc"],
+                    r["ep_over_fssdp_hecate"], r["ep_over_fssdp_replicas"],
+                    _f(r["paper_ep_over_hecate"], "{:.2f}-{:.2f}x"), r["why"]))
 
 
 def print_moetuner(rows: list[dict]) -> None:
-    hdr = (f"{'setup':<9}{'EP x TP':>8}{'GB/s':>7}{'contig s':>9}{'rr s':>7}{'EPLB s':>8}{'ILP s':>7}"
-           f"{'contig/ILP':>11}{'EPLB/ILP':>9}{'paper contig/ILP':>17}  why they differ")
-    print(f"\nMoETuner: Mixtral-8x7B placement ({ps.MOETUNER})\n{hdr}\n{'-' * len(hdr)}")
+    t = Table(Col("setup", "<9"), Col("EP x TP", ">8"), Col("GB/s", ">7.0f"), Col("contig s", ">9.3f"), Col("rr s", ">7.3f"),
+              Col("EPLB s", ">8.3f"), Col("ILP s", ">7.3f"), Col("contig/ILP", ">11.3f"), Col("EPLB/ILP", ">9.3f"),
+              Col("paper contig/ILP", ">17"), Col("why they differ", sep="  "))
+    print(f"\nMoETuner: Mixtral-8x7B placement ({ps.MOETUNER})\n{t.rule()}")
     for r in rows:
-        print(f"{r['setup']:<9}{str(r['ep']) + ' x ' + str(r['tp']):>8}{r['effective_gbytes_per_s']:>7.0f}"
-              f"{r['contiguous_s']:>9.3f}{r['round_robin_s']:>7.3f}{r['eplb_s']:>8.3f}{r['ilp_s']:>7.3f}"
-              f"{r['contiguous_over_ilp']:>11.3f}{r['eplb_over_ilp']:>9.3f}{_f(r['paper_contiguous_over_ilp'], '{:.3f}x'):>17}"
-              f"  {r['why']}")
+        print(t.row(r["setup"], f"{r['ep']} x {r['tp']}", r["effective_gbytes_per_s"], r["contiguous_s"],
+                    r["round_robin_s"], r["eplb_s"], r["ilp_s"], r["contiguous_over_ilp"], r["eplb_over_ilp"],
+                    _f(r["paper_contiguous_over_ilp"], "{:.3f}x"), r["why"]))
 
 
 def run_hetermoe(args) -> tuple[list[dict], list[dict]]:
@@ -197,11 +200,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.skew < 0:
         ap.error(f"--skew: got {args.skew}; expected a number >= 0 (0: uniform routing)")
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"uptime: {uptime}")
-    out = {"host": platform.node(), "uptime": uptime, "args": vars(args), "rows": [], "hetermoe": [],
+    load = uptime()
+    print(f"uptime: {load}")
+    out = {"host": platform.node(), "uptime": load, "args": vars(args), "rows": [], "hetermoe": [],
            "hecate": [], "moetuner": []}
-    t0 = time.perf_counter()
+    wall = Laps()
+    with wall.lap():
+        _run_papers(args, out)
+    out["wall_s"] = wall.last
+    write_json(args.out, out)
+    print(f"\nwall {out['wall_s']:.1f} s; wrote {args.out}")
+    return 0
+
+
+def _run_papers(args, out: dict) -> None:
+    """The papers' setups ``--only`` names (all by default) into ``out``, each table printed as it is done."""
     if args.only in (None, "hetermoe"):
         out["rows"], out["hetermoe"] = run_hetermoe(args)
         print_hetermoe(out["rows"], out["hetermoe"])
@@ -211,11 +224,6 @@ def main(argv=None) -> int:
     if args.only in (None, "moetuner"):
         out["moetuner"] = [ps.moetuner_row(s, args.skew, args.tokens, args.ilp_time) for s in ps.MOETUNER_SETUPS]
         print_moetuner(out["moetuner"])
-    out["wall_s"] = time.perf_counter() - t0
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
-    print(f"\nwall {out['wall_s']:.1f} s; wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

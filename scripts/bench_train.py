@@ -33,6 +33,8 @@ import time
 
 import torch
 
+from bench_common import Col, Laps, Table, uptime, write_json
+
 PRESETS = {"hecate": dict(hidden=256, ffn=512, experts=16, top_k=2, layers=4, seq=256, batch=2, vocab=1024,
                           steps=4, warmup=2)}
 CONTENDERS = ("fssdp", "fssdp_sync", "expert_parallel", "autoep", "zero3_leaf")
@@ -283,17 +285,14 @@ def _table(results: dict) -> list[dict]:
 
 
 def _print(rows: list[dict]) -> None:
-    def f(v, fmt):
-        return format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))
-
-    print(f"{'contender':<16}{'tokens/s':>10}{'x':>7}{'exposed s':>11}{'x':>7}{'bytes/step':>13}{'x':>7}"
-          f"{'expert B/rank':>15}{'x':>7}  note")
+    t = Table(Col("contender", "<16"), Col("tokens/s", ">10.1f"), Col("x", ">7.2f"), Col("exposed s", ">11.4f"),
+              Col("x", ">7.2f"), Col("bytes/step", ">13.0f"), Col("x", ">7.2f"), Col("expert B/rank", ">15.0f"),
+              Col("x", ">7.2f"), Col("note", sep="  "))
+    print(t.header())
     for r in rows:
-        print(f"{r['mode']:<16}{f(r['tokens_per_s'], '10.1f')}{f(r['tokens_per_s_vs_fssdp'], '7.2f')}"
-              f"{f(r['exposed_comm_s'], '11.4f')}{f(r['exposed_comm_s_vs_fssdp'], '7.2f')}"
-              f"{f(r['bytes_per_step'], '13.0f')}{f(r['bytes_per_step_vs_fssdp'], '7.2f')}"
-              f"{f(r['expert_state_bytes_per_rank'], '15.0f')}{f(r['expert_state_bytes_per_rank_vs_fssdp'], '7.2f')}"
-              f"  {r['error'] or ''}")
+        print(t.row(r["mode"], r["tokens_per_s"], r["tokens_per_s_vs_fssdp"], r["exposed_comm_s"],
+                    r["exposed_comm_s_vs_fssdp"], r["bytes_per_step"], r["bytes_per_step_vs_fssdp"],
+                    r["expert_state_bytes_per_rank"], r["expert_state_bytes_per_rank_vs_fssdp"], r["error"] or ""))
     print("x: ratio to fssdp (tokens/s above 1 is faster; the others above 1 are more)")
 
 
@@ -320,20 +319,20 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"uptime at start: {uptime}")
+    load = uptime()
+    print(f"uptime at start: {load}")
     results = {}
     for mode in args.modes.split(","):
-        t0 = time.perf_counter()
-        ranks = _run_autoep(args) if (mode == "autoep" and not args.child) else _launch(mode, args)
+        wall = Laps()
+        with wall.lap():
+            ranks = _run_autoep(args) if (mode == "autoep" and not args.child) else _launch(mode, args)
         results[mode] = {"ranks": ranks, "error": next((r["error"] for r in ranks if "error" in r), None),
-                         "wall_s": time.perf_counter() - t0}
+                         "wall_s": wall.last}
         print(f"  {mode}: {results[mode]['wall_s']:.0f}s {results[mode]['error'] or 'ok'}", flush=True)
     rows = _table(results)
     _print(rows)
-    with open(args.json, "w") as fh:
-        json.dump({"uptime": uptime, "args": vars(args), "contenders": {r["mode"]: r for r in rows}, "raw": results},
-                  fh, indent=1, default=str)
+    write_json(args.json, {"uptime": load, "args": vars(args), "contenders": {r["mode"]: r for r in rows},
+                           "raw": results}, default=str)
     print(f"wrote {args.json}")
     return 0
 

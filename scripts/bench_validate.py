@@ -17,7 +17,8 @@ spread it).
 from __future__ import annotations
 
 import statistics
-import time
+
+from bench_common import Col, Laps, Table, calibrate_link, time_calls, uptime, write_json
 
 SCENARIOS = {"equal": dict(slow=1, skew=0.0), "slow_rank": dict(slow=3, skew=0.0), "skewed": dict(slow=1, skew=3.0),
              "uneven_batch": dict(slow=1, skew=0.0, rank0_tokens=4.0)}
@@ -90,26 +91,24 @@ def _calibrate(rank, world, s, blocks, spec, skew=0.0, reps=5):
     b = blocks[0]
     mat = ReplicatedExperts(spec, b.w1, b.w2)
     w, idx = _routing(0, rank, T, s["E"], K, skew)  # the scenario's routing law, not its steps
-    dense, expert = [], []
+    dense, expert = Laps(), Laps()
     for _ in range(reps):
         torch.distributed.barrier()
         x = torch.randn(T, s["D"], requires_grad=True)
-        t0 = time.perf_counter()
-        b.run_dense(x).sum().backward()
-        dense.append((time.perf_counter() - t0) / T)
-        t0 = time.perf_counter()
-        xs = x.detach().repeat_interleave(K, 0).requires_grad_()
-        compute_experts(xs, idx.reshape(-1, 1).int(), w.reshape(-1, 1), mat(list(range(s["E"]))), spec).sum().backward()
-        expert.append((time.perf_counter() - t0) / (T * K))
+        with dense.lap():
+            b.run_dense(x).sum().backward()
+        with expert.lap():
+            xs = x.detach().repeat_interleave(K, 0).requires_grad_()
+            compute_experts(xs, idx.reshape(-1, 1).int(), w.reshape(-1, 1), mat(list(range(s["E"]))),
+                            spec).sum().backward()
     opt = torch.optim.SGD([p for bl in blocks for p in bl.params()], lr=1e-3)
-    opt_s = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+
+    def opt_step():
         opt.step()
         opt.zero_grad(set_to_none=False)
-        opt_s.append(time.perf_counter() - t0)
-    return {"dense_row_s": statistics.median(dense), "expert_row_s": statistics.median(expert),
-            "opt_s": statistics.median(opt_s)}
+
+    return {"dense_row_s": dense.median() / T, "expert_row_s": expert.median() / (T * K),
+            "opt_s": statistics.median(time_calls(opt_step, reps))}
 
 
 def _calibrate_call(rank, s, block, spec, placement, layer_fn, acc, mode, skew=0.0, reps=5):
@@ -121,18 +120,17 @@ def _calibrate_call(rank, s, block, spec, placement, layer_fn, acc, mode, skew=0
     from ds_hexamoe.parallel import ReplicatedExperts
 
     w, idx = _routing(0, rank, s["T"], s["E"], s["K"], skew)
-    walls = []
+    walls = Laps()
     for _ in range(reps):
         x = torch.randn(s["T"], s["D"], requires_grad=True)
         mat = ReplicatedExperts(spec, block.w1, block.w2)
         extra = (placement,) if mode == "expert_parallel" else ()
         torch.distributed.barrier()
-        t0 = time.perf_counter()
-        layer_fn(x, idx, w, *extra, mat).sum().backward()
-        walls.append(time.perf_counter() - t0)
+        with walls.lap():
+            layer_fn(x, idx, w, *extra, mat).sum().backward()
     c = acc.last()
     acc.reset()
-    return {"wall_s": statistics.median(walls), "rows": c.rows_computed, "bytes": max(c.bytes_sent(), c.bytes_received())}
+    return {"wall_s": walls.median(), "rows": c.rows_computed, "bytes": max(c.bytes_sent(), c.bytes_received())}
 
 
 def _calibrate_all(rank, world, s, blocks, spec, placement, layers, acc, skew, reps) -> dict:
@@ -175,12 +173,12 @@ def _worker(rank, world, s, scenario, steps, warmup):
         for mode in MODES:
             acc.reset()
             torch.distributed.barrier()
-            t0 = time.perf_counter()
-            _step(mode, layers[mode], blocks, x, routes, spec, placement, opts[mode])
-            wall = time.perf_counter() - t0
+            wall = Laps()
+            with wall.lap():
+                _step(mode, layers[mode], blocks, x, routes, spec, placement, opts[mode])
             if i >= warmup:
                 r = runs[mode]
-                r["walls"].append(wall)
+                r["walls"].append(wall.last)
                 r["bytes"].append([[c.bytes_sent(), c.bytes_received()] for c in acc.calls])
                 r["routing"].append([idx.numpy().astype(np.int64) for _, idx in routes])
     return {"calibration": _median_cal(cals), "modes": runs}
@@ -257,7 +255,6 @@ def validate(world: int, scenarios=tuple(SCENARIOS), steps: int = 5, warmup: int
     """Per scenario and mode: bytes per rank per layer (measured by the runtime's accounting, predicted
     from the routing; compared step by step and layer by layer), measured and predicted step, and the
     ``auto`` choice (the smallest predicted step) against the measured fastest."""
-    from bench_hetero import calibrate_link
     from ds_hexamoe.placement.simulator import routing_bytes
     from ds_hexamoe.placement.traffic import owner_destinations
     from ds_hexamoe.testing import run_distributed
@@ -300,14 +297,14 @@ def validate(world: int, scenarios=tuple(SCENARIOS), steps: int = 5, warmup: int
 def print_validate(v: dict) -> None:
     print(f"\nvalidate on {v['world_size']} gloo CPU ranks (link {v['link']['latency_us']:.0f} us, "
           f"{v['link']['bandwidth_gbps']:.2f} GB/s); median of {v['steps']} steps")
-    hdr = f"{'scenario':<13}{'mode':<17}{'bytes/rank, layer 0':>24}{'equal':>7}{'meas s':>9}{'pred s':>9}{'err':>8}"
-    print(hdr)
-    print("-" * len(hdr))
+    t = Table(Col("scenario", "<13"), Col("mode", "<17"), Col("bytes/rank, layer 0", ">24"), Col("equal", ">7"),
+              Col("meas s", ">9.4f"), Col("pred s", ">9.4f"), Col("err", ">7.1f", "%"))
+    print(t.rule())
     for name, sc in v["scenarios"].items():
         for mode, r in sc["modes"].items():
             b = "/".join(str(x) for x in r["measured_bytes_per_rank_layer"][0])
-            print(f"{name:<13}{mode:<17}{b:>24}{str(r['bytes_equal_every_step']):>7}{r['measured_step_s']:>9.4f}"
-                  f"{r['predicted_step_s']:>9.4f}{100 * r['prediction_error']:>7.1f}%")
+            print(t.row(name, mode, b, str(r["bytes_equal_every_step"]), r["measured_step_s"], r["predicted_step_s"],
+                        100 * r["prediction_error"]))
         print(f"{'':<13}auto -> {sc['auto_choice']}, measured fastest {sc['measured_fastest']} "
               f"(auto's step x{sc['auto_vs_fastest']:.2f} of fastest)")
     g = v["goals"]
@@ -315,16 +312,9 @@ def print_validate(v: dict) -> None:
           f"auto within 10% in {g['auto_within_10pct_scenarios']} of {len(v['scenarios'])} scenarios")
 
 
-def _uptime() -> str:
-    import subprocess
-
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 def cli(argv) -> int:
     """``bench_hetero.py --validate [--world N] [--json F] [--scenarios ...] [--steps S]``."""
     import argparse
-    import json
 
     ap = argparse.ArgumentParser(description="simulator against the runtime, per execution mode")
     ap.add_argument("--validate", action="store_true")
@@ -335,12 +325,11 @@ def cli(argv) -> int:
     args = ap.parse_args(argv)
     if args.world < 2:
         raise SystemExit(f"--world: got {args.world}; the modes exchange tokens between ranks, give 2 or more")
-    start = _uptime()
+    start = uptime()
     print(f"uptime: {start}")
     v = validate(args.world, tuple(args.scenarios), steps=args.steps)
-    v["uptime_start"], v["uptime_end"] = start, _uptime()
+    v["uptime_start"], v["uptime_end"] = start, uptime()
     print_validate(v)
-    with open(args.json, "w") as fh:
-        json.dump(v, fh, indent=1)
+    write_json(args.json, v)
     print(f"wrote {args.json}")
     return 0

@@ -23,13 +23,11 @@ The best non-disaggregated plan is the fastest measured ``ep_*``/``dc_*`` plan. 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import time
 
 import torch
 
+from bench_common import Col, Laps, Table, uptime, write_json
 from ds_hexamoe.apportion import largest_remainder
 from ds_hexamoe.parallel.zebra_model import ZebraModel, ZebraModelConfig, make_batch
 from ds_hexamoe.placement.zebra import best_zebra
@@ -87,10 +85,11 @@ def calibrate(c: ZebraModelConfig, samples: int, reps: int = 3) -> dict:
     out = {}
     for name, f in (("attention_s", att), ("experts_s", exp)):
         f()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        out[name] = (time.perf_counter() - t0) / reps
+        wall = Laps()
+        with wall.lap():
+            for _ in range(reps):
+                f()
+        out[name] = wall.last / reps
     return out
 
 
@@ -125,15 +124,15 @@ def _rank(rank, world, plans, cfg, batch, micro, factors, rounds, steps):
     try:
         for rnd in range(rounds + 1):  # round 0 warms up
             for i, (model, pipe, mine, opt) in enumerate(built):
+                walls = Laps()
                 for _ in range(steps):
                     opt.zero_grad(set_to_none=False)
                     dist.barrier()
-                    t0 = time.perf_counter()
-                    pipe.step(x[mine[0]:mine[0] + mine[1]], t[mine[0]:mine[0] + mine[1]]) if mine else pipe.step()
-                    opt.step()
-                    dist.barrier()
-                    if rnd:
-                        times[i].append(time.perf_counter() - t0)
+                    with walls.lap(keep=rnd > 0):
+                        pipe.step(x[mine[0]:mine[0] + mine[1]], t[mine[0]:mine[0] + mine[1]]) if mine else pipe.step()
+                        opt.step()
+                        dist.barrier()
+                times[i] += walls.s
                 lap = clock.lap()
                 for k in laps[i]:
                     laps[i][k] += lap[k] / steps / rounds if rnd else 0.0
@@ -144,7 +143,7 @@ def _rank(rank, world, plans, cfg, batch, micro, factors, rounds, steps):
 
 def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, micro: int, cfg: dict,
         base: float = 1.0) -> dict:
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = uptime()
     c = ZebraModelConfig(**cfg)
     cal = calibrate(c, batch // micro)
     slow = [world - 1]
@@ -176,13 +175,13 @@ def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, m
     best = max((r for r in rows if r["kind"] != "zebra"), key=lambda r: r["tokens_per_s"])
     z, u = by["zebra"]["tokens_per_s"], by["uniform_ep"]["tokens_per_s"]
     return {
-        "uptime_start": uptime, "world": world, "slow_ranks": slow, "attention_slowdown": fa, "expert_slowdown": fe,
+        "uptime_start": load, "world": world, "slow_ranks": slow, "attention_slowdown": fa, "expert_slowdown": fe,
         "model": cfg, "global_batch": batch, "micro_batches": micro, "tokens_per_step": tokens,
         "calibration_one_micro_batch": cal, "plans": rows,
         "zebra_tokens_per_s": z, "best_plan": best["name"], "best_plan_tokens_per_s": best["tokens_per_s"],
         "uniform_ep_tokens_per_s": u, "base_slowdown": base, "zebra_over_best_plan": z / best["tokens_per_s"], "zebra_over_uniform_ep": z / u,
         "goal_zebra_over_best_plan": 1.2, "goal_met": z / best["tokens_per_s"] >= 1.2,
-        "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "uptime_end": uptime(),
     }
 
 
@@ -190,12 +189,15 @@ def print_table(res: dict) -> None:
     print(f"uptime at start: {res['uptime_start']}")
     print(f"world {res['world']}, slow ranks {res['slow_ranks']}: attention x{res['attention_slowdown']}, "
           f"experts x{res['expert_slowdown']}; every rank x{res['base_slowdown']}; {res['tokens_per_step']} tokens/step")
-    print(f"{'plan':<22} {'shares':<12} {'median s':>9} {'tokens/s':>10} {'vs uniform':>10}  busy s per rank")
+    t = Table(Col("plan", "<22"), Col("shares", "<12", sep=" "), Col("median s", ">9.3f", sep=" "),
+              Col("tokens/s", ">10.0f", sep=" "), Col("vs uniform", ">9.2f", "x", sep=" "),
+              Col("busy s per rank", sep="  "))
+    print(t.header())
     u = res["uniform_ep_tokens_per_s"]
     for r in res["plans"]:
         busy = " ".join(f"{x['busy_s']:.3f}" for x in r["clock_per_rank"])
-        print(f"{r['name']:<22} {'/'.join(map(str, r['shares'])):<12} {r['median_step_s']:>9.3f} "
-              f"{r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / u:>9.2f}x  {busy}")
+        print(t.row(r["name"], "/".join(map(str, r["shares"])), r["median_step_s"], r["tokens_per_s"],
+                    r["tokens_per_s"] / u, busy))
     print(f"zebra / best non-disaggregated ({res['best_plan']}): {res['zebra_over_best_plan']:.2f}x "
           f"(goal >= 1.2x: {'met' if res['goal_met'] else 'not met'}); zebra / uniform EP: {res['zebra_over_uniform_ep']:.2f}x")
 
@@ -224,8 +226,7 @@ def main(argv=None) -> dict:
     res = run(a.world, a.attention_slowdown, a.expert_slowdown, a.rounds, a.steps, a.batch, a.micro_batches, cfg,
               a.base_slowdown)
     print_table(res)
-    with open(a.json, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.json, res)
     return res
 
 

@@ -20,7 +20,8 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import time
+
+from bench_common import Col, Laps, Table, uptime, write_json
 
 MODEL = {"model_type": "mixtral", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
@@ -45,10 +46,10 @@ def run_one(root: str, name: str, zebra: bool, steps: int, devices: list[dict]) 
     work = os.path.join(root, name)
     os.makedirs(work)
     path = os.path.join(work, "recipe.json")
-    with open(path, "w") as fh:
-        json.dump(recipe(os.path.join(work, "run"), zebra, steps, devices), fh, indent=2)
-    t0 = time.perf_counter()
-    proc = subprocess.run(["ds-hexamoe", "train", path], cwd=work, capture_output=True, text=True, timeout=1800)
+    write_json(path, recipe(os.path.join(work, "run"), zebra, steps, devices), indent=2)
+    wall = Laps()
+    with wall.lap():
+        proc = subprocess.run(["ds-hexamoe", "train", path], cwd=work, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         raise SystemExit(f"{name}: ds-hexamoe train failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(work, "run", "metrics.jsonl")) as fh:
@@ -57,7 +58,7 @@ def run_one(root: str, name: str, zebra: bool, steps: int, devices: list[dict]) 
         summary = json.load(fh)
     tps = [r["tok_per_s"] for r in rows if r["step"] > 2]
     return {"zebra": zebra, "median_tokens_per_s": statistics.median(tps), "tokens_per_s": tps,
-            "wall_s": time.perf_counter() - t0, "train_s": summary["train_s"], "last_loss": summary["last_loss"],
+            "wall_s": wall.last, "train_s": summary["train_s"], "last_loss": summary["last_loss"],
             "split": summary.get("zebra"), "plan": (summary.get("report") or {}).get("batch_shares")}
 
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cpu = {"name": "cpu", "attn_tflops": 0.05, "expert_tflops": 0.05, "memory_gb": 16, "bandwidth_gbps": 2}
     devices = [cpu, dict(cpu, slowdown=a.attention_slowdown, expert_slowdown=a.expert_slowdown)]
-    out = {"uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+    out = {"uptime_start": uptime(),
            "attention_slowdown": a.attention_slowdown, "expert_slowdown": a.expert_slowdown, "model": MODEL,
            "steps": a.steps, "pairs": []}
     print(f"uptime at start: {out['uptime_start']}")
@@ -86,16 +87,17 @@ def main(argv=None) -> int:
             out["pairs"].append(pair)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    out["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    out["uptime_end"] = uptime()
     z = out["pairs"][0]["zebra"]["split"] or {}
     print(f"zebra split: attention ranks {z.get('attention_ranks')}, expert owners {z.get('expert_owner')}, "
           f"{z.get('micro_batches')} micro-batches; planner predicted {z.get('speedup_over_plan', float('nan')):.2f}x")
-    print(f"{'pair':>4} {'zebra tok/s':>12} {'colocated tok/s':>16} {'zebra/colocated':>16}")
+    t = Table(Col("pair", ">4"), Col("zebra tok/s", ">12.0f", sep=" "), Col("colocated tok/s", ">16.0f", sep=" "),
+              Col("zebra/colocated", ">15.2f", "x", sep=" "))
+    print(t.header())
     for i, p in enumerate(out["pairs"]):
-        print(f"{i + 1:>4} {p['zebra']['median_tokens_per_s']:>12.0f} {p['colocated']['median_tokens_per_s']:>16.0f} "
-              f"{p['zebra_over_colocated']:>15.2f}x")
-    with open(a.json, "w") as fh:
-        json.dump(out, fh, indent=2)
+        print(t.row(i + 1, p["zebra"]["median_tokens_per_s"], p["colocated"]["median_tokens_per_s"],
+                    p["zebra_over_colocated"]))
+    write_json(a.json, out, indent=2)
     print(f"wrote {a.json}")
     return 0
 

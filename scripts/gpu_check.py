@@ -27,6 +27,8 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_common import write_json  # noqa: E402  (a sibling script)
+
 SECTIONS = ("kernels", "bench_kernels", "layer_memory", "compile", "deepspeed", "megatron")
 TIMEOUT_S = {"kernels": 90, "bench_kernels": 190, "layer_memory": 60, "compile": 90, "deepspeed": 90, "megatron": 60}
 NO_GPU_EXIT = 3
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         report.update(status="no_gpu", device=None, message="no CUDA device is present: nothing was checked or "
                       "measured; run scripts/gpu_check.sh on a machine with an NVIDIA GPU")
-        json.dump(report, open(args.json, "w"), indent=1)
+        write_json(args.json, report)
         print(f"gpu_check: NO GPU PRESENT (torch.cuda.is_available() is False). Nothing was run. Wrote {args.json}.")
         return NO_GPU_EXIT
     report["device"] = torch.cuda.get_device_name(0)
@@ -285,9 +287,9 @@ def main(argv=None) -> int:
             res = {"status": "error", "error": f"timed out after {limit:.0f} s"}
         report["sections"][name] = res
         print(f"gpu_check: {name}: {res['status']} ({res.get('seconds', '-')} s) {res.get('error', '')}", flush=True)
-        json.dump(report, open(args.json, "w"), indent=1, default=str)  # partial results survive a kill
+        write_json(args.json, report, default=str)  # partial results survive a kill
     report["status"] = "pass" if all(r["status"] == "pass" for r in report["sections"].values()) else "fail"
-    json.dump(report, open(args.json, "w"), indent=1, default=str)
+    write_json(args.json, report, default=str)
     print(f"gpu_check: {report['status'].upper()} on {report['device']}; wrote {args.json}")
     return 0 if report["status"] == "pass" else 1
 

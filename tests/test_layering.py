@@ -3,6 +3,10 @@
 Every module of ``ds_hexamoe`` (with ``kernels/`` and ``patches/`` under the names they install as) is
 parsed; every import of a package module counts, also one inside a function: a lazy import that dodges a
 cycle is still an edge. The layer order is the one ``docs/design.md`` documents.
+
+The scripts in ``scripts/`` are held to the same size caps, may not import each other in a cycle (a script
+importing another by module name, ``import bench_common`` or ``from bench_hetero import ...``, is an edge),
+and no package module may import a script.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 # placement is the planner: pure numpy/scipy, usable without a training stack
 PLACEMENT_FORBIDDEN = ("torch", "transformers", "deepspeed", "megatron")
+SCRIPTS = ROOT / "scripts"
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
@@ -49,6 +54,7 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+SCRIPT_FILES = {p.stem: p for p in sorted(SCRIPTS.glob("*.py"))}  # module name -> file
 
 
 def _is_package(mod: str) -> bool:
@@ -128,15 +134,15 @@ def test_imports_follow_the_layer_order():
     assert not bad, "imports against the layer order:\n" + "\n".join(bad)
 
 
-def test_no_import_cycles():
-    graph = {m: sorted({d for d, _ in deps}) for m, deps in edges().items()}
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan): every import cycle."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
     on: set[str] = set()
     cycles = []
 
-    def visit(v: str) -> None:  # Tarjan's strongly connected components
+    def visit(v: str) -> None:
         index[v] = low[v] = len(index)
         stack.append(v)
         on.add(v)
@@ -160,8 +166,13 @@ def test_no_import_cycles():
     for v in graph:
         if v not in index:
             visit(v)
-    lines = []
+    return cycles
+
+
+def test_no_import_cycles():
     all_edges = edges()
+    cycles = _cycles({m: sorted({d for d, _ in deps}) for m, deps in all_edges.items()})
+    lines = []
     for comp in cycles:
         members = set(comp)
         inner = [f"  {_where(m, line)}: {m} -> {d}" for m in comp for d, line in all_edges[m] if d in members]
@@ -187,8 +198,10 @@ def _functions(tree: ast.AST):
 
 
 def size_report() -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """``(lines, file)`` of every package module and script, and ``(lines, "file:line name")`` of every
+    function in them (nested ones too), longest first."""
     files, funcs = [], []
-    for mod, path in MODULES.items():
+    for path in list(MODULES.values()) + list(SCRIPT_FILES.values()):
         src = path.read_text()
         files.append((len(src.splitlines()), str(path.relative_to(ROOT))))
         for fn in _functions(ast.parse(src)):
@@ -203,6 +216,48 @@ def test_files_and_functions_stay_small():
     assert not big_files and not big_funcs, (
         f"files over {MAX_FILE_LINES} lines:\n" + "\n".join(big_files)
         + f"\nfunctions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(big_funcs))
+
+
+# ----------------------------------------------------------------------------- scripts/
+def _top_level_imports(path: Path) -> list[tuple[str, int]]:
+    """``(top-level module name, line)`` of every absolute import in ``path``, nested ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[0], node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def script_edges() -> dict[str, list[tuple[str, int]]]:
+    """Script -> the other scripts it imports by module name, with the line."""
+    return {name: [(dep, line) for dep, line in _top_level_imports(path) if dep in SCRIPT_FILES and dep != name]
+            for name, path in SCRIPT_FILES.items()}
+
+
+def test_no_import_cycles_among_scripts():
+    all_edges = script_edges()
+    cycles = _cycles({m: sorted({d for d, _ in deps}) for m, deps in all_edges.items()})
+    lines = []
+    for comp in cycles:
+        members = set(comp)
+        inner = [f"  {SCRIPT_FILES[m].relative_to(ROOT)}:{line}: {m} -> {d}"
+                 for m in comp for d, line in all_edges[m] if d in members]
+        lines.append("cycle among scripts " + ", ".join(comp) + ":\n" + "\n".join(inner))
+    assert not cycles, "\n".join(lines)
+
+
+def test_no_package_module_imports_a_script():
+    bad = [f"{_where(mod, line)}: {mod} imports the script {name}"
+           for mod, path in MODULES.items() for name, line in _top_level_imports(path) if name in SCRIPT_FILES]
+    assert not bad, "the package must not depend on scripts/:\n" + "\n".join(bad)
+
+
+def test_the_script_checks_see_the_scripts():
+    """The checks above look at real files: the benchmark scripts are found, and one known edge is seen."""
+    assert {"bench_hetero", "bench_validate", "bench_papers", "paper_setups"} <= set(SCRIPT_FILES)
+    assert ("paper_setups" in {d for d, _ in script_edges()["bench_papers"]})
 
 
 # a cited markdown file ("docs/design.md", "recipes.md") or a path that climbs out of its folder ("../x")
