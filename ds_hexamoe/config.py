@@ -175,7 +175,7 @@ class HexaMoEConfig:
     @property
     def replans_fssdp(self) -> bool:
         """FSSDP re-plans modes and replicas without device profiles: ``"mode": "auto"``, or expert parallel
-        with ``placement.replicas`` (:func:`ds_hexamoe.hetero.planning.replan_fssdp`)."""
+        with ``placement.replicas`` (:meth:`ds_hexamoe.hetero.state.PlanState.replan`)."""
         return self.sharding == "fssdp" and (
             self.mode == "auto" or (self.mode == "expert_parallel" and self.placement.replicas > 0))
 

@@ -1,7 +1,9 @@
-"""Per-engine HexaMoE state: the config, the experts modules, FSSDP (when on) and the step metrics.
+"""Per-engine HexaMoE state: the config, the experts modules, FSSDP (when on), the plan and the step metrics.
 
-Attached by :func:`ds_hexamoe.initialize` as ``engine.hexamoe``; the training worker, the progress bar,
-the Trainer callback and the logs all read :meth:`HexaMoERuntime.metrics`.
+Built by :func:`ds_hexamoe.initialize` as ``engine.hexamoe``, with everything it needs; the training
+worker, the progress bar, the Trainer callback and the logs all read :meth:`HexaMoERuntime.metrics`.
+The current placement plan has one owner, the job's :class:`~ds_hexamoe.hetero.state.PlanState`
+(``runtime.planning``): ``runtime.plan`` reads it and ``runtime.replan`` is the one way to change it.
 """
 from __future__ import annotations
 
@@ -11,22 +13,26 @@ import torch
 from torch import nn
 
 from .config import HexaMoEConfig
-from .distributed import world_and_rank
-from .experts import attach_collector, balance, experts_modules, reduce_stats, state_of
-from .hetero.planning import replan_fssdp
+from .experts import attach_collector, balance, experts_modules, state_of
+from .hetero.controller import HeteroController
+from .hetero.state import PlanState
 
 
 class HexaMoERuntime:
-    def __init__(self, model: nn.Module, config: HexaMoEConfig, fssdp: Any | None = None):
+    """``planning``: the job's plan state (None: nothing is planned); with device profiles the runtime runs
+    it through a :class:`~ds_hexamoe.hetero.HeteroController` (``hetero``) hooked to ``model``, ``fssdp``, its
+    routing collector and ``engine``."""
+
+    def __init__(self, model: nn.Module, config: HexaMoEConfig, fssdp: Any | None = None,
+                 planning: PlanState | None = None, engine: Any | None = None):
         self.model = model
         self.config = config
         self.fssdp = fssdp
+        self.planning = planning
+        self.engine = engine
         self.experts = experts_modules(model)
         self.step_hooks: list = []  # called as hook(runtime, global_step) after each optimizer step
         self.stats = None
-        self.plan = None  # the placement plan, when device profiles drive the run
-        self.hetero = None  # the heterogeneous-placement controller (ds_hexamoe.hetero)
-        self.plan_shape = None  # the planner's ModelShape of the model, taken before FSSDP sharded it
         if config.collect_stats:
             # shares a collector someone already attached (the Trainer callback), never replaces it
             self.stats = attach_collector(model, affinity=config.placement.use_affinity)
@@ -34,6 +40,15 @@ class HexaMoERuntime:
             model.register_forward_pre_hook(lambda _module, _args: self.stats.step())
         for _, m in self.experts:
             state_of(m).runtime = self
+        self.hetero: HeteroController | None = None  # the heterogeneous-placement controller (ds_hexamoe.hetero)
+        if planning is not None and planning.drives_batches:
+            self.hetero = HeteroController(planning, model=model, fssdp=fssdp, collector=self.stats, engine=engine)
+            self.step_hooks.append(self.hetero.step_hook)
+
+    @property
+    def plan(self):
+        """The current placement plan (None before the first one)."""
+        return self.planning.plan if self.planning is not None else None
 
     def expert_load(self) -> dict[str, list[int]]:
         """Tokens per expert of each MoE layer in the last forward (one host sync for all layers)."""
@@ -65,23 +80,21 @@ class HexaMoERuntime:
             out["moe_accounting"] = self.fssdp.accounting_summary()
         return out
 
-    def replan(self, stats=None, profiles=None):
-        """Plan again from fresh routing statistics (and profiles) and apply it: batch shares, shards, modes."""
+    def replan(self, stats=None, profiles=None, step: int | None = None):
+        """Plan again from fresh routing statistics (and profiles) and apply it: batch shares, shards, modes
+        (:meth:`PlanState.replan`; a collective). Without device profiles (FSSDP's ``"mode": "auto"`` or
+        replicas) it needs ``stats`` and returns None without them, or when nothing is planned."""
         if self.hetero is not None:
-            return self.hetero.replan(stats, profiles=profiles)
-        return replan_fssdp(self, stats, profiles)
+            return self.hetero.replan(stats, profiles=profiles, step=step)
+        if self.planning is None or self.fssdp is None or stats is None or not stats.layers:
+            return None
+        if step is None:
+            step = int(getattr(self.engine, "global_steps", len(self.planning.history)))
+        return self.planning.replan(stats, profiles, step=step, fssdp=self.fssdp)
 
     def after_step(self, global_step: int) -> None:
         for hook in self.step_hooks:
             hook(self, global_step)
-
-    def save_stats(self, path: str) -> None:
-        """Routing statistics summed over ranks (collective: every rank must call), written by rank 0."""
-        if self.stats is None:
-            return
-        snapshot = reduce_stats(self.stats.snapshot())
-        if world_and_rank()[1] == 0:
-            snapshot.save_json(path)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """A full (unsharded) state dict for Hugging Face export; with FSSDP this gathers the experts."""

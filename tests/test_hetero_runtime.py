@@ -256,7 +256,7 @@ def test_bad_inputs_fail_before_any_work(one_rank, tmp_path):
         init({"profile": "declared", "devices": [dict(FAST, memory_gb=_memory_for(18.0))]})
     assert model.config._experts_implementation == "hexamoe"
     # and a feasible declared plan on one rank works
-    ok = ds_hexamoe.hetero.HeteroController.from_config(
+    ok = ds_hexamoe.hetero.PlanState.from_config(
         model, ds_hexamoe.config.HexaMoEConfig.from_dict({"profile": "declared", "devices": [FAST]}),
         {"train_micro_batch_size_per_gpu": 4})
     assert ok.batch_shares == [4] and ok.shard_weights == [1.0]
@@ -350,16 +350,17 @@ def test_measure_waits_for_the_datas_sequence_length():
     """One process: the first profiles are timed at the model's shapes (its 8 positions); the first batch
     is 5 tokens long, so after step 1 the controller measures again at 5 and re-plans with those."""
     from ds_hexamoe.config import HexaMoEConfig
-    from ds_hexamoe.hetero import HeteroController
+    from ds_hexamoe.hetero import PlanState
     from ds_hexamoe.runtime import HexaMoERuntime
 
     model = make_model()
     cfg = HexaMoEConfig.from_dict({"profile": "measure"})
-    ctl = HeteroController.from_config(model, cfg, {"train_micro_batch_size_per_gpu": 4})
-    first = measured_at(ctl.profiles[0].name)
+    state = PlanState.from_config(model, cfg, {"train_micro_batch_size_per_gpu": 4})
+    first = measured_at(state.profiles[0].name)
     assert first == {"hidden": 32, "ffn": 48, "experts": 8, "top_k": 2, "heads": 4, "seq": SEQ, "tokens": 4 * SEQ}
-    rt = HexaMoERuntime(model, cfg)
-    ctl.attach(rt)
+    rt = HexaMoERuntime(model, cfg, planning=state)
+    ctl = rt.hetero
+    assert rt.plan is state.plan is ctl.plan
     model(input_ids=global_batch(0)[0][:4, :5])
     rt.after_step(1)
     assert measured_at(ctl.profiles[0].name) == {**first, "seq": 5, "tokens": 4 * 5}

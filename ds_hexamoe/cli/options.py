@@ -1,4 +1,4 @@
-"""Options ``train`` and ``validate`` share: the recipe argument and the ways to override its values."""
+"""Options ``train``, ``validate`` and ``plan`` share: the recipe argument and the ways to override its values."""
 from __future__ import annotations
 
 import argparse
@@ -10,15 +10,20 @@ from ..config import ConfigError
 
 
 def add_recipe_args(sp: argparse.ArgumentParser) -> None:
+    add_recipe_source_args(sp)
+    sp.add_argument("--steps", type=int, help="override training.steps")
+    sp.add_argument("--output-dir", help="override training.output_dir")
+    sp.add_argument("--master-port", type=int, help="rendezvous port (default: the recipe's, else a free one)")
+
+
+def add_recipe_source_args(sp: argparse.ArgumentParser) -> None:
+    """The recipe, ``--set`` and the rank-count overrides: what ``train``, ``validate`` and ``plan`` share."""
     sp.add_argument("recipe", nargs="?", default=None,
                     help="recipe JSON file (default: the embedded mixtral-tiny-finetune recipe)")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                     help="override a recipe value by dotted key, VALUE as JSON (repeatable), e.g. training.lr=3e-4")
-    sp.add_argument("--steps", type=int, help="override training.steps")
-    sp.add_argument("--output-dir", help="override training.output_dir")
     sp.add_argument("--nproc", type=int, help="processes per node (override launcher.nproc)")
     sp.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs (override launcher.hostfile)")
-    sp.add_argument("--master-port", type=int, help="rendezvous port (default: the recipe's, else a free one)")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:

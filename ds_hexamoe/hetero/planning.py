@@ -2,9 +2,8 @@
 
 Every plan the runtime makes goes through :func:`make_plan` (rank 0 plans with the placement planner and
 broadcasts, so all ranks apply the same plan), with a :class:`~ds_hexamoe.placement.ModelShape` whose
-sequence length :func:`shape_for_stats` infers from the statistics. The heterogeneous controller and the
-FSSDP-only re-plan (``"mode": "auto"`` or replicas without device profiles) both use it
-(docs/design.md, "Heterogeneous placement").
+sequence length :func:`shape_for_stats` infers from the statistics, for the global micro-batch of
+:func:`global_micro_batch`. Its one caller is :class:`~ds_hexamoe.hetero.state.PlanState` (docs/placement.md).
 """
 from __future__ import annotations
 
@@ -13,13 +12,13 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError, HexaMoEConfig
+from ..config import ConfigError
 from ..distributed import dist_on
 from ..experts import RoutingStats, experts_modules, weight_names
+from ..placement.options import PlanOptions
 from ..placement.plan import Plan
 from ..placement.planner import plan as placement_plan
 from ..placement.shapes import ModelShape
-from .resolve import resolve_profiles
 
 
 def moe_layers(model) -> list[tuple[str, int, int]]:
@@ -91,30 +90,20 @@ def shape_for_stats(shape: ModelShape, stats: RoutingStats | None, global_batch:
     return dataclasses.replace(shape, seq_len=seq)
 
 
-def make_plan(cfg: HexaMoEConfig, profiles, stats: RoutingStats, shape: ModelShape, global_batch: int, *,
-              mode: str | None = None, group=None, **options) -> Plan:
+def make_plan(options: PlanOptions, profiles, stats: RoutingStats, shape: ModelShape, global_batch: int, *,
+              group=None) -> Plan:
     """Every rank plans with :func:`ds_hexamoe.placement.plan` (so an infeasible plan fails on all ranks alike),
     then rank 0's plan is broadcast: every rank returns the same plan.
 
-    ``global_batch``: samples per micro-step over all ranks; ``options`` go to the planner as given.
-    A collective inside a process group."""
-    p = cfg.placement
+    ``options``: :meth:`PlanOptions.from_config` of the job; ``global_batch``: samples per micro-step over all
+    ranks (:func:`global_micro_batch`). A collective inside a process group."""
     rank = dist.get_rank(group) if dist_on() else 0
-    out = placement_plan(profiles, stats, global_batch=global_batch, model_shape=shape, solver=p.solver,
-                         replicas=p.replicas or None, time_limit=p.ilp_time_limit, mode=mode or cfg.mode,
-                         use_affinity=p.use_affinity, **_schedule_options(cfg), **options)
+    out = placement_plan(profiles, stats, global_batch=global_batch, model_shape=shape, options=options)
     if dist_on() and dist.get_world_size(group) > 1:  # the planner is deterministic; rank 0's plan is applied
         box = [out.to_dict() if rank == 0 else None]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         out = Plan.from_dict(box[0])
     return out
-
-
-def _schedule_options(cfg: HexaMoEConfig) -> dict:
-    """FSSDP's forward schedule, which the cost of data-centric layers depends on (none without FSSDP)."""
-    if cfg.sharding != "fssdp":
-        return {}
-    return {"schedule": cfg.fssdp.schedule, "history": cfg.fssdp.history}
 
 
 def global_micro_batch(ds_config: dict, world: int) -> int:
@@ -140,24 +129,3 @@ def at_least_one(shares: list[int]) -> list[int]:
             s[big] -= 1
             s[r] += 1
     return s
-
-
-def replan_fssdp(runtime, stats: RoutingStats | None, profiles=None) -> Plan | None:
-    """Re-plan and apply modes and replicas of an FSSDP job without a heterogeneity controller (``"mode":
-    "auto"``, or expert parallel with ``placement.replicas``). ``stats`` are summed over ranks; ``profiles``
-    anything the planner takes (None: :func:`.resolve.resolve_profiles`).
-    A collective; returns the plan, or None when the config asks for no re-plan."""
-    cfg, fssdp = runtime.config, runtime.fssdp
-    if fssdp is None or stats is None or not stats.layers or not cfg.replans_fssdp:
-        return None
-    world = fssdp.world_size
-    rank = dist.get_rank(fssdp.group) if dist_on() else 0
-    micro = int(fssdp.engine.train_micro_batch_size_per_gpu()) if fssdp.engine is not None else 1
-    global_batch = micro * world
-    shape = shape_for_stats(runtime.plan_shape, stats, global_batch, world)
-    if profiles is None:
-        tokens = micro * shape.seq_len if shape is not None else None
-        profiles = resolve_profiles(cfg, world, rank, fssdp.group, shape=shape, micro_tokens=tokens)
-    plan = make_plan(cfg, profiles, stats, shape, global_batch, group=fssdp.group)
-    fssdp.apply_plan(plan, check=False)
-    return plan

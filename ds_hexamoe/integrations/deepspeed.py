@@ -6,8 +6,8 @@ parameters, so ZeRO only ever holds dense ones), build expert/dense parameter gr
 and attach :class:`~ds_hexamoe.runtime.HexaMoERuntime` as ``engine.hexamoe``. With ``"profile"``
 "measure" or "declared", device profiles and the heterogeneity plan come first (before converting or
 sharding: infeasible inputs fail before any work); FSSDP shards with the plan's weights unless
-``shard_weights`` is set, and the plan's controller is attached as ``engine.hexamoe.hetero``
-(``engine.hexamoe.plan``, ``engine.hexamoe.replan``; see :mod:`ds_hexamoe.hetero`).
+``shard_weights`` is set, and the runtime runs the plan with a controller, ``engine.hexamoe.hetero``
+(``engine.hexamoe.plan`` reads the plan, ``engine.hexamoe.replan`` changes it; see :mod:`ds_hexamoe.hetero`).
 
 After ``import ds_hexamoe``, a plain ``deepspeed.initialize`` whose config has a ``"hexamoe"`` section
 is routed here too, so ``accelerate`` and the Hugging Face ``Trainer`` pick it up.
@@ -159,52 +159,38 @@ def initialize(
     if not hcfg.enabled:
         return _original_initialize()(model=model, optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs)
 
-    hetero = None
-    if hcfg.profile != "uniform":
-        # profiles and the plan come first: bad device files and infeasible plans fail before any work
+    planning = None
+    if hcfg.profile != "uniform" or hcfg.replans_fssdp:
+        # profiles, the model shape and the first plan come first: bad device files and infeasible plans fail
+        # before any work, and the shape is taken before FSSDP replaces the experts' full weights
         _init_distributed(distributed_port)
-        from ..hetero import HeteroController  # lazy, like every heavy import here: `import ds_hexamoe` stays light
+        from ..hetero import PlanState  # lazy, like every heavy import here: `import ds_hexamoe` stays light
+        from ..placement.options import PlanOptions
 
-        hetero = HeteroController.from_config(model, hcfg, ds_config)
+        planning = PlanState.from_config(model, hcfg, ds_config, options=PlanOptions.from_config(hcfg))
     convert_model(model, hcfg)
-    plan_shape = _plan_shape(model, hcfg, hetero)
-    manager = _shard_experts(model, hcfg, hetero, distributed_port) if hcfg.sharding == "fssdp" else None
+    manager = _shard_experts(model, hcfg, planning, distributed_port) if hcfg.sharding == "fssdp" else None
     model_parameters = _dense_parameters(model, ds_config, optimizer, model_parameters, manager)
     engine, opt, loader, sched = _original_initialize()(
         model=model, optimizer=optimizer, model_parameters=model_parameters, **ds_kwargs
     )
     _release_once()
-    runtime = HexaMoERuntime(model, hcfg, fssdp=manager)
-    runtime.plan_shape = plan_shape
-    engine.hexamoe = runtime
     if manager is not None:
         manager.attach(engine, optimizer_config=ds_config.get("optimizer"), lr_scheduler=sched)
-    if hetero is not None:
-        hetero.engine = engine
-        hetero.attach(runtime)  # engine.hexamoe.hetero / .plan / .replan, step hook, slowdown emulation
+    # with profiles: engine.hexamoe.hetero (batch shares, step hook, slowdown emulation) over the plan state
+    engine.hexamoe = HexaMoERuntime(model, hcfg, fssdp=manager, planning=planning, engine=engine)
     return engine, opt, loader, sched
 
 
-def _plan_shape(model: nn.Module, hcfg: HexaMoEConfig, hetero):
-    """The planner's model shape, taken before FSSDP replaces the experts' full weights (re-plans need it)."""
-    if hetero is not None:
-        return hetero.shape
-    if hcfg.replans_fssdp:
-        from ..hetero.planning import model_shape_for
-
-        return model_shape_for(model)
-    return None
-
-
-def _shard_experts(model: nn.Module, hcfg: HexaMoEConfig, hetero, port):
+def _shard_experts(model: nn.Module, hcfg: HexaMoEConfig, planning, port):
     """FSSDP shards with the plan's weights (unless ``shard_weights`` is set) and declared slice speeds."""
     _init_distributed(port)
     from ..fssdp import FSSDPManager
     from ..hetero.resolve import declared_speeds
 
     shard_cfg = hcfg
-    if hetero is not None and hetero.fssdp_weights() is not None:
-        shard_cfg = dataclasses.replace(hcfg, shard_weights=hetero.fssdp_weights())
+    if planning is not None and planning.fssdp_weights() is not None:
+        shard_cfg = dataclasses.replace(hcfg, shard_weights=planning.fssdp_weights())
     speeds = declared_speeds(hcfg, torch.distributed.get_world_size())
     return FSSDPManager.shard_model(model, shard_cfg, speeds=speeds)
 

@@ -5,6 +5,7 @@ Routing statistics come from :mod:`ds_hexamoe.experts.stats`; measuring devices 
 (:mod:`ds_hexamoe.hetero.profiling`).
 """
 from ..experts.stats import RoutingStats, synthetic_stats, uniform_stats
+from .options import PlanOptions
 from .plan import Plan
 from .planner import plan
 from .profiles import GPU_TABLE, DeviceProfile, builtin_profile, load_profiles
@@ -17,6 +18,6 @@ from . import ilp as _ilp  # noqa: F401  (registers the "ilp" solver)
 
 __all__ = [
     "DeviceProfile", "GPU_TABLE", "builtin_profile", "load_profiles", "RoutingStats", "synthetic_stats",
-    "uniform_stats", "ModelShape", "MODEL_SHAPES", "Plan", "plan", "SOLVERS", "PlacementProblem", "SolverResult",
+    "uniform_stats", "ModelShape", "MODEL_SHAPES", "Plan", "PlanOptions", "plan", "SOLVERS", "PlacementProblem", "SolverResult",
     "register_solver", "solve", "Simulation", "simulate", "uniform_plan", "ideal_step_time",
 ]

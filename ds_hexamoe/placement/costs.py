@@ -26,14 +26,13 @@ slice of every expert (model-centric) or the hosted replicas (expert-parallel).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..apportion import largest_remainder
-from ..config import MODES, ConfigError
+from ..config import ConfigError
 from ..devices import DeviceProfile
 from ..experts.stats import RoutingStats
+from .options import SHARD_BY, PlanOptions
 from .problem import PlacementProblem
 from .profiles import check_world_size
 from .shapes import ModelShape
@@ -45,40 +44,6 @@ from .shapes import ModelShape
 # reduce-scatter, forward and backward
 DENSE_COLLECTIVES = 4
 LAYER_COLLECTIVES = {"data_centric": 3, "expert_parallel": 6, "model_centric": 4}
-
-
-@dataclass
-class PlanOptions:
-    memory_fraction: float = 0.9  # of each device's memory the plan may use
-    memory_limits_gb: list[float] | None = None  # per-rank override of usable memory
-    rematerialize: bool = True
-    prefetch: bool = True
-    use_affinity: bool = True
-    replicas: int | None = None
-    time_limit: float = 10.0
-    mode: str = "auto"
-    # FSSDP's forward schedule (hexamoe.fssdp): "sync" gathers after the router; "hecate" gathers the
-    # experts of the last ``history`` calls ahead, hidden under dense compute, and calibrates the rest
-    schedule: str = "sync"
-    history: int = 5
-
-    def validate(self, world_size: int) -> None:
-        if not 0 < self.memory_fraction <= 1:
-            raise ConfigError(f"memory_fraction: got {self.memory_fraction!r}; expected a number in (0, 1]")
-        if self.memory_limits_gb is not None:
-            m = self.memory_limits_gb
-            if len(m) != world_size or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 for v in m):
-                raise ConfigError(f"memory_limits: got {m!r}; expected {world_size} numbers > 0 (GB per rank)")
-        if self.replicas is not None and (not isinstance(self.replicas, int) or self.replicas < 0):
-            raise ConfigError(f"replicas: got {self.replicas!r}; expected an integer >= 0 or None (automatic)")
-        if not self.time_limit > 0:
-            raise ConfigError(f"time_limit: got {self.time_limit!r}; expected a number of seconds > 0")
-        if self.schedule not in ("sync", "hecate"):
-            raise ConfigError(f"schedule: got {self.schedule!r}; expected \"sync\" or \"hecate\" (hexamoe.fssdp.schedule)")
-        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
-            raise ConfigError(f"history: got {self.history!r}; expected an integer >= 1 (hexamoe.fssdp.history)")
-        if self.mode not in MODES + ("auto",):
-            raise ConfigError(f"mode: got {self.mode!r}; expected one of {list(MODES) + ['auto']}")
 
 
 def integer_shares(weights, total: int, caps=None, what: str = "global_batch") -> list[int]:
@@ -213,7 +178,7 @@ class CostModel:
         SparseAllGather, so a slow rank owning as much as a fast one makes everyone wait), each rank capped
         at the share its free memory holds (water-filled: what a capped rank cannot hold goes to the others
         by speed)."""
-        if by not in ("memory", "speed"):
+        if by not in SHARD_BY:
             raise ConfigError(f"shard_by: got {by!r}; expected 'memory' or 'speed'")
         free = self.mem - self.dense_state()
         bad = np.flatnonzero(free <= 0)

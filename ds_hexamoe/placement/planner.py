@@ -25,7 +25,8 @@ import numpy as np
 from ..config import MODES, ConfigError
 from ..devices import DeviceProfile
 from ..experts.stats import RoutingStats
-from .costs import CostModel, PlanOptions, integer_shares
+from .costs import CostModel, integer_shares
+from .options import PlanOptions
 from .plan import Plan
 from .problem import PlacementProblem, rank_times
 from .profiles import load_profiles
@@ -165,46 +166,26 @@ def refine_shares(p: Plan, cost: CostModel, max_moves: int = 200, tries: int = 4
     return p, sim
 
 
-def plan(
-    profiles: Any,
-    stats: Any,
-    *,
-    global_batch: int,
-    model_shape: str | dict | ModelShape | None = None,
-    memory_limits: list[float] | None = None,
-    memory_fraction: float = 0.9,
-    solver: str = "greedy",
-    replicas: int | None = None,
-    time_limit: float = 10.0,
-    mode: str = "auto",
-    use_affinity: bool = True,
-    rematerialize: bool = True,
-    prefetch: bool = True,
-    shard_by: str = "memory",
-    schedule: str = "sync",
-    history: int = 5,
-) -> Plan:
+def plan(profiles: Any, stats: Any, *, global_batch: int, model_shape: str | dict | ModelShape | None = None,
+         options: PlanOptions | None = None, **changes: Any) -> Plan:
     """Plan training on the ranks of ``profiles`` (one per rank) for the routing in ``stats``.
 
-    ``global_batch`` counts samples of ``model_shape.seq_len`` tokens; ``memory_limits`` (GB per rank)
-    overrides ``memory_fraction`` of each device's memory; ``replicas`` extra expert replicas per layer
-    for ``eplb``/``ilp`` (None: enough for every rank to host one); ``time_limit`` bounds the ILP;
-    ``mode`` forces one mode for every layer ("auto": the fastest candidate); ``shard_by`` sizes the FSSDP
-    shards by free memory (``"memory"``) or by expert speed within memory (``"speed"``, what the runtime
-    uses: see :meth:`CostModel.shard_weights`); ``schedule`` and ``history`` are FSSDP's forward schedule
-    (``hexamoe.fssdp``: see :meth:`CostModel.dc_forward`).
+    ``global_batch`` counts samples of ``model_shape.seq_len`` tokens. ``options``: how to plan (None: the
+    defaults of :class:`PlanOptions`; training passes :meth:`PlanOptions.from_config`); keyword ``changes``
+    replace single options (``mode="data_centric"``; ``memory_limits`` is ``memory_limits_gb``).
     """
     t0 = time.perf_counter()
+    if "memory_limits" in changes:
+        changes["memory_limits_gb"] = changes.pop("memory_limits")
+    options = (options or PlanOptions()).replace(**changes)
+    solver, mode = options.solver, options.mode
     if solver not in SOLVERS:
         raise ConfigError(f"solver: got {solver!r}; expected one of {sorted(SOLVERS)}")
     profiles = _as_profiles(profiles)
     stats = _as_stats(stats)
     model = resolve_model(model_shape, stats.model)
-    options = PlanOptions(memory_fraction=memory_fraction, memory_limits_gb=memory_limits, rematerialize=rematerialize,
-                          prefetch=prefetch, use_affinity=use_affinity, replicas=replicas, time_limit=time_limit,
-                          mode=mode, schedule=schedule, history=history)
     cost = CostModel(profiles, stats, model, global_batch, options)
-    sw = cost.shard_weights(shard_by)
+    sw = cost.shard_weights(options.shard_by)
     cost.check_expert_fits(sw)
     cands = _Candidates(cost, sw, solver)
     for m in (MODES if mode == "auto" else (mode,)):
@@ -238,9 +219,7 @@ def plan(
         "solver_objective": res.objective if res is not None else None,
         "planner_wall_s": time.perf_counter() - t0,
         "model": model.to_dict(),
-        "options": {"memory_fraction": memory_fraction, "memory_limits_gb": memory_limits, "replicas": replicas,
-                    "time_limit": time_limit, "mode": mode, "use_affinity": use_affinity,
-                    "rematerialize": rematerialize, "prefetch": prefetch, "shard_by": shard_by},
+        "options": options.to_dict(),
     }
     # attention/expert disaggregation (zebra), simulated beside the chosen plan; "hexamoe.zebra" "auto" applies it
     out.meta["zebra"] = zebra_advice(cost, sims[best].step_time)

@@ -25,7 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-MODES = ("data_centric", "expert_parallel", "model_centric")
+from ..config import MODES
+
 _COUNTS_ROW = 8 * 4  # int64 [rows, digest, k, d] per destination in the counts exchange
 _SIZES_ROW = 8 * 3  # int64 [T, k, d] in model-centric's sizes all-gather
 

@@ -50,7 +50,7 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
                  world: int) -> tuple[ZebraLayout | None, dict, HFZebraStack | None]:
     """The split to run (None: ``"auto"`` and the planner's simulator prefers the colocated plan), what
     decided it, for the run's report, and ``model`` cut into the pipeline's segments (None: it cannot be)."""
-    from ..hetero import HeteroController
+    from ..hetero import PlanState
     from ..hetero.planning import global_micro_batch
 
     cfg = recipe.hexamoe_config
@@ -66,7 +66,7 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
         layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), tuple(z.expert_owner), z.micro_batches or 2)
         _check_layout(layout, world, stack, gb, "hexamoe.zebra")
         return layout, {"source": "hexamoe.zebra"}, stack
-    ctl = HeteroController.from_config(model, cfg, ds_config)
+    ctl = PlanState.from_config(model, cfg, ds_config)
     advice = ctl.plan.meta.get("zebra") if ctl is not None else None
     if advice is None:
         if z.enabled == "auto":
