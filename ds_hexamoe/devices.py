@@ -30,11 +30,14 @@ class GPUSpec:
     note: str = ""
     memory_bandwidth_gbps: float = 0.0
     sdpa_tflops: float = 0.0  # attention kernel (QK^T, softmax, PV; fwd + bwd) at long sequences; 0: = tflops
+    collective_latency_us: float = 0.0  # measured small-collective cost; 0: the NCCL estimate below
 
     @property
     def latency_us(self) -> float:
-        """A small-message collective's cost, typical of NCCL: ~10 us over NVLink/Infinity Fabric, ~20 us
-        over PCIe (host-staged)."""
+        """A small-message collective's cost: as measured where the row says, else typical of NCCL: ~10 us
+        over NVLink/Infinity Fabric, ~20 us over PCIe (host-staged)."""
+        if self.collective_latency_us > 0:
+            return self.collective_latency_us
         return 20.0 if "PCIe" in self.note else 10.0
 
 
@@ -67,6 +70,12 @@ GPU_TABLE: dict[str, GPUSpec] = {
     "V100-32GB": GPUSpec(125.0, 32.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0, 12.2),
     "V100-16GB": GPUSpec(125.0, 16.0, 150.0, "SXM2, NVLink 2; fp16 (no bf16)", 900.0, 12.2),
     "T4": GPUSpec(65.0, 16.0, 16.0, "PCIe 3; fp16 (no bf16)", 320.0),
+    # not a GPU: one rank of a 2-core, 24 GB x86 host running two gloo ranks (the project's test machine), so
+    # CPU recipes can be planned with "profile": "declared". fp32 GEMM rates from measure_profile (0.023
+    # attention / 0.030 expert TFLOP/s with the cores oversubscribed ~4x; rounded up for an idle host), half
+    # the host's memory, measure_profile's host-link figure and a tiny all_reduce between the two ranks
+    # (~150 us under that load). Estimates: "profile": "measure" times the host itself.
+    "cpu": GPUSpec(0.05, 12.0, 16.0, "2-core host, gloo loopback; fp32", 11.0, 0.04, collective_latency_us=100.0),
 }
 _ALIASES = {"H100": "H100-SXM", "A100": "A100-80GB", "V100": "V100-32GB", "4090": "RTX-4090", "3090": "RTX-3090",
             "A6000": "RTX-A6000", "MI300": "MI300X"}

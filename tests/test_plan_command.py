@@ -64,3 +64,12 @@ def test_bad_recipes_and_measure_are_refused(tmp_path, capsys):
     assert "hexamoe.devices: 2 device profiles for 3 ranks" in capsys.readouterr().err
     assert plan_main([recipe, "--solver", "ilp"]) == 2
     assert "--solver: with a recipe" in capsys.readouterr().err
+
+
+def test_embedded_default_plans_with_declared_profiles(capsys):
+    """The README's acceptance command: the shipped recipe's ``"cpu"`` devices resolve from the built-in table
+    (rank 1's declared 2x slowdown kept), so declared planning needs no numbers in the recipe."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "mixtral-tiny-finetune.json")
+    planned = _planned(capsys, [recipe, "--set", 'hexamoe.profile="declared"'])
+    assert sum(planned["batch_shares"]) == 16 and planned["batch_shares"][0] > planned["batch_shares"][1]
+    assert abs(sum(planned["shard_weights"]) - 1) < 1e-3 and planned["shard_weights"][0] > planned["shard_weights"][1]
