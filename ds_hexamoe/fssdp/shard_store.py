@@ -110,7 +110,7 @@ class ShardStore:
                 shape = (new.count(self.rank), *layer.expert_shapes[n])
                 shard = make_shard(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), old_p.requires_grad,
                                    new.owned(self.rank))
-                del layer.module._parameters[n]
+                delattr(layer.module, n)
                 layer.module.register_parameter(n, shard)
                 layer.shards[n] = shard
                 self.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)

@@ -75,7 +75,7 @@ def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list
     ids = torch.tensor(own.owned(rank), dtype=torch.long)
     for k, p in full.items():
         shard = make_shard(p.detach().index_select(0, ids.to(p.device)).clone(), p.requires_grad, own.owned(rank))
-        del module._parameters[names[k]]
+        delattr(module, names[k])
         module.register_parameter(names[k], shard)
         layer.shards[names[k]] = shard
     if getattr(module, "num_experts", None) is None:
