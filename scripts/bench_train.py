@@ -184,7 +184,7 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
         mem = manager.memory_stats()
         out["expert_state_bytes_per_rank"] = mem["expert_state_bytes"]
         out["peak_expert_cache_bytes"] = mem["cache_bytes"]
-        calls = [c for h in manager._history.values() for c in h.calls]
+        calls = [c for loads in manager.load_history().values() for c in loads]
         tok = [sum(c[q][e] for c in calls for q in range(world)) for e in range(args.experts)]
         out["routing_max_over_mean"] = max(tok) / max(1e-9, sum(tok) / len(tok))
     elif mode == "zero2":

@@ -173,9 +173,9 @@ def _late_reduce_worker(rank: int, world: int) -> dict:
     for m in range(2):
         x = batch(0, m, 2)[rank:rank + 1]
         engine.backward(engine(input_ids=x, labels=x).loss)
-        seen.append(len(manager._pending))  # reduces still in flight after DeepSpeed's backward
+        seen.append(manager.pending_reduces)  # reduces still in flight after DeepSpeed's backward
         engine.step()
-        seen.append(len(manager._pending))
+        seen.append(manager.pending_reduces)
     return {"seen": seen}
 
 

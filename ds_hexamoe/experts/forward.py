@@ -12,21 +12,32 @@ from ..ops.activations import activation_name
 from .protocol import default_gate, expert_weights, flag, state_of
 
 
+def record_routing(module: torch.nn.Module, top_k_index: torch.Tensor, num_experts: int,
+                   counts: torch.Tensor | None = None, fallback_name: str | None = None) -> None:
+    """Note one call's routing on the module: ``last_counts`` (tokens per expert; from ``top_k_index`` unless
+    given) and the routing-statistics collector, if one is attached. Every experts forward calls this."""
+    state = state_of(module)
+    if counts is None:
+        flat = top_k_index.reshape(-1).to(torch.int64).clamp(0, num_experts)  # sentinel ids land past the end
+        counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    state.last_counts = counts
+    if state.collector is not None:
+        # unnamed modules (no ds_hexamoe.initialize) stay distinct per instance
+        name = state.name or fallback_name or f"{type(module).__name__}@{id(module):x}"
+        state.collector.record(name, top_k_index, num_experts)
+
+
 def hexamoe_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """Dropless experts forward on the expert-specific operators; a drop-in for ``grouped_mm``."""
-    state = state_of(self)
     w = None
     num_experts = getattr(self, "num_experts", None)
     if num_experts is None:
         w = expert_weights(self)
         num_experts = w["w1"].size(0)
     index = build_expert_index(top_k_index, num_experts)
-    state.last_counts = index.counts
-    if state.collector is not None:
-        # unnamed modules (no ds_hexamoe.initialize) stay distinct per instance
-        state.collector.record(state.name or f"{type(self).__name__}@{id(self):x}", top_k_index, num_experts)
+    record_routing(self, top_k_index, num_experts, counts=index.counts)
     if w is None:
         w = expert_weights(self, index)
     row_scale = top_k_weights.reshape(-1)

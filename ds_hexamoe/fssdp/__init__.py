@@ -7,7 +7,7 @@ load history and issued ahead of its router, with calibration gathers (Hecate); 
 optional re-materialization in backward; a sharded AdamW/Adam/SGD for the shards driven by the DeepSpeed
 engine; checkpoints that re-shard.
 """
-from .collectives import CommStats
+from ..parallel.accounting import CommStats
 from .manager import FSSDPManager
 from .optim import OptimizerSpec, ShardedOptimizer
 from .ownership import LayerOwnership, normalized_weights, split_experts

@@ -56,13 +56,12 @@ class PipelineCache:
             self._slots[key] = [Slot(torch.zeros(self.numel, dtype=dtype, device=device)) for _ in range(self.num_slots)]
         return self._slots[key][i % self.num_slots]
 
-    def is_slot_storage(self, t: torch.Tensor) -> Slot | None:
-        ptr = t.untyped_storage().data_ptr()
+    def index_of(self, slot: Slot) -> int:
+        """The position of ``slot`` among its (dtype, device)'s slots; 0 for a slot not in this cache."""
         for slots in self._slots.values():
-            for s in slots:
-                if s.buf.untyped_storage().data_ptr() == ptr:
-                    return s
-        return None
+            if slot in slots:
+                return slots.index(slot)
+        return 0
 
     def nbytes(self) -> int:
         return sum(s.buf.numel() * s.buf.element_size() for slots in self._slots.values() for s in slots)

@@ -134,15 +134,13 @@ def _saved_ownership(mgr, index: dict, directory: str) -> dict:
 
 def _adopt(mgr, saved: dict) -> None:
     """Same world size: take the saved ownership (shards rebuilt empty, then filled from the files)."""
-    from .migrate import _rebuild_shards
-
     if all(layer.ownership == saved[layer.index] for layer in mgr.layers):
         return
     owns = [saved[layer.index] for layer in mgr.layers]
     rows = {(layer.index, n): torch.zeros(own.count(mgr.rank), layer.expert_numel(n), device=layer.device)
             for layer, own in zip(mgr.layers, owns) for n in layer.param_names}
     spec = mgr.optimizer.spec if mgr.optimizer is not None else None
-    _rebuild_shards(mgr, owns, rows)
+    mgr.rebuild_shards(owns, rows)
     if spec is not None:
         mgr.build_optimizer(spec)
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..parallel.accounting import CommStats
 from .layer import ExpertLayer
 from .ownership import LayerOwnership
-from .transport import CommStats, Pending, blocked, count_sent, exchange
+from .transport import Pending, exchange
 from .tree import max_fanout, tree_all_gather, tree_reduce_scatter, use_tree
 
-__all__ = ["CommStats", "Pending", "Transfer", "UsedLater", "blocked", "exchange_counts", "exchange_counts_async",
-           "exchange_masks", "plan_transfer",
+__all__ = ["Pending", "Transfer", "UsedLater", "all_gather_loads", "all_gather_loads_async", "plan_transfer",
            "sparse_all_gather", "sparse_reduce_scatter"]
 
 
@@ -52,25 +52,14 @@ def plan_transfer(ownership: LayerOwnership, masks: list[list[bool]], rank: int)
                     masks=tuple(tuple(bool(x) for x in m) for m in masks), widest=max_fanout(ownership, masks))
 
 
-def exchange_masks(mask_e: torch.Tensor, group, stats: CommStats) -> list[list[bool]]:
-    """All ranks' active-expert masks ``[N][E]`` (one tiny all_gather of ``E`` bytes per rank)."""
-    n = dist.get_world_size(group)
-    m = mask_e.to(device="cpu", dtype=torch.uint8).contiguous()
-    out = [torch.empty_like(m) for _ in range(n)]
-    with blocked(stats, "masks"):
-        dist.all_gather(out, m, group=group)
-    stats.mask_bytes += m.numel() * (n - 1)
-    return [t.bool().tolist() for t in out]
-
-
-def exchange_counts(counts_e: torch.Tensor, group, stats: CommStats) -> list[list[int]]:
+def all_gather_loads(counts_e: torch.Tensor, group, stats: CommStats) -> list[list[int]]:
     """All ranks' expert loads ``[N][E]`` (tokens per expert; one all_gather of ``4E`` bytes per rank):
     the active masks and the load history in one collective."""
-    return exchange_counts_async(counts_e, group, stats).wait()
+    return all_gather_loads_async(counts_e, group, stats).wait()
 
 
-def exchange_counts_async(counts_e: torch.Tensor, group, stats: CommStats) -> Pending:
-    """:func:`exchange_counts` issued asynchronously: a :class:`Pending` whose ``wait()`` gives ``[N][E]``."""
+def all_gather_loads_async(counts_e: torch.Tensor, group, stats: CommStats) -> Pending:
+    """:func:`all_gather_loads` issued asynchronously: a :class:`Pending` whose ``wait()`` gives ``[N][E]``."""
     n = dist.get_world_size(group)
     c = counts_e.to(device="cpu", dtype=torch.int32).contiguous()
     out = [torch.empty_like(c) for _ in range(n)]
@@ -121,7 +110,7 @@ def sparse_all_gather(
     recv, send, work = exchange(rows, send_counts, recv_counts, width, dtype, layer.device, group, async_op, stats, what)
     stats.collectives += 1
     esize = torch.empty(0, dtype=dtype).element_size()
-    count_sent(stats, layer.index, transfer.sends, width * esize, kind)
+    stats.count_sent(layer.index, transfer.sends, width * esize, kind)
     stats.recv_bytes += recv.numel() * esize
     flat_recv = [e for r in transfer.recvs for e in r]
 
@@ -159,7 +148,7 @@ def sparse_reduce_scatter(
                                      width, wire, device, group, async_op, stats, "reduce")
         stats.collectives += 1
         esize = torch.empty(0, dtype=wire).element_size()
-        count_sent(stats, layer.index, transfer.recvs, width * esize, "reduce_bytes")
+        stats.count_sent(layer.index, transfer.recvs, width * esize, "reduce_bytes")
         stats.recv_bytes += recv.numel() * esize
     else:
         stats.skipped += 1

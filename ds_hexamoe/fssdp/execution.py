@@ -27,9 +27,11 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from ..distributed import world_and_rank
 from ..experts.protocol import closed_form
+from ..parallel.accounting import CommStats, blocked
 from ..parallel.weights import ExpertSpec, ExpertWeights
-from .collectives import Transfer, blocked, plan_transfer
+from .collectives import Transfer, plan_transfer
 from .layer import ExpertLayer
 
 
@@ -84,13 +86,13 @@ class PlacedMaterializer:
 
     full_layer = True
 
-    def __init__(self, mgr, layer: ExpertLayer, transfer: Transfer):
-        self.mgr, self.layer, self.transfer = mgr, layer, transfer
+    def __init__(self, materializer, layer: ExpertLayer, transfer: Transfer):
+        self.materializer, self.layer, self.transfer = materializer, layer, transfer
 
     def __call__(self, experts: Sequence[int], f_range=None) -> ExpertWeights:
         if f_range is not None:
             raise ValueError("PlacedMaterializer: expert-parallel hosting materializes whole experts (f_range=None)")
-        full = self.mgr._materialize_transfer(self.layer, self.transfer)
+        full = self.materializer.materialize(self.layer, self.transfer)
         return to_compute(self.layer, full)
 
 
@@ -172,13 +174,14 @@ def _a2a(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], gro
 
 class MaterializeSlices(torch.autograd.Function):
     """Forward: every expert's ``f``-slice for this rank, re-sliced from whole-expert shards by one
-    all-to-all. Backward: each slice gradient back to its expert's owner (into FSSDP's gradient buffers)."""
+    all-to-all. Backward: each slice gradient back to its expert's owner (into FSSDP's gradient buffers).
+    ``store``: the :class:`~.shard_store.ShardStore`; ``telemetry``: the step's counters."""
 
     @staticmethod
-    def forward(ctx, mgr, layer: ExpertLayer, sp: SlicePlan, *shards):
+    def forward(ctx, store, telemetry, layer: ExpertLayer, sp: SlicePlan, *shards):
         ctx.set_materialize_grads(False)
-        ctx.mgr, ctx.layer, ctx.sp = mgr, layer, sp
-        rank, world, group, stats = mgr.rank, mgr.world_size, mgr.group, mgr.stats
+        ctx.store, ctx.telemetry, ctx.layer, ctx.sp = store, telemetry, layer, sp
+        rank, world, group, stats = store.rank, store.world_size, store.group, telemetry.stats
         own, n_own = layer.ownership, layer.local_count
         local = {n: s.detach() for n, s in zip(layer.param_names, shards)}
         dtype, device = layer.dtype, layer.device
@@ -219,8 +222,8 @@ class MaterializeSlices(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        mgr, layer, sp = ctx.mgr, ctx.layer, ctx.sp
-        rank, world, group, stats = mgr.rank, mgr.world_size, mgr.group, mgr.stats
+        store, layer, sp = ctx.store, ctx.layer, ctx.sp
+        rank, world, group, stats = store.rank, store.world_size, store.group, ctx.telemetry.stats
         own, n_own = layer.ownership, layer.local_count
         ref = next((g for g in grads if g is not None), None)
         wire = ref.dtype if ref is not None else layer.dtype
@@ -265,44 +268,44 @@ class MaterializeSlices(torch.autograd.Function):
                 off += c
             scale = 1.0 / world  # DeepSpeed averages dense gradients over data-parallel ranks
             for n in sp.names:
-                mgr.grads[(layer.index, n)].add_(acc[n], alpha=scale)
-        return (None, None, None) + (None,) * len(sp.names)
+                store.grads[(layer.index, n)].add_(acc[n], alpha=scale)
+        return (None, None, None, None) + (None,) * len(sp.names)
 
 
 class SliceMaterializer:
     """``Materialize`` for a model-centric call: this rank's ``f``-slice of every expert."""
 
-    def __init__(self, mgr, layer: ExpertLayer, spec: ExpertSpec, f_sizes: Sequence[int]):
-        self.mgr, self.layer = mgr, layer
-        self.plan = mgr._slice_plan(layer, spec, f_sizes)
+    def __init__(self, store, telemetry, layer: ExpertLayer, plan: SlicePlan):
+        self.store, self.telemetry, self.layer, self.plan = store, telemetry, layer, plan
 
     def __call__(self, experts: Sequence[int], f_range=None) -> ExpertWeights:
         layer, sp = self.layer, self.plan
         shards = [layer.shards[n] for n in layer.param_names]
-        outs = MaterializeSlices.apply(self.mgr, layer, sp, *shards)
+        outs = MaterializeSlices.apply(self.store, self.telemetry, layer, sp, *shards)
         full = dict(zip(layer.param_names, outs))
         b2 = None
-        if "b2" in layer.names and self.mgr.rank != sp.bias_rank:  # unused on this rank: shape only
+        if "b2" in layer.names and self.store.rank != sp.bias_rank:  # unused on this rank: shape only
             b2 = torch.zeros((layer.num_experts, *layer.expert_shapes[layer.names["b2"]]), dtype=layer.dtype,
                              device=layer.device)
         return to_compute(layer, full, b2)
 
 
 # ------------------------------------------------------------------------------------------- checks
-def agree(mgr, what: str, value) -> None:
-    """Raise on every rank unless every rank passed the same ``value`` (one tiny all_gather)."""
+def agree(what: str, value, group, stats: CommStats) -> None:
+    """Raise on every rank of ``group`` unless every rank passed the same ``value`` (one tiny all_gather)."""
     import hashlib
 
+    world, rank = world_and_rank(group)
     digest = int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "little") >> 1
     mine = torch.tensor([digest], dtype=torch.int64)
-    out = [torch.empty_like(mine) for _ in range(mgr.world_size)]
-    with blocked(mgr.stats, "agree"):
-        dist.all_gather(out, mine, group=mgr.group)
-    mgr.stats.mask_bytes += 8 * (mgr.world_size - 1)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    with blocked(stats, "agree"):
+        dist.all_gather(out, mine, group=group)
+    stats.mask_bytes += 8 * (world - 1)
     got = [int(t) for t in out]
     if len(set(got)) != 1:
-        bad = [r for r, d in enumerate(got) if d != got[mgr.rank]]
-        raise ValueError(f"{what}: ranks {bad} passed a different value than rank {mgr.rank}; call it on every rank "
+        bad = [r for r, d in enumerate(got) if d != got[rank]]
+        raise ValueError(f"{what}: ranks {bad} passed a different value than rank {rank}; call it on every rank "
                          "with the same arguments")
 
 

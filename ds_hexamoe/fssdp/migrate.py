@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from .ownership import LayerOwnership, normalized_weights, split_experts
-from .sharding import make_shard
 
 
 def _moving(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> list[int]:
@@ -55,7 +54,7 @@ def migrate_to(mgr, new_owns: list[LayerOwnership]) -> dict:
     layouts = _state_layouts(mgr, opt, entries)
     new_rows, sent = _exchange_rows(mgr, new_owns, opt, entries, layouts)
     spec = opt.spec if opt is not None else None
-    _rebuild_shards(mgr, new_owns, new_rows)
+    mgr.rebuild_shards(new_owns, new_rows)
     if spec is not None:
         _restore_optimizer(mgr, mgr.build_optimizer(spec), new_rows, layouts)
     return {"moved_experts": moved, "bytes_sent": sent, "counts": counts}
@@ -116,33 +115,6 @@ def _exchange_rows(mgr, new_owns, opt, entries, layouts) -> tuple[dict[tuple[int
                                                              device=p.device)) if got else rows
             sent += sum(send_splits[q] for q in range(world) if q != rank) * send.size(1) * send.element_size()
     return new_rows, sent
-
-
-def _rebuild_shards(mgr, new_owns, new_rows) -> None:
-    """Shards and gradient buffers on the new ownership; caches built on the old owners dropped."""
-    rank = mgr.rank
-    for layer, new in zip(mgr.layers, new_owns):
-        layer.ownership = new
-        for n in layer.param_names:
-            old_p = layer.shards[n]
-            rows = new_rows[(layer.index, n)]
-            k = layer.expert_numel(n)
-            shape = (new.count(rank), *layer.expert_shapes[n])
-            shard = make_shard(rows[:, :k].reshape(shape).to(old_p.dtype).clone(), old_p.requires_grad, new.owned(rank))
-            del layer.module._parameters[n]
-            layer.module.register_parameter(n, shard)
-            layer.shards[n] = shard
-            mgr.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)
-    mgr._index_shards()
-    mgr._records, mgr._forward_record = [], None
-    ahead = getattr(mgr, "_ahead", {})  # predicted gathers planned on the old owners
-    for a in ahead.values():
-        a.pending.wait()
-    ahead.clear()
-    for attr in ("_transfers", "_slice_plans"):  # expert-parallel / model-centric caches built on the old owners
-        cache = getattr(mgr, attr, None)
-        if isinstance(cache, dict):
-            cache.clear()
 
 
 def _restore_optimizer(mgr, new_opt, new_rows, layouts) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +25,13 @@ import torch.distributed as dist
 
 from .budget import BLOCKED_S, LinkMeter
 from .cache import Slot
-from .collectives import (Pending, Transfer, UsedLater, exchange_counts, exchange_counts_async, plan_transfer,
+from .collectives import (Pending, Transfer, UsedLater, all_gather_loads, all_gather_loads_async, plan_transfer,
                           sparse_all_gather)
 from .layer import WEIGHT_KEYS, ExpertLayer
+from .materializer import Materializer
 from .ownership import LayerOwnership, load_aware_ownership
+from .shard_store import ShardStore
+from .telemetry import StepTelemetry
 
 
 class LoadHistory:
@@ -82,91 +86,104 @@ class Ahead:
         return self.slot is None or (self.slot.pending is self.pending and self.slot.owner is None)
 
 
-class ScheduleMixin:
-    """FSSDPManager's Hecate schedule: load history, predicted gathers issued ahead, calibration."""
+class GatherSchedule:
+    """The weights provider of data-centric layers: their forward gathers, synchronous (``"sync"``) or
+    predicted from each layer's load history and issued ahead with calibration (``"hecate"``)."""
 
-    def _init_schedule(self, cfg) -> None:
-        f = cfg.fssdp
-        self.schedule, self._budget, self.fanout = f.schedule, f.budget, f.fanout
-        self._history = {layer.index: LoadHistory(f.history) for layer in self.layers}
+    def __init__(self, fssdp_cfg, model, store: ShardStore, materializer: Materializer, telemetry: StepTelemetry,
+                 mode_of: Callable[[int], str]):
+        f = fssdp_cfg
+        self.schedule, self._budget = f.schedule, f.budget
+        self._store, self._mat, self._telemetry, self._mode_of = store, materializer, telemetry, mode_of
+        self._layers, self._group, self._rank = store.layers, store.group, store.rank
+        self._history = {layer.index: LoadHistory(f.history) for layer in self._layers}
         self._ahead: dict[int, Ahead] = {}
         self._meter = LinkMeter()  # fssdp.budget "auto": measured window and bandwidth
         self.prediction_budgets: dict[int, list[int | None]] = {}  # per layer, every rank's last "auto" budget
-        self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
-        self._ahead_group = self.group
-        if self.schedule == "hecate" and self.layers:
-            self.model.register_forward_pre_hook(self._start_forward)
-            ranks = dist.get_process_group_ranks(self.group)
+        self._ahead_group = self._group
+        if self.schedule == "hecate" and self._layers:
+            model.register_forward_pre_hook(self._start_forward)
+            ranks = dist.get_process_group_ranks(self._group)
             if len(ranks) == dist.get_world_size():  # new_group needs every rank of the job
                 # predicted gathers on their own group: a small collective on the main group (the load
                 # exchange, a calibration) never queues behind a layer's worth of predicted experts
                 self._ahead_group = dist.new_group(ranks)
 
-    def reown(self) -> dict:
-        """Load-aware re-ownership (Hecate's heterogeneous sharding) of every layer with a load window, each
-        rank keeping its number of experts; shards move with their optimizer state. A collective, between
-        optimizer steps; ``fssdp.reshard_every`` calls it. Returns :func:`.migrate.migrate_to`'s summary."""
-        from .migrate import migrate_to
+    def load_history(self) -> dict[int, list[list[list[int]]]]:
+        """``{layer index: [loads [N][E] per call]}``, the window each layer's prediction reads."""
+        return {i: list(h.calls) for i, h in self._history.items()}
 
-        per_node = _ranks_per_node(self.world_size)
+    def load_aware_ownerships(self, ranks_per_node: int) -> list[LayerOwnership]:
+        """Per layer, Hecate's load-aware ownership from its load window (each rank keeping its number of
+        experts); the current ownership for a layer without one."""
+        world = self._store.world_size
         new = []
-        for layer in self.layers:
+        for layer in self._layers:
             calls, own = self._history[layer.index].calls, layer.ownership
             if not calls:
                 new.append(own)
                 continue
-            usage = [[sum(c[q][e] for c in calls) for e in range(own.num_experts)] for q in range(self.world_size)]
+            usage = [[sum(c[q][e] for c in calls) for e in range(own.num_experts)] for q in range(world)]
             load = [sum(u[e] for u in usage) for e in range(own.num_experts)]
-            slots = [own.count(r) for r in range(self.world_size)]
-            new.append(load_aware_ownership(load, usage, slots, per_node))
-        return migrate_to(self, new)
+            slots = [own.count(r) for r in range(world)]
+            new.append(load_aware_ownership(load, usage, slots, ranks_per_node))
+        return new
 
-    def _keeps_weights(self, layer: ExpertLayer) -> bool:
-        return (not self.rematerialize) and torch.is_grad_enabled() and any(
-            p.requires_grad for p in layer.shards.values())
+    def drop_ahead(self) -> None:
+        """Finish and forget the predicted gathers in flight (planned on an ownership about to change)."""
+        for a in self._ahead.values():
+            a.pending.wait()
+        self._ahead.clear()
 
-    def _forward_slot(self, layer: ExpertLayer) -> int:
-        # hecate: alternate slots, so layer l+1's predicted gather can land beside layer l's weights
-        return layer.index if self.schedule == "hecate" and self._modes[layer.index] == "data_centric" else 0
+    def provide(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
+        """``state_of(module).weights(index)``: full-expert-count weights, valid for the experts ``index`` uses."""
+        if index is None:
+            raise RuntimeError(f"FSSDP experts module {layer.name!r} needs the routing index to materialize weights")
+        self._mat.synchronize()
+        if self.schedule == "hecate":
+            return self._provide_hecate(layer, index)
+        counts = all_gather_loads(index.counts, self._group, self._telemetry.stats)  # active masks and history
+        self._history[layer.index].add(counts)
+        transfer = plan_transfer(layer.ownership, [[c > 0 for c in row] for row in counts], self._rank)
+        return _by_key(layer, self._mat.materialize(layer, transfer))
 
     def _start_forward(self, module, args) -> None:
-        for ahead in self._ahead.values():  # left from a forward that skipped a layer: finish, drop
-            ahead.pending.wait()
-        self._ahead.clear()
-        self._issue_ahead(self.layers[0])
+        self.drop_ahead()  # left from a forward that skipped a layer
+        self._issue_ahead(self._layers[0])
 
     def _issue_ahead(self, layer: ExpertLayer | None) -> None:
-        if layer is None or layer.index in self._ahead or self._modes[layer.index] != "data_centric":
+        if layer is None or layer.index in self._ahead or self._mode_of(layer.index) != "data_centric":
             return
         budget = self.prediction_budgets.get(layer.index) if self._budget == "auto" else self._budget
         masks = self._history[layer.index].predict(layer.ownership, budget)
         if masks is None:
             return
-        transfer = plan_transfer(layer.ownership, masks, self.rank)
+        transfer = plan_transfer(layer.ownership, masks, self._rank)
         slot = None
-        if self._keeps_weights(layer):
+        if self._mat.keeps_weights(layer):
             dest = torch.zeros(layer.full_numel, dtype=layer.dtype, device=layer.device)
         else:
-            slot = self.cache.slot(self._forward_slot(layer), layer.dtype, layer.device)
+            slot = self._mat.cache.slot(layer.index, layer.dtype, layer.device)
             slot.claim(None)
             dest = slot.buf
         issued_at = time.perf_counter()
-        pending = sparse_all_gather(layer, transfer, layer.full_views(dest), self._ahead_group, self.stats,
-                                    async_op=True, fanout=self.fanout)
+        pending = sparse_all_gather(layer, transfer, layer.full_views(dest), self._ahead_group, self._telemetry.stats,
+                                    async_op=True, fanout=self._mat.fanout)
         if slot is not None:
             slot.pending = pending
         self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None, issued_at)
 
     def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
         ahead = self._ahead.pop(layer.index, None)
-        nxt = self.layers[layer.index + 1] if layer.index + 1 < len(self.layers) else None
+        nxt = self._layers[layer.index + 1] if layer.index + 1 < len(self._layers) else None
+        stats = self._telemetry.stats
         loads = None
         if ahead is not None and self._budget != "auto" and _covers_all(layer.ownership, ahead.masks):
-            loads = exchange_counts_async(index.counts, self.group, self.stats)
+            loads = all_gather_loads_async(index.counts, self._group, stats)
         else:
             counts = self._exchange_loads(index.counts)
         self._issue_ahead(nxt)  # overlaps this layer's calibration and experts, and the next attention
-        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._keeps_weights(layer)):
+        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer)):
             ahead.pending.wait()  # its slot was taken since (by the gather just issued): calibrate everything
             ahead = None
         if loads is not None:
@@ -175,41 +192,40 @@ class ScheduleMixin:
             counts = loads.wait()
         self._history[layer.index].add(counts)
         used = [[c > 0 for c in row] for row in counts]
-        transfer = plan_transfer(layer.ownership, used, self.rank)  # what backward re-gathers and reduces
+        transfer = plan_transfer(layer.ownership, used, self._rank)  # what backward re-gathers and reduces
         missing = used if ahead is None else [[u and not p for u, p in zip(ur, pr)] for ur, pr in zip(used, ahead.masks)]
-        calib = plan_transfer(layer.ownership, missing, self.rank)
+        calib = plan_transfer(layer.ownership, missing, self._rank)
 
         def fill(full: dict[str, torch.Tensor]) -> None:
             if ahead is not None:
                 self._wait_ahead(layer, ahead)
+            stats = self._telemetry.stats
             if calib.moves:
-                self.stats.calibrations += 1
+                stats.calibrations += 1
             t0 = time.perf_counter()
-            pending = sparse_all_gather(layer, calib, full, self.group, self.stats, kind="calibrate_bytes",
-                                        fanout=self.fanout)
+            pending = sparse_all_gather(layer, calib, full, self._group, stats, kind="calibrate_bytes",
+                                        fanout=self._mat.fanout)
             pending.wait()
             self._meter.gathered(pending.nbytes, time.perf_counter() - t0)
 
         dest = ahead.dest if ahead is not None else None
-        full = self._materialize_transfer(layer, transfer, fill=fill, dest=dest)
-        return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+        return _by_key(layer, self._mat.materialize(layer, transfer, fill=fill, dest=dest, slot=layer.index))
 
     def _provide_covered(self, layer: ExpertLayer, loads: Pending, ahead: Ahead) -> dict[str, torch.Tensor | None]:
         """Every rank has every expert it could use coming (owned ones by a local copy), so no calibration can
         be needed and nobody must wait for the loads now: their exchange (``loads``) runs asynchronously,
         read by the next prediction and, as the experts each rank used, by backward's re-gather and reduce."""
-        self.stats.loads_deferred += 1
+        self._telemetry.stats.loads_deferred += 1
         self._history[layer.index].add(loads)
-        transfer = UsedLater(loads, layer.ownership, self.rank)
-        rest = [e for e in layer.ownership.owned(self.rank) if not ahead.masks[self.rank][e]]
+        transfer = UsedLater(loads, layer.ownership, self._rank)
+        rest = [e for e in layer.ownership.owned(self._rank) if not ahead.masks[self._rank][e]]
 
         def fill(full: dict[str, torch.Tensor]) -> None:
             self._wait_ahead(layer, ahead)
             if rest:  # owned experts not in the window: local copies
                 layer.unpack_into(full, rest, layer.pack_local(rest))
 
-        full = self._materialize_transfer(layer, transfer, fill=fill, dest=ahead.dest)
-        return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+        return _by_key(layer, self._mat.materialize(layer, transfer, fill=fill, dest=ahead.dest, slot=layer.index))
 
     def _wait_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
         """Finish the predicted gather right before use; the link meter learns from how long it took."""
@@ -222,14 +238,14 @@ class ScheduleMixin:
     def _exchange_loads(self, counts_e: torch.Tensor) -> list[list[int]]:
         """Every rank's loads of this layer (``[N][E]``); under ``budget: "auto"`` every rank's own budget
         for every layer rides along (-1: no limit yet), so all ranks predict alike."""
+        stats = self._telemetry.stats
         if self._budget != "auto":
-            return exchange_counts(counts_e, self.group, self.stats)
+            return all_gather_loads(counts_e, self._group, stats)
         num = counts_e.numel()
-        mine = [self._own_budget(layer) for layer in self.layers]
+        mine = [self._own_budget(layer) for layer in self._layers]
         extra = torch.tensor([-1 if b is None else b for b in mine], dtype=torch.int32)
-        rows = exchange_counts(torch.cat([counts_e.to(device="cpu", dtype=torch.int32), extra]), self.group,
-                               self.stats)
-        for layer in self.layers:
+        rows = all_gather_loads(torch.cat([counts_e.to(device="cpu", dtype=torch.int32), extra]), self._group, stats)
+        for layer in self._layers:
             self.prediction_budgets[layer.index] = [None if r[num + layer.index] < 0 else r[num + layer.index]
                                                     for r in rows]
         return [r[:num] for r in rows]
@@ -241,13 +257,18 @@ class ScheduleMixin:
         return self._meter.budget(layer.index, size, layer.num_experts - layer.local_count)
 
 
+def _by_key(layer: ExpertLayer, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Provider keys (``w1``, ``w2``, ``b1``, ``b2``) over full-layer views keyed by parameter name."""
+    return {k: (full[layer.names[k]] if k in layer.names else None) for k in WEIGHT_KEYS}
+
+
 def _covers_all(ownership: LayerOwnership, masks) -> bool:
     """Whether every rank's predicted experts, with the ones it owns, are all the layer's experts."""
     owners = ownership.owners()
     return all(m[e] or owners[e] == q for q, m in enumerate(masks) for e in range(len(owners)))
 
 
-def _ranks_per_node(world: int) -> int:
+def ranks_per_node(world: int) -> int:
     """Ranks per node from the launcher (``LOCAL_WORLD_SIZE``; one node when unset)."""
     v = os.environ.get("LOCAL_WORLD_SIZE")
     if v is None:

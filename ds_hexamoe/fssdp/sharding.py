@@ -1,13 +1,9 @@
-"""Ownership and sharding: full 3-D expert parameters replaced by this rank's whole-expert shards.
+"""Sharding: full 3-D expert parameters replaced by this rank's whole-expert shards.
 
 Shards are known by a registry (:func:`is_shard`, :func:`shard_range`), not by attributes stamped on
-the parameters. The module's forward is wrapped to dispatch on the layer's execution mode, and its
-state-dict hooks keep shards out of the module's state dict while full (e.g. Hugging Face) tensors
-still load into them (docs/design.md, "FSSDP").
+the parameters (docs/design.md, "FSSDP"). :class:`~.shard_store.ShardStore` keeps what this module makes.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
@@ -15,7 +11,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ConfigError, HexaMoEConfig
-from ..experts import IMPLEMENTATION, experts_modules, state_of, weight_names
+from ..experts import IMPLEMENTATION, experts_modules, weight_names
 from .execution import check_parallel_module
 from .layer import ExpertLayer
 from .ownership import normalized_weights, split_experts
@@ -79,7 +75,7 @@ def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list
     ids = torch.tensor(own.owned(rank), dtype=torch.long)
     for k, p in full.items():
         shard = make_shard(p.detach().index_select(0, ids.to(p.device)).clone(), p.requires_grad, own.owned(rank))
-        del module._parameters[names[k]]
+        delattr(module, names[k])
         module.register_parameter(names[k], shard)
         layer.shards[names[k]] = shard
     if getattr(module, "num_experts", None) is None:
@@ -108,71 +104,3 @@ def shard_layers(model: nn.Module, cfg: HexaMoEConfig, group=None):
     group = group if group is not None else dist.new_group(list(range(world)))
     rank = dist.get_rank(group)
     return [_shard_module(i, name, m, rank, weights) for i, (name, m) in enumerate(found)], group
-
-
-class ShardingMixin:
-    """FSSDPManager's ownership side: which parameters are shards, and the per-module installation."""
-
-    @classmethod
-    def shard_model(cls, model: nn.Module, cfg: HexaMoEConfig, group=None, speeds=None):
-        """Replace every experts module's full 3-D parameters by this rank's whole-expert shards.
-
-        ``speeds``: relative per-rank speeds sizing the model-centric hidden slices (None: equal)."""
-        layers, group = shard_layers(model, cfg, group)
-        return cls(model, layers, cfg, group, speeds=speeds)
-
-    def owns(self, p: torch.Tensor) -> bool:
-        """True for the expert shard parameters FSSDP steps itself (keep them out of DeepSpeed's optimizer)."""
-        return id(p) in self._ids
-
-    def shard_parameters(self) -> list[nn.Parameter]:
-        return [p for layer in self.layers for p in layer.shards.values()]
-
-    def _index_shards(self) -> None:
-        self._ids = {id(p) for layer in self.layers for p in layer.shards.values()}
-
-    def _install(self, layer: ExpertLayer) -> None:
-        module = layer.module
-        state = state_of(module)
-        state.weights = functools.partial(self._provide, layer)
-        state.fssdp_layer = layer
-        inner = module.forward
-
-        @functools.wraps(inner)
-        def forward(*args, **kwargs):
-            mode = self._modes[layer.index]
-            run = inner if mode == "data_centric" else functools.partial(self._parallel_forward, layer, mode)
-            if self.rematerialize and torch.is_grad_enabled():
-                with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                    return run(*args, **kwargs)
-            return run(*args, **kwargs)
-
-        module.forward = forward
-        module.register_state_dict_post_hook(functools.partial(_drop_shards, layer))
-        module.register_load_state_dict_pre_hook(functools.partial(_load_full_into_shards, layer))
-        module.register_load_state_dict_post_hook(functools.partial(_forgive_missing_shards, layer))
-        for n, p in layer.shards.items():
-            self.grads[(layer.index, n)] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-
-
-def _drop_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata) -> None:
-    # a shard is meaningful only with its rank's expert range: checkpoints keep shards in FSSDP's own
-    # files and full_state_dict() gives full experts; the module's state dict carries the dense part
-    for n in layer.param_names:
-        state_dict.pop(prefix + n, None)
-
-
-def _load_full_into_shards(layer: ExpertLayer, module, state_dict, prefix, local_metadata, strict, missing, unexpected,
-                           errors) -> None:
-    state_of(module).load_prefix = prefix
-    for n in layer.param_names:
-        t = state_dict.pop(prefix + n, None)
-        if t is not None and t.dim() >= 1 and t.size(0) == layer.num_experts:  # a full (e.g. Hugging Face) tensor
-            with torch.no_grad():
-                layer.shards[n].copy_(t.index_select(0, torch.tensor(layer.owned, dtype=torch.long, device=t.device)))
-
-
-def _forgive_missing_shards(layer: ExpertLayer, module, incompatible) -> None:
-    prefix = state_of(module).load_prefix
-    drop = {prefix + n for n in layer.param_names}
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in drop]

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..parallel.accounting import CommStats
 from .layer import ExpertLayer
 from .ownership import LayerOwnership
-from .transport import CommStats, Pending, count_sent, exchange
+from .transport import Pending, exchange
 
 FANOUTS = ("direct", "tree", "auto")
 AUTO_MIN_FANOUT = 3  # "auto": a tree once some expert goes to this many ranks (fewer: one round equals direct)
@@ -116,7 +117,7 @@ def tree_all_gather(layer: ExpertLayer, masks, full: dict[str, torch.Tensor], gr
         recv, send, work = exchange(send_rows, [len(s) for s in r.sends], [len(x) for x in r.recvs], width, dtype,
                                     device, group, async_k, stats, what)
         stats.collectives += 1
-        count_sent(stats, layer.index, r.sends, width * esize, kind)
+        stats.count_sent(layer.index, r.sends, width * esize, kind)
         stats.recv_bytes += recv.numel() * esize
 
         def land():
@@ -155,7 +156,7 @@ def tree_reduce_scatter(layer: ExpertLayer, masks, grads: dict[str, torch.Tensor
         recv, send, work = exchange(send_rows, [len(s) for s in r.sends], [len(x) for x in r.recvs], width, wire,
                                     device, group, async_k, stats, "reduce")
         stats.collectives += 1
-        count_sent(stats, layer.index, r.sends, width * esize, "reduce_bytes")
+        stats.count_sent(layer.index, r.sends, width * esize, "reduce_bytes")
         stats.recv_bytes += recv.numel() * esize
 
         def land():

@@ -39,7 +39,7 @@ def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[i
     return out
 
 
-def exchange_counts(
+def all_to_all_split_sizes(
     send_counts: list[int], device: torch.device, group=None, stats: CallStats | None = None, check: list[int] | None = None
 ) -> list[int]:
     """``recv[r]`` = rows rank ``r`` sends to this rank (one small all-to-all).
@@ -186,14 +186,3 @@ def reduce_scatter_v(
 ) -> torch.Tensor:
     """Sum ``x[sum(sizes), ...]`` over ranks, keeping this rank's ``sizes[rank]`` rows; backward all-gathers."""
     return _ReduceScatterV.apply(sizes, group, stats, name, x)
-
-
-def all_gather_sizes(n: int, device: torch.device, group=None, stats: CallStats | None = None) -> list[int]:
-    """Every rank's row count (one tiny all-gather)."""
-    world, rank = world_and_rank(group)
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    if stats is not None:
-        stats.record("sizes", "all_gather", "forward", 8 * (world - 1), 8 * (world - 1))
-    bufs = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(bufs, t, group=group)
-    return [int(b) for b in bufs]

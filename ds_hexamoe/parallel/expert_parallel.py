@@ -21,7 +21,7 @@ from ..config import LSHConfig
 from ..ops import build_expert_index
 from .accounting import CallStats, TokenAccounting
 from ..distributed import world_and_rank
-from .comm import all_to_all_rows, all_to_all_v, exchange_counts
+from .comm import all_to_all_rows, all_to_all_split_sizes, all_to_all_v
 from .local_experts import check_routing, compute_experts, scatter_rows_add
 from .lsh import LSHCompressor, bucket_pairs, centroids
 from .replicas import Placement, TablesCache, assign_destinations, placement_digest, placement_weights, validate_placement
@@ -122,7 +122,7 @@ class ExpertParallelMoE:
         send_w = torch.where(mine, top_k_weights.index_select(0, send_tok), top_k_weights.new_zeros(()))
         send_splits = goes.sum(0).tolist()
 
-        recv_splits = exchange_counts(send_splits, hidden.device, self.group, stats, check)
+        recv_splits = all_to_all_split_sizes(send_splits, hidden.device, self.group, stats, check)
         idx_recv = all_to_all_rows(send_idx, send_splits, recv_splits, self.group)
         if stats is not None:
             stats.record("dispatch_idx", "all_to_all_v", "forward", *self._meta_bytes(send_idx, send_splits, recv_splits))
@@ -142,7 +142,7 @@ class ExpertParallelMoE:
         cent = centroids(x_pairs, b)
         send_splits = torch.bincount(b.dest, minlength=self.world).tolist()
 
-        recv_splits = exchange_counts(send_splits, hidden.device, self.group, stats, check)
+        recv_splits = all_to_all_split_sizes(send_splits, hidden.device, self.group, stats, check)
         send_idx = b.slot.to(torch.int32).unsqueeze(1)
         idx_recv = all_to_all_rows(send_idx, send_splits, recv_splits, self.group)
         stats.record("dispatch_idx", "all_to_all_v", "forward", *self._meta_bytes(send_idx, send_splits, recv_splits))
