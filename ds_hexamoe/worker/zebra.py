@@ -196,7 +196,8 @@ class ZebraStep:
     def save(self, step: int, state: dict) -> None:
         raise NotImplementedError("hexamoe.zebra keeps no checkpoints (training.save_every is refused)")
 
-    load = save
+    def load(self) -> dict:
+        raise NotImplementedError("hexamoe.zebra keeps no checkpoints (--resume is refused)")
 
     def export_state(self) -> dict | None:
         """The full model on rank 0: dense tensors from the first attention rank, expert rows from their
