@@ -4,6 +4,8 @@ Used by the test suite and the CPU benchmarks. A rank that raises fails the whol
 traceback; a rank that hangs past ``timeout`` is killed and the call raises, so no test hangs CI.
 Each rank's result comes back through a pipe from the process this call started, never through a file:
 nothing another process could have written is ever unpickled here.
+
+:mod:`.zebra` holds the zebra pipeline's test and benchmark models (never used by training).
 """
 from __future__ import annotations
 
