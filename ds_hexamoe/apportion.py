@@ -5,11 +5,15 @@ proportion to per-rank weights. They share this rule, so a plan's numbers and th
 floor the exact quotas, then hand the leftover units to the largest remainders; equal remainders go to
 the lowest index counting from ``start`` (FSSDP passes the layer index, so the extra experts of
 successive layers land on different ranks). With ``caps``, no entry exceeds its cap.
+
+:func:`share_bounds` is the one rule for which rows of a global micro-batch a share takes (contiguous, in
+share order), used by the heterogeneous batch sampler and the zebra layout alike.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 
 def largest_remainder(total: int, weights: Sequence[float], *, start: int = 0, caps: Sequence[float] | None = None,
@@ -39,3 +43,20 @@ def largest_remainder(total: int, weights: Sequence[float], *, start: int = 0, c
                 sizes[r] += 1
                 left -= 1
     return sizes
+
+
+def shares_of(shares: Any) -> list[int]:
+    """``shares`` (a list, or anything with ``batch_shares``) as a checked list of integers >= 0."""
+    s = list(getattr(shares, "batch_shares", shares))
+    if not s or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in s) or sum(s) <= 0:
+        raise ValueError(f"shares: got {s!r}; expected one integer >= 0 per rank with a positive sum")
+    return s
+
+
+def share_bounds(shares: Any, index: int) -> tuple[int, int]:
+    """``[lo, hi)``: the rows of a global micro-batch that share ``index`` takes (contiguous, in share order)."""
+    s = shares_of(shares)
+    if not 0 <= index < len(s):
+        raise ValueError(f"rank: got {index}; expected 0 <= rank < {len(s)} (one share per rank)")
+    lo = sum(s[:index])
+    return lo, lo + s[index]

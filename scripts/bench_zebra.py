@@ -29,7 +29,7 @@ import torch
 
 from bench_common import Col, Laps, Table, uptime, write_json
 from ds_hexamoe.apportion import largest_remainder
-from ds_hexamoe.parallel.zebra_model import ZebraModel, ZebraModelConfig, make_batch
+from ds_hexamoe.testing.zebra import ZebraModel, ZebraModelConfig, make_batch
 from ds_hexamoe.placement.zebra import best_zebra
 from ds_hexamoe.testing import run_distributed
 
@@ -95,7 +95,7 @@ def calibrate(c: ZebraModelConfig, samples: int, reps: int = 3) -> dict:
 
 def _build(rank, world, plan, c, batch, micro):
     from ds_hexamoe.parallel.zebra import ZebraLayout, ZebraPipeline
-    from ds_hexamoe.parallel.zebra_colocated import ColocatedStep
+    from ds_hexamoe.testing.zebra import ColocatedStep
 
     model = ZebraModel(c)
     if plan["kind"] == "zebra":

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import cli_tiny
-from ds_hexamoe.worker import checkpoints as ck
-from ds_hexamoe.worker.manifest import MANIFEST, CheckpointCorrupt, file_digest, verify_checkpoint
+from ds_hexamoe.worker.checkpoints import store as ck
+from ds_hexamoe.worker.checkpoints.manifest import MANIFEST, CheckpointCorrupt, file_digest, verify_checkpoint
 
 STEPS = 4
 

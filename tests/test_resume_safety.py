@@ -10,8 +10,8 @@ import pytest
 
 import cli_tiny
 from ds_hexamoe.testing import run_distributed
-from ds_hexamoe.worker.manifest import CheckpointCorrupt
-from ds_hexamoe.worker.resume import trim_metrics
+from ds_hexamoe.worker.checkpoints import CheckpointCorrupt
+from ds_hexamoe.worker.checkpoints import trim_metrics
 
 
 def test_trim_metrics_drops_a_half_written_row(tmp_path):
@@ -47,7 +47,7 @@ def test_disk_full_names_the_disk_and_the_intact_checkpoint(tmp_path):
 
 def _verify(rank, world, tag_dir):
     from ds_hexamoe.tasks.base import WorkerContext
-    from ds_hexamoe.worker.checkpoints import verify_everywhere
+    from ds_hexamoe.worker.checkpoints.store import verify_everywhere
 
     try:
         verify_everywhere(tag_dir, WorkerContext(rank=rank, world_size=world))
@@ -58,7 +58,7 @@ def _verify(rank, world, tag_dir):
 
 def test_every_rank_verifies_its_share_and_all_agree(tmp_path):
     """The worker's own check (the CLI checks too): 2 gloo ranks split the files and raise the same error."""
-    from ds_hexamoe.worker.manifest import checkpoint_files, file_digest, write_manifest
+    from ds_hexamoe.worker.checkpoints.manifest import checkpoint_files, file_digest, write_manifest
 
     tag_dir = str(tmp_path / "global_step1")
     os.makedirs(tag_dir)

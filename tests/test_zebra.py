@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ds_hexamoe.parallel.zebra import ZebraLayout
-from ds_hexamoe.parallel.zebra_model import ZebraModel, ZebraModelConfig, make_batch
+from ds_hexamoe.testing.zebra import ZebraModel, ZebraModelConfig, make_batch
 from ds_hexamoe.testing import run_distributed
 from zebra_steps import reference_steps, run_steps
 
@@ -52,7 +52,7 @@ COLOCATED = [((4, 2), (0, 1, 1, 0)), ((5, 1), None)]
 
 def _train(rank, world, layouts, colocated=()):
     from ds_hexamoe.parallel.zebra import ZebraPipeline
-    from ds_hexamoe.parallel.zebra_colocated import ColocatedStep
+    from ds_hexamoe.testing.zebra import ColocatedStep
 
     out = []
     for layout in list(layouts) + list(colocated):

@@ -63,7 +63,7 @@ def _reference(path):
 
 def _train(rank, world, path, layouts, colocated=()):
     from ds_hexamoe.parallel.zebra import ZebraPipeline
-    from ds_hexamoe.parallel.zebra_colocated import ColocatedStep
+    from ds_hexamoe.testing.zebra import ColocatedStep
     from ds_hexamoe.parallel.zebra_hf import HFZebraStack
 
     out = []

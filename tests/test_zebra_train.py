@@ -30,11 +30,12 @@ def _recipe(root, zebra=ZEBRA, training=None) -> str:
 
 
 def _replay(recipe_path):
-    """One process, transformers' forward: the same global micro-batches in the same order."""
+    """One process, transformers' forward: the same global micro-batches in the same order (the worker's one
+    data order, :class:`~ds_hexamoe.worker.BatchPlan`, as one rank holding the whole global micro-batch)."""
     from ds_hexamoe.recipes import load_recipe, lr_lambda
     from ds_hexamoe.distributed import seed_all
     from ds_hexamoe.tasks.base import WorkerContext, task_builder
-    from ds_hexamoe.worker.zebra import _Order
+    from ds_hexamoe.worker import BatchPlan
 
     recipe = load_recipe(recipe_path)
     t = recipe.training
@@ -46,10 +47,10 @@ def _replay(recipe_path):
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                             weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-    order = _Order(len(parts.train), t.seed)
+    order = BatchPlan(parts.train, 2 * MBS, 0, 1, t.seed)
     losses = []
-    for _ in range(t.steps):
-        batch = parts.collate([parts.train[i] for i in order.take(2 * MBS)])
+    for i in range(t.steps):
+        batch = parts.collate([parts.train[k] for k in order.indices(i)])
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
@@ -165,3 +166,21 @@ def test_auto_left_colocated_says_why_in_the_summary(tmp_path):
     z = json.loads((tmp_path / "run" / "summary.json").read_text())["zebra"]
     assert z["ran"] is False and z["source"] == "planner" and z["wins"] is False and z["speedup_over_plan"] < 1
     assert not any(r.get("zebra") for r in cli_tiny.metrics(tmp_path / "run"))
+
+
+def test_zebra_rows_follow_the_one_data_order():
+    # each attention rank reads its layout rows of the global micro-batch every rank addresses alike; an
+    # epoch's incomplete last global batch is dropped (ShareSampler's rule), never wrapped into the next
+    from ds_hexamoe.hetero import ShareSampler
+    from ds_hexamoe.parallel.zebra import ZebraLayout
+    from ds_hexamoe.worker import BatchPlan
+
+    data, seed = list(range(21)), 3  # 2 global micro-batches of 8 per epoch, 5 samples left over
+    layout = ZebraLayout((1, 0), (3, 5), (2, 2), 2)
+    whole = BatchPlan(data, 8, 0, 1, seed)
+    assert whole.indices(2) == ShareSampler(21, [8], 0, seed=seed).rows(0, epoch=1)
+    for rank in (0, 1):
+        plan = BatchPlan(data, 4, rank, 2, seed, shares=list(layout.shares), index=layout.share_index(rank))
+        for i in range(5):
+            assert plan.indices(i) == whole.indices(i)[layout.rows(rank)]
+    assert layout.share_index(2) is None and layout.rows(2) == slice(0, 0)

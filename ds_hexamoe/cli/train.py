@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
     lock.acquire("ds-hexamoe " + " ".join(sys.argv[1:]))
     try:
         if args.resume:  # corrupt checkpoints are refused (or skipped, when asked) before anything starts
-            from ..worker.resume import check_before_resume
+            from ..worker.checkpoints import check_before_resume
 
             check_before_resume(recipe.checkpoint_dir, fallback=getattr(args, "resume_fallback", False), recipe=recipe)
         _prepare_output_dir(recipe, args.resume, args.overwrite)
@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
         print(f"[ds-hexamoe] training {recipe.name!r} from {src} -> {recipe.output_dir}", flush=True)
         rc = run_job(cmd, env)
         if rc not in (0, 128 + 2, 128 + 15, 128 + 1):  # not a signal the user sent to ds-hexamoe
-            from ..worker.resume import after_failure
+            from ..worker.checkpoints import after_failure
 
             print(after_failure(recipe.output_dir, recipe.checkpoint_dir, rc), file=sys.stderr, flush=True)
         return rc

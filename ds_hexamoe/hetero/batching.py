@@ -26,29 +26,13 @@ or, with a dataset, ``DataLoader(ds, batch_sampler=ShareSampler(len(ds), hetero,
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from ..apportion import share_bounds, shares_of as _shares_of
 from ..distributed import host_all_reduce
-
-
-def _shares_of(shares: Any) -> list[int]:
-    s = getattr(shares, "batch_shares", shares)
-    s = list(s)
-    if not s or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in s) or sum(s) <= 0:
-        raise ValueError(f"shares: got {s!r}; expected one integer >= 0 per rank with a positive sum")
-    return s
-
-
-def share_bounds(shares: Sequence[int], rank: int) -> tuple[int, int]:
-    """``[lo, hi)``: the rows of a global micro-batch that ``rank`` takes (contiguous, in rank order)."""
-    s = _shares_of(shares)
-    if not 0 <= rank < len(s):
-        raise ValueError(f"rank: got {rank}; expected 0 <= rank < {len(s)} (one share per rank)")
-    lo = sum(s[:rank])
-    return lo, lo + s[rank]
 
 
 def split_batch(global_batch: Any, shares: Any, rank: int) -> Any:
@@ -113,8 +97,9 @@ class ShareSampler(torch.utils.data.Sampler):
     ``sum(shares)`` samples and yields its own rows. ``shares`` is a list or an object with
     ``batch_shares`` read at every batch, so a re-plan takes effect at the next batch on all ranks
     alike. Use as ``DataLoader(ds, batch_sampler=ShareSampler(len(ds), engine.hexamoe.hetero, rank))``.
-    An incomplete last global batch is dropped (every rank must run every step). :meth:`rows`
-    addresses one global micro-batch directly (the recipe worker's resumable data order).
+    An incomplete last global batch is dropped (every rank must run every step). :meth:`rows` and
+    :meth:`rows_at` address one global micro-batch directly (the recipe worker's resumable data order,
+    for the colocated and the zebra step alike).
     """
 
     def __init__(self, num_samples: int, shares: Any, rank: int, *, shuffle: bool = True, seed: int = 0):
@@ -148,6 +133,13 @@ class ShareSampler(torch.utils.data.Sampler):
         """This rank's rows of global micro-batch ``j`` of ``epoch`` (the current shares' sum per batch)."""
         s = _shares_of(self.shares)
         return self._cut(self.order(epoch), j * sum(s), s)
+
+    def rows_at(self, i: int) -> list[int]:
+        """This rank's rows of global micro-batch ``i`` counted from the start of training: batch
+        ``i % len(self)`` of epoch ``i // len(self)``, the epoch rule of iteration (an incomplete last
+        global batch is dropped)."""
+        epoch, j = divmod(i, len(self))
+        return self.rows(j, epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()

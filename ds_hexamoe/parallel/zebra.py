@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..apportion import share_bounds
 from .local_experts import expert_region, scatter_rows_add
 from .weights import ExpertWeights
-from .zebra_model import ZebraModel
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,12 @@ class ZebraLayout:
 
     def rows(self, rank: int) -> slice:
         """The samples of each global micro-batch that ``rank`` attends (empty on an expert rank)."""
-        if rank not in self.attention_ranks:
-            return slice(0, 0)
-        i = self.attention_ranks.index(rank)
-        lo = sum(self.shares[:i])
-        return slice(lo, lo + self.shares[i])
+        i = self.share_index(rank)
+        return slice(0, 0) if i is None else slice(*share_bounds(self.shares, i))
+
+    def share_index(self, rank: int) -> int | None:
+        """``rank``'s position in ``shares`` (None on an expert rank)."""
+        return self.attention_ranks.index(rank) if rank in self.attention_ranks else None
 
 
 @dataclass
@@ -87,13 +88,13 @@ class ZebraPipeline:
     """One rank's side of disaggregated training; call :meth:`step` on every rank in the same order.
 
     Build it on every rank after ``init_process_group`` (group creation is collective). ``model``: a
-    :class:`~.zebra_model.ZebraModel` or a Hugging Face model cut by :class:`~.zebra_hf.HFZebraStack`.
+    :class:`~ds_hexamoe.testing.zebra.ZebraModel` (tests) or a Hugging Face model cut by :class:`~.zebra_hf.HFZebraStack`.
     Attention ranks pass their rows of the global batch to :meth:`step`; expert ranks pass nothing.
     Returns this rank's share of the loss (0 on expert ranks); gradients are left in ``model``'s
     parameters, dense ones summed over attention ranks.
     """
 
-    def __init__(self, model: ZebraModel, layout: ZebraLayout, global_batch: int):
+    def __init__(self, model, layout: ZebraLayout, global_batch: int):
         self.model, self.layout = model, layout
         self.rank, world = dist.get_rank(), dist.get_world_size()
         layout.check(world, model.c.experts)

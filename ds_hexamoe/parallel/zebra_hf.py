@@ -5,8 +5,8 @@ Decoder layer ``l`` of a Mixtral-family model (``input_layernorm``, ``self_attn`
 segment* (embedding first when ``l = 0``; the residual, attention, norm and router) and an *expert
 segment* (the experts' MLP from the module's own 3-D weights, on the rows a rank hosts). The final norm,
 ``lm_head`` and the shifted cross-entropy are the head. Same interface as
-:class:`~.zebra_model.ZebraModel`, so :class:`~.zebra.ZebraPipeline` and
-:class:`~.zebra_colocated.ColocatedStep` run it unchanged.
+:class:`ds_hexamoe.testing.zebra.ZebraModel`, so :class:`~.zebra.ZebraPipeline` and the tests'
+:class:`~ds_hexamoe.testing.zebra.ColocatedStep` run it unchanged.
 """
 from __future__ import annotations
 

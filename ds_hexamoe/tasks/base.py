@@ -48,11 +48,22 @@ class WorkerContext:
             self.barrier()
 
 
+@dataclass(frozen=True)
+class EvalMetric:
+    """A validation metric beside the loss: ``score(batch, output) -> (sum, count)`` of one batch. The worker
+    adds both up over the whole validation split and every rank and reports ``sum / count`` as
+    ``val_<name>`` in ``metrics.jsonl`` and ``summary.json``."""
+
+    name: str
+    score: Callable[[dict, Any], tuple[Any, Any]]
+
+
 @dataclass
 class TaskParts:
     """A task's pieces. ``collate`` builds the keyword arguments of ``model(**batch)``, whose output
     has a ``.loss``; ``count`` says how many units (tokens, images) a batch holds for throughput;
-    ``processor`` (a tokenizer, an image processor) is saved with the Hugging Face export."""
+    ``processor`` (a tokenizer, an image processor) is saved with the Hugging Face export;
+    ``eval_metric``, when given, is evaluated with the validation loss."""
 
     model: torch.nn.Module
     train: Any
@@ -61,6 +72,7 @@ class TaskParts:
     processor: Any = None
     unit: str = "tok"
     count: Callable[[dict], int] = field(default=lambda b: int(b["input_ids"].numel()))
+    eval_metric: EvalMetric | None = None
 
 
 def task_builder(recipe: Recipe):

@@ -1,4 +1,5 @@
-"""Image-classification data and the Swin-MoE task: datasets, collate, and ``build_image_task``.
+"""Image-classification data and the Swin-MoE task: datasets, collate, ``build_image_task``, and the
+validation top-1 accuracy the worker reports beside the loss (``val_accuracy``).
 
 Two sources, chosen by ``task_options.dataset``:
 
@@ -31,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import ConfigError
-from .base import TaskParts, WorkerContext
+from .base import EvalMetric, TaskParts, WorkerContext
 
 MOE_KEYS = ("num_experts", "moe_layers", "router", "router_init_std", "add_aux_loss")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -237,6 +238,12 @@ def build_image_task(recipe: dict, base_dir: str | None = None, seed: int | None
                      processor=processor)
 
 
+def top1_correct(batch: dict, out) -> tuple[torch.Tensor, int]:
+    """Correct top-1 predictions of one batch and its number of images (the accuracy's parts)."""
+    labels = batch["labels"]
+    return (out.logits.argmax(-1) == labels).sum(), int(labels.numel())
+
+
 def image_classification_task(recipe, ctx: WorkerContext) -> TaskParts:
     """The ``"image-classification"`` task of the recipe worker: a ``Recipe`` in, a ``TaskParts`` out."""
     d = recipe.to_dict() if hasattr(recipe, "to_dict") else dict(recipe)
@@ -244,4 +251,5 @@ def image_classification_task(recipe, ctx: WorkerContext) -> TaskParts:
     with ctx.main_first():  # rank 0 fills the datasets cache first
         task = build_image_task(d, base_dir=getattr(recipe, "base_dir", None), seed=seed)
     return TaskParts(model=task.model, train=task.train, validation=task.validation, collate=task.collate,
-                     processor=task.processor, unit="img", count=lambda b: int(b["labels"].numel()))
+                     processor=task.processor, unit="img", count=lambda b: int(b["labels"].numel()),
+                     eval_metric=EvalMetric("accuracy", top1_correct))

@@ -128,6 +128,9 @@ def progress_postfix(rec: dict, unit: str) -> dict:
         post["xcomm"] = f"{rec['exposed_comm_s'] * 1e3:.0f}ms"
     if rec.get("val_loss") is not None:
         post["val"] = f"{rec['val_loss']:.4f}"
+    for key, value in rec.items():  # a task's metric beside the loss (val_accuracy -> "accuracy")
+        if key.startswith("val_") and key != "val_loss" and value is not None:
+            post[key[4:]] = f"{value:.4f}"
     return post
 
 

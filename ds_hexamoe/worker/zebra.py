@@ -2,18 +2,18 @@
 
 Attention ranks run the Hugging Face model's dense part on their shares of each global micro-batch; expert
 ranks host whole experts; :class:`~ds_hexamoe.parallel.zebra.ZebraPipeline` pipelines micro-batches
-between them. There is no DeepSpeed engine on this path: each rank steps AdamW (the recipe's rates, betas,
-decay, schedule and gradient clipping over the global norm) on the parameters it owns, dense ones on the
-attention ranks (their gradients summed over attention ranks), experts on their hosts. The export gathers
-the full model on rank 0. Checkpoints and ``--resume`` are not supported here (named before any work).
+between them. :class:`ZebraStep` is the training loop's step strategy (:mod:`.strategy`) for it. There is
+no DeepSpeed engine on this path, so it keeps its own optimizer: each rank steps AdamW (the recipe's rates,
+betas, decay, schedule and gradient clipping over the global norm) on the parameters it owns, dense ones on
+the attention ranks (their gradients summed over attention ranks), experts on their hosts. The export
+gathers the full model on rank 0. Checkpoints, ``--resume`` and evaluation are not supported here (named
+before any work).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,11 +23,8 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..recipes import Recipe, lr_lambda
-from ..atomic import atomic_save_dir, atomic_write
-from ..distributed import seed_all
 from ..tasks.base import TaskParts, WorkerContext
-from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
-from .summary import SUMMARY_FILE
+from .strategy import StepResult
 
 
 def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
@@ -96,36 +93,29 @@ def _check_layout(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int,
                           f"micro-batch, training.micro_batch_size x ranks = {gb} samples")
 
 
-class _Order:
-    """The global sample order: a seeded permutation per epoch, cut into global micro-batches."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-        self.perm = self._perm(0)
-
-    def _perm(self, epoch: int) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self.perm = self._perm(self.epoch)
-            take = min(k - len(out), self.n - self.pos)
-            out += self.perm[self.pos:self.pos + take]
-            self.pos += take
-        return out
+def choose_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts,
+                 resume: bool) -> tuple[ZebraLayout | None, HFZebraStack | None, dict]:
+    """The split to train with when ``hexamoe.zebra`` says so (``"auto"``: when the planner's simulator prefers
+    it and the recipe allows it), the model cut into segments, and what decided it; layout None: the
+    colocated step trains (every rank decides alike)."""
+    z = recipe.hexamoe_config.zebra
+    layout, info, stack = zebra_layout(recipe, parts.model, recipe.ds_config(ctx.world_size, accel), ctx.world_size)
+    if layout is not None and z.enabled == "auto":
+        try:
+            check_zebra_recipe(recipe, resume)
+        except ConfigError as e:
+            layout, info = None, {**info, "why": str(e)}
+    if layout is None and ctx.is_main:
+        print(f"[ds-hexamoe] hexamoe.zebra \"auto\": the colocated plan runs ({json.dumps(info)})", flush=True)
+    return layout, stack, info
 
 
-def _batch(parts: TaskParts, rows: list[int]) -> dict:
-    batch = parts.collate([parts.train[i] for i in rows])
+def _check_padding(batch: dict) -> None:
     mask = batch.get("attention_mask")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         # causal attention makes right padding harmless (labels -100 there); other padding is not
         raise ConfigError("data: hexamoe.zebra needs unpadded or right-padded blocks (the pipeline attends causally "
                           "without an attention mask); the collate produced left or inner padding")
-    return batch
 
 
 def _clip(params: list[torch.Tensor], max_norm: float, counted: bool) -> float:
@@ -145,108 +135,107 @@ def _clip(params: list[torch.Tensor], max_norm: float, counted: bool) -> float:
     return norm
 
 
-def run_zebra(recipe: Recipe, ctx: WorkerContext, parts: TaskParts, stack: HFZebraStack, layout: ZebraLayout,
-              info: dict, setup_s: float) -> dict:
-    """Train ``recipe`` disaggregated (``stack``: ``parts.model`` cut into segments); every rank calls it.
-    Returns the run's summary (written by rank 0)."""
-    from tqdm.auto import tqdm
+class ZebraStep:
+    """:class:`~.strategy.StepStrategy` of the zebra pipeline (``stack``: ``parts.model`` cut into segments).
+    Build it on every rank (the pipeline's process groups are created collectively)."""
 
-    t = recipe.training
-    gb = sum(layout.shares)
-    pipe = ZebraPipeline(stack, layout, gb)
-    att = list(layout.attention_ranks)
-    attending = ctx.rank in att
-    mine = layout.rows(ctx.rank)
-    params = stack.dense_parameters() if attending else stack.expert_parameters()
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
-    order = _Order(len(parts.train), t.seed)
-    metrics_path = os.path.join(t.output_dir, METRICS_FILE)
-    bar = tqdm(total=t.steps, desc=f"{recipe.name} (zebra)", disable=not ctx.is_main, dynamic_ncols=True, unit="step",
-               file=sys.stdout)
-    parts.model.train()
-    window, first, last, t0 = Window(), None, None, time.perf_counter()
-    for step in range(1, t.steps + 1):
-        lr = sched.get_last_lr()[0]
+    name = "zebra"
+    keeps_checkpoints = False
+
+    def __init__(self, recipe: Recipe, ctx: WorkerContext, parts: TaskParts, stack: HFZebraStack,
+                 layout: ZebraLayout, info: dict):
+        t = recipe.training
+        self.recipe, self.ctx, self.parts, self.stack, self.layout, self.info = recipe, ctx, parts, stack, layout, info
+        self.clock = _emulation(recipe, ctx)
+        self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
+        self.attending = ctx.rank in layout.attention_ranks
+        # each rank steps what it owns: the dense part on attention ranks, its experts on an expert rank
+        self.params = stack.dense_parameters() if self.attending else stack.expert_parameters()
+        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                     weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t))
+        self.module, self.device = parts.model, torch.device("cpu")
+
+    def data_shares(self):
+        return list(self.layout.shares), self.layout.share_index(self.ctx.rank)
+
+    def lr(self) -> float | None:
+        return self.sched.get_last_lr()[0]
+
+    def step(self, batches: Iterator[dict] | None, step: int) -> StepResult:
+        t, att = self.recipe.training, self.layout.attention_ranks
         stats = torch.zeros(2, dtype=torch.float64)  # global mean loss (shares add up), units
         for _ in range(t.grad_accum):
-            rows = order.take(gb)[mine]
-            if attending:
-                batch = _batch(parts, rows)
-                stats[0] += pipe.step(batch["input_ids"], batch["labels"]) / t.grad_accum
-                stats[1] += parts.count(batch)
+            if self.attending:
+                batch = next(batches)
+                _check_padding(batch)
+                stats[0] += self.pipe.step(batch["input_ids"], batch["labels"]) / t.grad_accum
+                stats[1] += self.parts.count(batch)
             else:
-                pipe.step()
+                self.pipe.step()
         if t.grad_accum > 1:
-            for p in params:
+            for p in self.params:
                 if p.grad is not None:
                     p.grad.div_(t.grad_accum)
-        _clip(params, t.max_grad_norm, counted=not attending or ctx.rank == att[0])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=False)
+        _clip(self.params, t.max_grad_norm, counted=not self.attending or self.ctx.rank == att[0])
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=False)
         dist.all_reduce(stats)
-        loss = float(stats[0])
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss}; lower training.lr or check the data")
-        first = loss if first is None else first
-        last = loss
-        window.add(loss, float(stats[1]))
-        if step % t.log_every == 0 or step in (1, t.steps):
-            rec = metrics_row(step, loss, math.nan, lr, window, time.perf_counter() - window.t0, parts.unit, None,
-                              {}, time.perf_counter() - t0)
-            rec["zebra"] = True
-            window.reset()
-            if ctx.is_main:
-                append_row(metrics_path, rec)
-                bar.set_postfix(progress_postfix(rec, parts.unit), refresh=False)
-        bar.update(1)
-    bar.close()
-    train_s = time.perf_counter() - t0
-    hf_dir = _export(parts, stack, layout, ctx, os.path.join(t.output_dir, "hf")) if t.export_hf else None
-    summary = {"name": recipe.name, "steps": t.steps, "start_step": 0, "world_size": ctx.world_size,
-               "first_loss": first, "last_loss": last, "setup_s": setup_s, "train_s": train_s, "checkpoint": None,
-               "hf_export": hf_dir, "resumed": False,
-               "zebra": {"attention_ranks": att, "shares": list(layout.shares), "expert_owner": list(layout.expert_owner),
-                         "micro_batches": layout.micro_batches, "ran": True, **info}}
-    if ctx.is_main:
-        atomic_write(os.path.join(t.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
-        print(f"[ds-hexamoe] {recipe.name}: zebra, attention ranks {att} (shares {list(layout.shares)}), expert "
-              f"owners {list(layout.expert_owner)}, {layout.micro_batches} micro-batches ({info['source']})", flush=True)
-        print(f"[ds-hexamoe] {recipe.name}: first loss {first:.4f} (step 1), last loss {last:.4f} (step {t.steps}); "
-              f"{ctx.world_size} ranks, train {train_s:.1f}s, setup {setup_s:.1f}s", flush=True)
-        if hf_dir:
-            print(f"[ds-hexamoe] Hugging Face export: {hf_dir}", flush=True)
-    return summary
+        return StepResult(float(stats[0]), math.nan, float(stats[1]))
 
+    def row_metrics(self) -> tuple[float | None, dict, dict]:
+        return None, {}, {"zebra": True}
 
-def try_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, resume: bool,
-              t0: float) -> tuple[dict | None, TaskParts, dict]:
-    """Run disaggregated when ``hexamoe.zebra`` says so (``"auto"``: when the planner's simulator prefers it and
-    the recipe allows it); returns ``(summary, parts, info)``, the summary None for the colocated loop to
-    train (``info``: what decided it)."""
-    from ..tasks.base import task_builder
+    def forward(self, batch: dict):
+        raise NotImplementedError("hexamoe.zebra does not evaluate (training.eval_every is refused)")
 
-    t, z = recipe.training, recipe.hexamoe_config.zebra
-    seed_all(t.seed)
-    parts = task_builder(recipe)(recipe, ctx)
-    layout, info, stack = zebra_layout(recipe, parts.model, recipe.ds_config(ctx.world_size, accel), ctx.world_size)
-    if layout is not None and z.enabled == "auto":
-        try:
-            check_zebra_recipe(recipe, resume)
-        except ConfigError as e:
-            layout, info = None, {**info, "why": str(e)}
-    if layout is None:
-        if ctx.is_main:
-            print(f"[ds-hexamoe] hexamoe.zebra \"auto\": the colocated plan runs ({json.dumps(info)})", flush=True)
-        return None, parts, info
-    seed_all(t.seed + ctx.rank)
-    clock = _emulation(recipe, ctx)
-    try:
-        return run_zebra(recipe, ctx, parts, stack, layout, info, time.perf_counter() - t0), parts, info
-    finally:
-        if clock is not None:
-            clock.uninstall()
+    def set_training(self, on: bool) -> None:
+        self.module.train(on)
+
+    def save(self, step: int, state: dict) -> None:
+        raise NotImplementedError("hexamoe.zebra keeps no checkpoints (training.save_every is refused)")
+
+    def load(self) -> dict:
+        raise NotImplementedError("hexamoe.zebra keeps no checkpoints (--resume is refused)")
+
+    def export_state(self) -> dict | None:
+        """The full model on rank 0: dense tensors from the first attention rank, expert rows from their
+        hosts, summed with zeros elsewhere (exact)."""
+        model = self.module
+        experts = {id(p) for p in self.stack.expert_parameters()}
+        hosted = self.layout.hosted(self.ctx.rank)
+        gathered = {}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                mine = torch.zeros_like(p)
+                if id(p) in experts:
+                    if hosted:
+                        ids = torch.as_tensor(hosted)
+                        mine[ids] = p[ids]
+                elif self.ctx.rank == self.layout.attention_ranks[0]:
+                    mine.copy_(p)
+                dist.all_reduce(mine)
+                gathered[name] = mine
+        return {k: gathered.get(k, v) for k, v in model.state_dict().items()}
+
+    def header_lines(self) -> list[str]:
+        lay = self.layout
+        return [f"{self.recipe.name}: zebra, attention ranks {list(lay.attention_ranks)} (shares {list(lay.shares)}), "
+                f"expert owners {list(lay.expert_owner)}, {lay.micro_batches} micro-batches ({self.info['source']})"]
+
+    def summary_fields(self) -> dict:
+        lay = self.layout
+        return {"zebra": {"attention_ranks": list(lay.attention_ranks), "shares": list(lay.shares),
+                          "expert_owner": list(lay.expert_owner), "micro_batches": lay.micro_batches, "ran": True,
+                          **self.info}}
+
+    def report(self, metrics_path: str, train_s: float, steps: int, hf_dir: str | None) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        if self.clock is not None:
+            self.clock.uninstall()
 
 
 def _emulation(recipe: Recipe, ctx: WorkerContext):
@@ -259,35 +248,3 @@ def _emulation(recipe: Recipe, ctx: WorkerContext):
     if cfg.profile != "declared":
         return None
     return install_clock(load_declared(cfg, ctx.world_size), ctx.rank)
-
-
-def _export(parts: TaskParts, stack: HFZebraStack, layout: ZebraLayout, ctx: WorkerContext, out: str) -> str:
-    """The full model on rank 0 (dense tensors from the first attention rank, expert rows from their hosts,
-    summed with zeros elsewhere: exact), saved with ``save_pretrained`` into a temporary folder renamed onto ``out``."""
-    model = parts.model
-    experts = {id(p) for p in stack.expert_parameters()}
-    hosted = layout.hosted(ctx.rank)
-    first_att = layout.attention_ranks[0]
-    gathered = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            mine = torch.zeros_like(p)
-            if id(p) in experts:
-                if hosted:
-                    ids = torch.as_tensor(hosted)
-                    mine[ids] = p[ids]
-            elif ctx.rank == first_att:
-                mine.copy_(p)
-            dist.all_reduce(mine)
-            gathered[name] = mine
-    if ctx.is_main:
-        state = {k: gathered.get(k, v) for k, v in model.state_dict().items()}
-
-        def write(tmp):
-            model.save_pretrained(tmp, state_dict=state)
-            if parts.processor is not None and hasattr(parts.processor, "save_pretrained"):
-                parts.processor.save_pretrained(tmp)
-
-        atomic_save_dir(write, out)
-    ctx.barrier()
-    return out

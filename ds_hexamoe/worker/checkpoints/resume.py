@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..config import ConfigError
-from ..atomic import atomic_write
-from .checkpoints import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
+from ...config import ConfigError
+from ...atomic import atomic_write
+from .store import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
 from .manifest import CheckpointCorrupt, corrupt_message, verify_checkpoint
 
 CORRUPT_SUFFIX = ".corrupt"

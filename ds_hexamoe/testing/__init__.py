@@ -4,6 +4,8 @@ Used by the test suite and the CPU benchmarks. A rank that raises fails the whol
 traceback; a rank that hangs past ``timeout`` is killed and the call raises, so no test hangs CI.
 Each rank's result comes back through a pipe from the process this call started, never through a file:
 nothing another process could have written is ever unpickled here.
+
+:mod:`.zebra` holds the zebra pipeline's test and benchmark models (never used by training).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import torch
 import torch.multiprocessing as mp
 from multiprocessing import connection as mp_connection
 
-from .distributed import free_port
-from .integrations.shm import unlink_shm_workspace
+from ..distributed import free_port
+from ..integrations.shm import unlink_shm_workspace
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
@@ -138,7 +140,7 @@ def _build_lock_hint() -> str:
     """Names DeepSpeed op build locks left on disk: ranks killed while compiling leave them, and the next
     engine then waits on them forever."""
     try:
-        from .integrations.ds_ops import stale_build_locks
+        from ..integrations.ds_ops import stale_build_locks
 
         locks = stale_build_locks(stale_after_s=0)
     except Exception:  # the hint must never hide the timeout itself

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 
-from ..config import ConfigError
-from ..atomic import atomic_write
+from ...config import ConfigError
+from ...atomic import atomic_write
 
 MANIFEST = "hexamoe_manifest.json"
 FORMAT = 1

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
-from ..distributed import dist_on
-from ..recipes import Recipe
-from ..atomic import atomic_write
-from ..distributed import seed_all
-from ..tasks.base import WorkerContext
+from ...config import ConfigError
+from ...distributed import dist_on
+from ...recipes import Recipe
+from ...atomic import atomic_write
+from ...distributed import seed_all
+from ...tasks.base import WorkerContext
 from .manifest import (CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest, read_manifest,
                        write_manifest)
 

@@ -1,10 +1,19 @@
-"""The MoE stack the zebra pipeline runs, cut at the places where tokens leave attention ranks.
+"""Test and benchmark models for the zebra pipeline (docs/modes.md, "Zebra"): a small MoE stack cut where
+tokens leave attention ranks (:class:`ZebraModel`), a deterministic batch, and the non-disaggregated
+baseline the pipeline is compared with (:class:`ColocatedStep`). Not used by training.
 
 A pre-norm block ``h = z + attn(ln1(z)); x = ln2(h); y = experts(x); z' = h + y`` is cut into an
 *attention segment* (everything but the experts: residual, causal attention, router) and an *expert
 segment* (the dropless expert MLP of the pairs a rank hosts). The last segment is the output head and
 the loss. Every segment is a plain function of detached inputs, so a pipeline can run forward and
-backward of each (layer, micro-batch) on its own and in any order (docs/modes.md, "Zebra").
+backward of each (layer, micro-batch) on its own and in any order.
+
+:class:`ColocatedStep`: every rank runs attention on its batch share and hosts some experts, reached
+through :class:`~ds_hexamoe.parallel.expert_parallel.ExpertParallelMoE` at every layer. Uneven ``shares``
+and ``expert_owner`` make it the heterogeneous expert-parallel plan; even ones the uniform plan. Dense
+gradients are summed over all ranks; each expert's gradient lives on its owner only. ``expert_owner=None``
+is the data-centric plan instead: every rank computes every expert for its own tokens and expert
+gradients are summed over ranks too.
 """
 from __future__ import annotations
 
@@ -12,11 +21,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .local_experts import compute_experts, expert_region
-from .weights import ExpertSpec, ExpertWeights
+from ..parallel.expert_parallel import ExpertParallelMoE
+from ..parallel.local_experts import compute_experts, expert_region
+from ..parallel.weights import ExpertSpec, ExpertWeights
 
 
 @dataclass(frozen=True)
@@ -119,18 +130,49 @@ class ZebraModel(nn.Module):
         """Summed squared error over ``denom``: a share of the global mean, so shares add up exactly."""
         return (self.dense["head"](z) - target).pow(2).sum() / denom
 
-    def reference_loss(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The whole stack in one process with every expert local: the exactness reference."""
-        z = inputs
-        every = list(range(self.c.experts))
-        for l in range(self.c.layers):
-            h, x, idx, w = self.attention_segment(l, z)
-            z = h + self.expert_segment(l, every, x, idx, w).view_as(h)
-        return self.head_loss(z, target, target.numel())
-
 
 def make_batch(c: ZebraModelConfig, samples: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """A deterministic regression batch ``(inputs, target)``, each ``[samples, seq, d]``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, c.seq, c.d, generator=g)
     return x, torch.tanh(x.roll(1, dims=1)) + 0.1 * torch.randn(samples, c.seq, c.d, generator=g)
+
+
+class ColocatedStep:
+    """Forward + backward of one global batch, expert parallel without disaggregation."""
+
+    def __init__(self, model: ZebraModel, shares: list[int], expert_owner: list[int] | None):
+        self.model, self.rank, world = model, dist.get_rank(), dist.get_world_size()
+        if len(shares) != world or any(not isinstance(s, int) or s < 1 for s in shares):
+            raise ValueError(f"colocated.shares: got {shares}; expected one integer >= 1 per rank ({world})")
+        bad_owner = expert_owner is not None and (
+            len(expert_owner) != model.c.experts or any(not 0 <= r < world for r in expert_owner))
+        if bad_owner:
+            raise ValueError(f"colocated.expert_owner: got {expert_owner}; expected a rank in [0, {world}) per expert")
+        self.shares, self.global_batch = shares, sum(shares)
+        self.placement = None if expert_owner is None else {e: [r] for e, r in enumerate(expert_owner)}
+        self.moe = ExpertParallelMoE(model.spec)
+
+    def step(self, inputs: torch.Tensor, target: torch.Tensor) -> float:
+        m, c = self.model, self.model.c
+        denom = torch.tensor([m.loss_count(target)], dtype=torch.int64)
+        dist.all_reduce(denom)  # the loss is a mean over the global batch
+        z = m.embed(inputs)
+        for layer in range(c.layers):
+            h, x, idx, w = m.attention_segment(layer, z)
+            if self.placement is None:
+                y = m.expert_segment(layer, list(range(c.experts)), x, idx, w)
+            else:
+                y = self.moe(x, idx, w, self.placement, lambda hosted, _r, l=layer: m.experts_of(l, list(hosted)), layer)
+            z = h + y.view_as(h)
+        loss = m.head_loss(z, target, int(denom))
+        loss.backward()
+        params = m.dense_parameters() + (m.expert_parameters() if self.placement is None else [])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        torch.nn.utils.vector_to_parameters(flat, grads)
+        return float(loss.detach())

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 _OSD = "optimizer_state_dict"
 

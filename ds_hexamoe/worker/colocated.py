@@ -1,0 +1,122 @@
+"""The colocated step: a DeepSpeed engine (``ds_hexamoe.initialize``) on every rank, attention and experts
+together, uneven batch shares when a heterogeneous plan runs (docs/design.md, "One training step")."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from ..recipes import Recipe, lr_lambda
+from ..tasks.base import TaskParts, WorkerContext
+from .checkpoints import load_checkpoint, save_checkpoint
+from .metrics import ExpertLoadTracker, all_mean, runtime_metrics
+from .strategy import StepResult
+from .summary import run_report
+
+
+class ColocatedStep:
+    """:class:`~.strategy.StepStrategy` over a DeepSpeed engine; ``info``: why ``"zebra": "auto"`` left the
+    run here (recorded in ``summary.json``), None when zebra was not asked for."""
+
+    name = "colocated"
+    keeps_checkpoints = True
+
+    def __init__(self, recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts, info: dict | None = None):
+        t = recipe.training
+        self.recipe, self.ctx, self.parts, self.info = recipe, ctx, parts, info
+        ds_config = recipe.ds_config(ctx.world_size, accel)
+        scheduler = None if "scheduler" in ds_config else (
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)))
+        self.engine, _, _, _ = _initialize_fn()(model=parts.model, config=ds_config, lr_scheduler=scheduler)
+        self.runtime = getattr(self.engine, "hexamoe", None)
+        # None: the engine's runtime reports balance itself
+        self.tracker = (None if callable(getattr(self.runtime, "metrics", None))
+                        else ExpertLoadTracker(self.engine.module, self.engine.device))
+        self.hetero = getattr(self.runtime, "hetero", None)  # the heterogeneous controller, or None
+        self.module, self.device = self.engine.module, self.engine.device
+
+    def data_shares(self):
+        return self.hetero, self.ctx.rank
+
+    def lr(self) -> float | None:
+        lrs = self.engine.get_lr()
+        return float(lrs[0]) if lrs else None  # the rate this step applies (the scheduler moves after it)
+
+    def step(self, batches: Iterator[dict], step: int) -> StepResult:
+        step_loss, step_aux, units = self._micro_steps(batches)
+        if callable(getattr(self.runtime, "after_step", None)):
+            self.runtime.after_step(step)
+        loss, aux_loss, mean_units = all_mean([step_loss, step_aux, float(units)], self.device)
+        return StepResult(loss, aux_loss, mean_units * self.ctx.world_size)
+
+    def _micro_steps(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``grad_accum`` micro-steps; this rank's mean loss, mean aux loss (NaN without one) and units."""
+        ga, engine = self.recipe.training.grad_accum, self.engine
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        step_aux = torch.zeros((), dtype=torch.float64, device=self.device)
+        units = 0
+        for _ in range(ga):
+            batch = {k: v.to(self.device) for k, v in next(batches).items()}
+            n_local = self.parts.count(batch)
+            units += n_local
+            out = engine(**batch)
+            loss_for_grad = out.loss
+            if self.hetero is not None:
+                # uneven shares: weight each rank's mean loss by its share of the micro-batch's units, so
+                # DeepSpeed's equal averaging over ranks gives the mean over the union
+                from ..hetero import global_token_count, loss_scale
+
+                loss_for_grad = out.loss * loss_scale(n_local, global_token_count(n_local), self.ctx.world_size)
+            engine.backward(loss_for_grad)
+            engine.step()
+            step_loss += out.loss.detach().to(torch.float64) / ga
+            aux = getattr(out, "aux_loss", None)  # the router's balancing loss, already inside out.loss
+            step_aux += aux.detach().to(torch.float64) / ga if torch.is_tensor(aux) else math.nan
+        return step_loss, step_aux, units
+
+    def row_metrics(self) -> tuple[float | None, dict, dict]:
+        rtm = runtime_metrics(self.engine)
+        bal = rtm.get("balance") if self.tracker is None else self.tracker.balance()
+        return bal, rtm, {}
+
+    def forward(self, batch: dict):
+        return self.engine(**batch)
+
+    def set_training(self, on: bool) -> None:
+        self.engine.train() if on else self.engine.eval()
+
+    def save(self, step: int, state: dict) -> None:
+        t = self.recipe.training
+        save_checkpoint(self.engine, self.recipe.checkpoint_dir, step, state, self.ctx, t.keep_checkpoints)
+
+    def load(self) -> dict:
+        return load_checkpoint(self.engine, self.recipe.checkpoint_dir, self.ctx)
+
+    def export_state(self) -> dict | None:
+        export = getattr(self.runtime, "export_state_dict", None)
+        return export() if callable(export) else None  # may be collective (FSSDP gathers experts)
+
+    def header_lines(self) -> list[str]:
+        return []
+
+    def summary_fields(self) -> dict:
+        return {} if self.info is None else {"zebra": {"ran": False, **self.info}}
+
+    def report(self, metrics_path: str, train_s: float, steps: int, hf_dir: str | None) -> dict | None:
+        return run_report(self.engine, self.ctx.world_size, metrics_path, train_s, steps, hf_dir)
+
+    def close(self) -> None:
+        pass
+
+
+def _initialize_fn():
+    try:
+        from ..integrations.deepspeed import initialize
+    except ModuleNotFoundError as e:
+        if e.name != "ds_hexamoe.integrations.deepspeed":
+            raise
+        import deepspeed
+
+        return deepspeed.initialize
+    return initialize
