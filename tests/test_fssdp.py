@@ -267,17 +267,6 @@ def test_three_ranks_uneven_keep_zero1():
 
 
 # ------------------------------------------------------------------------- bad input, no ranks
-@pytest.fixture
-def one_rank_group():
-    import torch.distributed as dist
-
-    from ds_hexamoe.testing import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_shard_model_rejects_bad_configs(one_rank_group):
     from ds_hexamoe.config import ConfigError, HexaMoEConfig
     from ds_hexamoe.fssdp import FSSDPManager

@@ -185,17 +185,6 @@ def test_split_batch_loss_scale_and_sampler():
     assert share_bounds([3, 1], 1) == (3, 4)
 
 
-@pytest.fixture
-def one_rank():
-    import torch.distributed as dist
-
-    from ds_hexamoe.testing import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _memory_for(room_experts: float) -> float:
     """GB of one rank's memory leaving ``room_experts`` materialized experts (with gradients) of free room
     after the dense state and every expert's shard (the planner's accounting, see placement/costs.py)."""
@@ -211,7 +200,7 @@ def _memory_for(room_experts: float) -> float:
     return need / 0.9 / 1e9  # the planner uses 90% of a device's memory
 
 
-def test_bad_inputs_fail_before_any_work(one_rank, tmp_path):
+def test_bad_inputs_fail_before_any_work(one_rank_group, tmp_path):
     import ds_hexamoe
 
     model = make_model()

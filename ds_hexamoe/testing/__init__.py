@@ -1,4 +1,5 @@
-"""Run a function on N real ``torch.distributed`` ranks (gloo) in fresh processes, with a deadline.
+"""Run a function on N real ``torch.distributed`` ranks (gloo), with a deadline: in fresh processes, or on ranks
+kept alive between calls (:mod:`.pool`, what the test suite uses).
 
 Used by the test suite and the CPU benchmarks. A rank that raises fails the whole call with its
 traceback; a rank that hangs past ``timeout`` is killed and the call raises, so no test hangs CI.
@@ -75,6 +76,16 @@ def _collect(procs, readers, deadline: float) -> dict[int, dict]:
     return records
 
 
+_REUSE = False  # reuse_ranks(True): calls run on pooled ranks unless they ask for fresh ones
+
+
+def reuse_ranks(on: bool = True) -> None:
+    """From now on run :func:`run_distributed` calls on ranks kept alive between calls (:mod:`.pool`), unless a
+    call passes ``fresh=True`` or ``HEXAMOE_FRESH_RANKS=1`` is set. The test suite turns it on (conftest)."""
+    global _REUSE
+    _REUSE = bool(on) and os.environ.get("HEXAMOE_FRESH_RANKS", "") in ("", "0")
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -82,20 +93,39 @@ def run_distributed(
     timeout: float = 300.0,
     threads: int = 1,
     init_process_group: bool = True,
+    fresh: bool | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """``[fn(rank, world_size, *args, **kwargs) for each rank]`` run concurrently on gloo ranks.
 
     ``fn`` must be importable (a module-level function). With ``init_process_group=False`` the
     environment (MASTER_ADDR, RANK, ...) is set but the caller initializes, e.g. through DeepSpeed.
+    ``fresh``: new rank processes for this call (None: unless :func:`reuse_ranks` is on). Pooled ranks
+    already have the default group, which ``deepspeed.init_distributed`` adopts; a caller that calls
+    ``init_process_group`` itself needs ``fresh=True``.
     """
+    if fresh is None:
+        fresh = not _REUSE
+    if fresh:
+        records, hung, exitcode = _run_fresh(fn, world_size, args, kwargs, timeout, threads, init_process_group)
+    else:
+        from .pool import pool_for
+
+        pool = pool_for(world_size, threads, dist_env)
+        records, hung = pool.run(fn, args, kwargs, timeout)
+        exitcode = pool.exitcode
+    return _results(records, hung, world_size, exitcode, timeout)
+
+
+def _run_fresh(fn, world_size, args, kwargs, timeout, threads, init_pg):
+    """One call on ranks started for it: ``(records, hung ranks, exitcode(rank))``."""
     port = free_port()
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe(duplex=False) for _ in range(world_size)]
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, world_size, port, fn, args, kwargs, pipes[r][1], threads, init_process_group),
+            args=(r, world_size, port, fn, args, kwargs, pipes[r][1], threads, init_pg),
             daemon=False,
         )
         for r in range(world_size)
@@ -117,11 +147,17 @@ def run_distributed(
         recv.close()
     # DeepSpeed never unlinks its CPU all-reduce workspace files; ranks that died before doing it leave them
     unlink_shm_workspace(port=port, addr="127.0.0.1")
+    return records, hung, (lambda r: procs[r].exitcode)
+
+
+def _results(records: dict[int, dict], hung: list[int], world_size: int, exitcode, timeout: float) -> list[Any]:
+    """Every rank's result in rank order, or the error naming each rank that raised, died or hung."""
     results, errors = [], []
     for r in range(world_size):
         rec = records.get(r)
         if rec is None:
-            errors.append(f"rank {r}: no result (exit code {procs[r].exitcode})")
+            if r not in hung:
+                errors.append(f"rank {r}: no result (exit code {exitcode(r)})")
             results.append(None)
         elif rec["ok"]:
             results.append(rec["result"])
