@@ -107,7 +107,7 @@ class _Blocks:
         from ds_hexamoe.hetero import count_tokens, loss_scale, split_batch
 
         engine, h = self.engine, self.h
-        h.batch_shares = list(shares)
+        h.state.batch_shares = list(shares)  # a candidate plan measured in place of the planned one (PlanState owns shares)
         if self.rt.fssdp is not None:
             migrate_shards(self.rt.fssdp, weights)
         walls, laps = Laps(), []

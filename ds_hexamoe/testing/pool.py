@@ -104,7 +104,7 @@ class RankPool:
         except (BrokenPipeError, OSError):
             pass  # a rank died since the last call: it reports no result below
         records: dict[int, dict] = {}
-        waiting = dict(enumerate(self._results))
+        waiting, failed = dict(enumerate(self._results)), False
         while waiting and time.monotonic() < deadline:
             ready = mp_connection.wait(list(waiting.values()), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             for conn in ready:
@@ -114,9 +114,10 @@ class RankPool:
                 except EOFError:  # the rank died before reporting
                     pass
                 del waiting[r]
-            if any(not rec["ok"] for rec in records.values()):
-                break  # the others may wait forever on the failed rank
-        hung = [r for r in waiting if self.procs[r].is_alive()] if time.monotonic() >= deadline else []
+            if not failed and any(not rec["ok"] for rec in records.values()):
+                # the failed rank has left: peers in a collective with it fail and report soon, or never
+                failed, deadline = True, min(deadline, time.monotonic() + FAILED_GRACE_S)
+        hung = [r for r in waiting if self.procs[r].is_alive()] if time.monotonic() >= deadline and not failed else []
         if len(records) < self.world_size or not all(rec["ok"] for rec in records.values()):
             self.close()
         return records, hung
@@ -147,6 +148,7 @@ class RankPool:
                 del _POOLS[key]
 
 
+FAILED_GRACE_S = 10.0  # how long the other ranks of a failed call get to report their own errors
 MAX_POOLED_RANKS = 5  # idle ranks hold a torch/DeepSpeed process's memory each: the oldest pools go first
 
 
