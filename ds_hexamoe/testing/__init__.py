@@ -23,6 +23,7 @@ from multiprocessing import connection as mp_connection
 
 from ..distributed import free_port
 from ..integrations.shm import unlink_shm_workspace
+from .pool import collect_records, pool_for
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
@@ -55,25 +56,6 @@ def _worker(rank, world_size, port, fn, args, kwargs, conn, threads, init_pg):
         conn.close()
         if init_pg and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-
-
-def _collect(procs, readers, deadline: float) -> dict[int, dict]:
-    """Read every rank's record as it arrives (a large one blocks its sender until read), until all ranks
-    have reported or exited, or the deadline passes."""
-    records: dict[int, dict] = {}
-    waiting = dict(enumerate(readers))
-    while waiting and time.monotonic() < deadline:
-        ready = mp_connection.wait(list(waiting.values()), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-        for conn in ready:
-            r = next(k for k, c in waiting.items() if c is conn)
-            try:
-                records[r] = pickle.loads(conn.recv_bytes())
-            except EOFError:  # the rank died before reporting
-                pass
-            del waiting[r]
-        for r in [r for r in waiting if not procs[r].is_alive() and not waiting[r].poll()]:
-            del waiting[r]
-    return records
 
 
 _REUSE = False  # reuse_ranks(True): calls run on pooled ranks unless they ask for fresh ones
@@ -109,8 +91,6 @@ def run_distributed(
     if fresh:
         records, hung, exitcode = _run_fresh(fn, world_size, args, kwargs, timeout, threads, init_process_group)
     else:
-        from .pool import pool_for
-
         pool = pool_for(world_size, threads, dist_env)
         records, hung = pool.run(fn, args, kwargs, timeout)
         exitcode = pool.exitcode
@@ -135,7 +115,7 @@ def _run_fresh(fn, world_size, args, kwargs, timeout, threads, init_pg):
     for _, send in pipes:
         send.close()  # the children hold the write ends; EOF then means a rank died
     deadline = time.monotonic() + timeout
-    records = _collect(procs, [recv for recv, _ in pipes], deadline)
+    records, _, _ = collect_records(procs, [recv for recv, _ in pipes], deadline)
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     hung = [r for r, p in enumerate(procs) if p.is_alive()]

@@ -74,6 +74,30 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks, results, 
     results.close()
 
 
+def collect_records(procs, readers, deadline: float, failure_grace: float | None = None):
+    """Read every rank's record as it arrives (a large one blocks its sender until read), until all ranks
+    have reported or exited, or the deadline passes; ``failure_grace``: once a rank reports a failure, the
+    others get that many more seconds (their own errors, not a wait for the deadline). Returns ``(records,
+    ranks still waiting, whether a rank failed)``."""
+    records: dict[int, dict] = {}
+    waiting, failed = dict(enumerate(readers)), False
+    while waiting and time.monotonic() < deadline:
+        ready = mp_connection.wait(list(waiting.values()), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        for conn in ready:
+            r = next(k for k, c in waiting.items() if c is conn)
+            try:
+                records[r] = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the rank died before reporting
+                pass
+            del waiting[r]
+        for r in [r for r in waiting if not procs[r].is_alive() and not waiting[r].poll()]:
+            del waiting[r]
+        if failure_grace is not None and not failed and any(not rec["ok"] for rec in records.values()):
+            # the failed rank has left: peers in a collective with it fail and report soon, or never
+            failed, deadline = True, min(deadline, time.monotonic() + failure_grace)
+    return records, list(waiting), failed
+
+
 class RankPool:
     """``world_size`` gloo ranks started once (spawn), reused call after call; :meth:`close` ends them."""
 
@@ -103,21 +127,8 @@ class RankPool:
                 conn.send_bytes(payload)
         except (BrokenPipeError, OSError):
             pass  # a rank died since the last call: it reports no result below
-        records: dict[int, dict] = {}
-        waiting, failed = dict(enumerate(self._results)), False
-        while waiting and time.monotonic() < deadline:
-            ready = mp_connection.wait(list(waiting.values()), timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-            for conn in ready:
-                r = next(k for k, c in waiting.items() if c is conn)
-                try:
-                    records[r] = pickle.loads(conn.recv_bytes())
-                except EOFError:  # the rank died before reporting
-                    pass
-                del waiting[r]
-            if not failed and any(not rec["ok"] for rec in records.values()):
-                # the failed rank has left: peers in a collective with it fail and report soon, or never
-                failed, deadline = True, min(deadline, time.monotonic() + FAILED_GRACE_S)
-        hung = [r for r in waiting if self.procs[r].is_alive()] if time.monotonic() >= deadline and not failed else []
+        records, waiting, failed = collect_records(self.procs, self._results, deadline, failure_grace=FAILED_GRACE_S)
+        hung = [] if failed else [r for r in waiting if self.procs[r].is_alive()]
         if len(records) < self.world_size or not all(rec["ok"] for rec in records.values()):
             self.close()
         return records, hung
