@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
-from multiprocessing import connection as mp_connection
 
 from ..distributed import free_port
 from ..integrations.shm import unlink_shm_workspace
