@@ -169,15 +169,20 @@ def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_no_import_cycles():
-    all_edges = edges()
-    cycles = _cycles({m: sorted({d for d, _ in deps}) for m, deps in all_edges.items()})
+def _cycle_report(all_edges: dict, where) -> str:
+    """Every import cycle among ``all_edges`` (``{module: [(target, line)]}``) with the imports that close it,
+    ``where(module, line)`` naming each; "" when there is none."""
     lines = []
-    for comp in cycles:
+    for comp in _cycles({m: sorted({d for d, _ in deps}) for m, deps in all_edges.items()}):
         members = set(comp)
-        inner = [f"  {_where(m, line)}: {m} -> {d}" for m in comp for d, line in all_edges[m] if d in members]
+        inner = [f"  {where(m, line)}: {m} -> {d}" for m in comp for d, line in all_edges[m] if d in members]
         lines.append("cycle among " + ", ".join(comp) + ":\n" + "\n".join(inner))
-    assert not cycles, "\n".join(lines)
+    return "\n".join(lines)
+
+
+def test_no_import_cycles():
+    report = _cycle_report(edges(), _where)
+    assert not report, report
 
 
 def test_placement_is_pure():
@@ -237,15 +242,8 @@ def script_edges() -> dict[str, list[tuple[str, int]]]:
 
 
 def test_no_import_cycles_among_scripts():
-    all_edges = script_edges()
-    cycles = _cycles({m: sorted({d for d, _ in deps}) for m, deps in all_edges.items()})
-    lines = []
-    for comp in cycles:
-        members = set(comp)
-        inner = [f"  {SCRIPT_FILES[m].relative_to(ROOT)}:{line}: {m} -> {d}"
-                 for m in comp for d, line in all_edges[m] if d in members]
-        lines.append("cycle among scripts " + ", ".join(comp) + ":\n" + "\n".join(inner))
-    assert not cycles, "\n".join(lines)
+    report = _cycle_report(script_edges(), lambda m, line: f"{SCRIPT_FILES[m].relative_to(ROOT)}:{line}")
+    assert not report, report
 
 
 def test_no_package_module_imports_a_script():
