@@ -89,7 +89,7 @@ class HexaMoERuntime:
         if self.planning is None or self.fssdp is None or stats is None or not stats.layers:
             return None
         if step is None:
-            step = int(getattr(self.engine, "global_steps", len(self.planning.history)))
+            step = self.planning.step_of(self.engine)
         return self.planning.replan(stats, profiles, step=step, fssdp=self.fssdp)
 
     def after_step(self, global_step: int) -> None:

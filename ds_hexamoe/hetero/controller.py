@@ -150,7 +150,7 @@ class HeteroController:
         ``profiles``: new device profiles (one per rank, anything ``load_profiles`` takes); None: the
         current ones, re-measured with ``"profile": "measure"`` (kept unless a speed moved by > 10%)."""
         if step is None:
-            step = int(getattr(self.engine, "global_steps", len(self.history)))
+            step = self.state.step_of(self.engine)
         self._last_replan_step = step
         source = "given"
         if stats is None:

@@ -124,6 +124,11 @@ class PlanState:
     def micro_tokens(self) -> int:
         return micro_tokens(self.shape, self.global_batch, self.world)
 
+    def step_of(self, engine) -> int:
+        """The step a re-plan asked for without one is recorded at: ``engine``'s optimizer steps, else the number
+        of plans made so far."""
+        return int(getattr(engine, "global_steps", len(self.history)))
+
     # -- planning -----------------------------------------------------------------------------------------
     def set_seq_len(self, seq: int) -> None:
         """Plan for samples of ``seq`` tokens from now on (the data's, once a batch showed it)."""
