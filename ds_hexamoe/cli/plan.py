@@ -180,27 +180,13 @@ def _plan_state(recipe, cfg, options: PlanOptions, world: int):
 def _meta_model(recipe):
     """The recipe's model as training builds it (:func:`ds_hexamoe.tasks.build_model`), on the meta device: its
     shapes and dtype without reading or allocating weights. Causal LMs only."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ..recipes import CAUSAL_LM
-    from ..tasks.causal_lm import _DTYPES
+    from ..tasks import build_model, build_tokenizer
 
     if recipe.task != CAUSAL_LM:
         raise ConfigError(f"task: {recipe.task!r}; ds-hexamoe plan RECIPE builds causal-LM models only: plan this "
                           "one with --devices and --stats (ds-hexamoe profile-routing)")
     m = recipe.model
-    kwargs = dict(experts_implementation=m.experts_implementation, trust_remote_code=m.trust_remote_code)
-    overrides = dict(m.config or {})
-    if m.path is not None:
-        config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **overrides)
-    else:
-        model_type = overrides.pop("model_type")
-        if "vocab_size" not in overrides:  # a fresh model's vocabulary follows the tokenizer (as in training)
-            from ..tasks import build_tokenizer
-
-            overrides["vocab_size"] = len(build_tokenizer(recipe))
-        config = AutoConfig.for_model(model_type, **overrides)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return model.to(_DTYPES[recipe.training.dtype])
+    # a fresh model's vocabulary follows the tokenizer, as in training (a checkpoint has its own)
+    tokenizer = build_tokenizer(recipe) if m.path is None and "vocab_size" not in (m.config or {}) else None
+    return build_model(recipe, tokenizer, meta=True)

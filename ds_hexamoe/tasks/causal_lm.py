@@ -8,6 +8,7 @@ every tool sees the same tokens and the same model.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -199,20 +200,33 @@ def build_dataset(recipe: Recipe, tokenizer) -> TextData:
                     seq_len=d.seq_len, packed=d.packing, pad_token_id=pad)
 
 
-def build_model(recipe: Recipe, tokenizer=None) -> torch.nn.Module:
+def build_model(recipe: Recipe, tokenizer=None, *, meta: bool = False) -> torch.nn.Module:
     """The recipe's causal LM: ``from_pretrained(model.path)`` or ``from_config(model.config)``, with
     the recipe's experts implementation, in the training dtype. A fresh model's vocabulary and special
-    token ids follow ``tokenizer``."""
+    token ids follow ``tokenizer``. ``meta``: on the meta device, from the config alone (shapes and dtype,
+    no weights read or allocated: what ``ds-hexamoe plan`` needs)."""
     # "hexamoe" is a registered experts implementation already: ds_hexamoe/__init__ runs before this module
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = recipe.model
     dtype = _DTYPES[recipe.training.dtype]
     kwargs = dict(experts_implementation=m.experts_implementation, trust_remote_code=m.trust_remote_code)
-    if m.path is not None:
+    if m.path is not None and not meta:
         model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, **(m.config or {}), **kwargs)
         return _finish_model(model, recipe)
-    cfg_dict = dict(m.config)
+    if m.path is not None:
+        config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **(m.config or {}))
+    else:
+        config = _fresh_config(dict(m.config), tokenizer)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_config(config, **kwargs).to(dtype)
+    return _finish_model(model, recipe)
+
+
+def _fresh_config(cfg_dict: dict, tokenizer):
+    """The transformers config of ``model.config`` (vocabulary and special token ids from ``tokenizer``)."""
+    from transformers import AutoConfig
+
     model_type = cfg_dict.pop("model_type")
     if tokenizer is not None:
         n = len(tokenizer)
@@ -224,11 +238,9 @@ def build_model(recipe: Recipe, tokenizer=None) -> torch.nn.Module:
             tid = getattr(tokenizer, name, None)
             cfg_dict.setdefault(name, tid)
     try:
-        config = AutoConfig.for_model(model_type, **cfg_dict)
+        return AutoConfig.for_model(model_type, **cfg_dict)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"model.config.model_type: {model_type!r} is not a transformers model type ({e})") from None
-    model = AutoModelForCausalLM.from_config(config, **kwargs).to(dtype)
-    return _finish_model(model, recipe)
 
 
 def _finish_model(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
