@@ -121,6 +121,8 @@ def test_four_ranks_tree_training_is_exact():
     results = run_distributed(_train_worker, 4, case, init_process_group=False, timeout=500)
     _check_equivalence(case, results)
     assert all(c["trees"] > 0 and c["tree_rounds"] >= c["trees"] for res in results for c in res["comm"])
+    # rounds after the first run asynchronously too (issue 22): issued at a later exchange, not in wait()
+    assert all(c["tree_rounds_ahead"] > 0 for res in results for c in res["comm"])
 
 
 def test_three_ranks_auto_and_tree_sync_schedule_exact():

@@ -18,7 +18,7 @@ from ..parallel.accounting import CommStats
 from .layer import ExpertLayer
 from .ownership import LayerOwnership
 from .transport import Pending, exchange
-from .tree import max_fanout, tree_all_gather, tree_reduce_scatter, use_tree
+from .tree import advance_trees, max_fanout, tree_all_gather, tree_reduce_scatter, use_tree
 
 __all__ = ["Pending", "Transfer", "UsedLater", "all_gather_loads", "all_gather_loads_async", "plan_transfer",
            "sparse_all_gather", "sparse_reduce_scatter"]
@@ -60,6 +60,7 @@ def all_gather_loads(counts_e: torch.Tensor, group, stats: CommStats) -> list[li
 
 def all_gather_loads_async(counts_e: torch.Tensor, group, stats: CommStats) -> Pending:
     """:func:`all_gather_loads` issued asynchronously: a :class:`Pending` whose ``wait()`` gives ``[N][E]``."""
+    advance_trees(group)
     n = dist.get_world_size(group)
     c = counts_e.to(device="cpu", dtype=torch.int32).contiguous()
     out = [torch.empty_like(c) for _ in range(n)]
@@ -93,6 +94,7 @@ def sparse_all_gather(
 ) -> Pending:
     """Materialize every expert this rank used into the full-layer views ``full`` (owned ones by a local copy).
     ``kind``: the :class:`CommStats` field the bytes count into; ``fanout``: ``fssdp.fanout``."""
+    advance_trees(group)
     if transfer.local:
         layer.unpack_into(full, list(transfer.local), layer.pack_local(list(transfer.local)))
     if not transfer.moves:
@@ -131,6 +133,7 @@ def sparse_reduce_scatter(
     """Send each used expert's gradient to its owner; the result is ``{name: [E_local, ...]}`` (``acc_dtype``),
     the sum over all ranks that used the expert (zeros for experts nobody used), or None when nothing is owned.
     ``fanout``: ``fssdp.fanout`` (a tree sums partial gradients on the way)."""
+    advance_trees(group)
     if transfer.moves and use_tree(fanout, transfer.widest):
         return tree_reduce_scatter(layer, transfer.masks, grads, group, stats, async_op=async_op, acc_dtype=acc_dtype)
     width = layer.numel_per_expert

@@ -8,17 +8,23 @@ the same tree reversed: each rank adds what its children sent to its own gradien
 and forwards the sum to its parent, so the owner receives ``ceil(log2(R+1))`` partial sums, not ``R``.
 
 One round is one ``all_to_all_single`` over every expert of the layer (trees with fewer rounds are done
-early). A round forwards what the previous one delivered, so an asynchronous tree issues its first round
-at once and the rest when it is waited for (the same program point on every rank).
+early). A round forwards what the previous one delivered, so round ``k + 1`` can only be issued once
+round ``k`` has landed. An asynchronous tree issues its first round at once; each later round is issued,
+asynchronously too, at the next sparse exchange or load exchange on the same process group
+(:func:`advance_trees`, called by :mod:`.collectives` at every such issue point), and whatever is left
+runs when the tree is waited for. Issue points are program points every rank reaches alike, so every
+rank issues the rounds in the same order, and a tree issued ahead of attention overlaps all its rounds
+with the compute between its issue and its wait instead of only the first.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..parallel.accounting import CommStats
+from ..parallel.accounting import CommStats, blocked
 from .layer import ExpertLayer
 from .ownership import LayerOwnership
 from .transport import Pending, exchange
@@ -74,22 +80,57 @@ def broadcast_rounds(ownership: LayerOwnership, masks, rank: int) -> list[Round]
 
 
 class _Rounds(Pending):
-    """Tree rounds run in order: the first issued at construction (asynchronously if asked), the rest
-    synchronously inside :meth:`wait`. ``issue(k, async_op) -> (work, land)``; ``land()`` consumes round
-    ``k``'s received rows; ``result()`` is the value of :meth:`wait`."""
+    """Tree rounds run in order: the first issued at construction (asynchronously if asked), each later one
+    issued asynchronously by :meth:`advance` (at the group's next exchange), the rest inside :meth:`wait`.
+    ``issue(k, async_op) -> (work, land)``; ``land()`` consumes round ``k``'s received rows; ``result()`` is
+    the value of :meth:`wait`."""
 
     def __init__(self, issue: Callable, rounds: int, result: Callable, stats: CommStats, what: str, async_op: bool,
-                 nbytes: int):
+                 nbytes: int, group):
         self._issue, self._rounds, self._result_fn = issue, rounds, result
+        self._next = 1  # the next round to issue
         work, self._land = issue(0, async_op)
         super().__init__(work if async_op else None, self._rest, stats, what, nbytes)
+        if async_op and rounds > 1:
+            _IN_FLIGHT.append((group, weakref.ref(self)))
+
+    def advance(self) -> None:
+        """Land the round in flight and issue the next one asynchronously (nothing once all were issued)."""
+        if self._done or self._next >= self._rounds:
+            return
+        if self._work is not None:
+            with blocked(self._stats, self._what):
+                self._work.wait()
+        self._land()
+        self._work, self._land = self._issue(self._next, True)
+        self._next += 1
+        self._stats.tree_rounds_ahead += 1
 
     def _rest(self):
         self._land()
-        for k in range(1, self._rounds):
+        for k in range(self._next, self._rounds):
             _, land = self._issue(k, False)
             land()
         return self._result_fn()
+
+
+# asynchronous trees with rounds left to issue, in issue order, with their process group
+_IN_FLIGHT: list[tuple[object, weakref.ref]] = []
+
+
+def advance_trees(group) -> None:
+    """Issue the next round of every asynchronous tree in flight on ``group`` (in the order the trees were
+    issued). Called at each exchange issued on ``group``: a point every rank reaches alike."""
+    live = []
+    for g, ref in _IN_FLIGHT:
+        tree = ref()
+        if tree is None or tree._done or tree._next >= tree._rounds:
+            continue
+        if g is group:
+            tree.advance()
+        if tree._next < tree._rounds:
+            live.append((g, ref))
+    _IN_FLIGHT[:] = live
 
 
 def _link_bytes(rounds: list[Round], bytes_per_expert: int) -> int:
@@ -131,7 +172,8 @@ def tree_all_gather(layer: ExpertLayer, masks, full: dict[str, torch.Tensor], gr
 
         return work, land
 
-    return _Rounds(issue, len(rounds), lambda: None, stats, what, async_op, _link_bytes(rounds, width * esize))
+    return _Rounds(issue, len(rounds), lambda: None, stats, what, async_op, _link_bytes(rounds, width * esize),
+                   group)
 
 
 def tree_reduce_scatter(layer: ExpertLayer, masks, grads: dict[str, torch.Tensor | None], group, stats: CommStats, *,
@@ -178,4 +220,5 @@ def tree_reduce_scatter(layer: ExpertLayer, masks, grads: dict[str, torch.Tensor
                 acc[own.row(e)] = partial[e]
         return layer.split_rows(acc)
 
-    return _Rounds(issue, len(rounds), result, stats, "reduce", async_op, _link_bytes(rounds, width * esize))
+    return _Rounds(issue, len(rounds), result, stats, "reduce", async_op, _link_bytes(rounds, width * esize),
+                   group)

@@ -152,6 +152,7 @@ class CommStats:
     loads_deferred: int = 0  # layer calls whose load exchange ran asynchronously (the prediction covered all)
     trees: int = 0  # sparse exchanges that ran as broadcast/reduce trees (fssdp.fanout)
     tree_rounds: int = 0  # all_to_all rounds those trees took
+    tree_rounds_ahead: int = 0  # rounds after a tree's first issued asynchronously at a later exchange
     exposed_s: float = 0.0
     exposed_by: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # by what was waited for
     expert_bytes: dict[tuple[int, int], int] = field(default_factory=lambda: defaultdict(int))
@@ -180,7 +181,7 @@ class CommStats:
             "reduce_bytes": self.reduce_bytes, "norm_bytes": self.norm_bytes, "total": self.total_bytes,
             "received": self.recv_bytes, "collectives": self.collectives, "skipped": self.skipped,
             "experts_sent": self.experts_sent, "loads_deferred": self.loads_deferred, "trees": self.trees,
-            "tree_rounds": self.tree_rounds, "per_expert": dict(self.expert_bytes),
+            "tree_rounds": self.tree_rounds, "tree_rounds_ahead": self.tree_rounds_ahead, "per_expert": dict(self.expert_bytes),
         }
 
 
