@@ -77,6 +77,7 @@ def hexamoe_cfg(case: dict):
     fssdp = {"schedule": case.get("schedule", "hecate"), "history": case.get("history", 5), "budget": case.get("budget"),
              "reshard_every": case.get("reshard_every", 100), "fanout": case.get("fanout", "auto")}
     return HexaMoEConfig.from_dict({"sharding": "fssdp", "shard_weights": case.get("shard_weights"),
+                                    "mode": case.get("mode", "data_centric"),
                                     "rematerialize": case.get("remat", True), "prefetch": case.get("prefetch", True),
                                     "fssdp": fssdp})
 

@@ -45,6 +45,20 @@ def test_reownership_mid_training_stays_exact():
     assert any([e for ids in o for e in ids] != list(range(8)) for o in owns)  # non-contiguous somewhere
 
 
+@pytest.mark.parametrize("mode", ["expert_parallel", "model_centric"])
+def test_reownership_in_parallel_modes_stays_exact(mode):
+    """Algorithm 2 in every mode (issue 22): expert-parallel and model-centric layers record their loads
+    too, so ``reshard_every`` re-owns by load there; training stays equal to one process."""
+    case = dict(world=2, experts=8, top_k=2, micro=2, gas=1, global_rows=4, lr=3e-3, clip=0.3, steps=4,
+                remat=True, prefetch=True, reshard_every=2, mode=mode, routing={0: ("switch", 1, 6, 3)})
+    results = run_distributed(_train_worker, 2, case, init_process_group=False, timeout=400)
+    _check_equivalence(case, results)
+    owns = results[0]["ownership"]
+    assert owns == results[1]["ownership"]
+    start = [tuple(range(0, 4)), tuple(range(4, 8))]
+    assert any(list(o) != start for o in owns), f"{mode}: no load history, so re-ownership changed nothing"
+
+
 def test_resume_and_n_to_m_after_reownership(tmp_path):
     """Re-owned at step 2, saved at step 3 on 2 ranks: resuming on 2 ranks adopts the saved (non-contiguous)
     ownership and continues like the uninterrupted run; 3 ranks load every expert and its optimizer state."""
@@ -65,3 +79,51 @@ def test_resume_and_n_to_m_after_reownership(tmp_path):
     saved_opt, loaded_opt = _union(t["saved_opt"] for t in two), _union(t["loaded_opt"] for t in three)
     assert set(saved_opt) == set(loaded_opt) and len(saved_opt) > 0
     assert all(torch.equal(saved_opt[k], loaded_opt[k]) for k in saved_opt)
+
+
+def _replan_worker(rank: int, world: int, case: dict) -> dict:
+    from test_fssdp import build_engine, quiet, train_steps
+
+    quiet()
+    import deepspeed
+
+    from ds_hexamoe.fssdp.migrate import migrate_shards
+    from ds_hexamoe.fssdp.ownership import load_aware_ownership, normalized_weights, split_experts
+    from ds_hexamoe.fssdp.schedule import ranks_per_node
+
+    deepspeed.init_distributed("gloo")
+    engine, manager = build_engine(case)
+    expected = {}
+
+    def after_step(s, out):
+        if s != 1:
+            return
+        # what a heterogeneity re-plan to shard weights [3, 1] should give: 6 + 2 experts, chosen by load
+        w = normalized_weights([3.0, 1.0], world)
+        for layer, calls in zip(manager.layers, manager.load_history().values()):
+            usage = [[sum(c[q][e] for c in calls) for e in range(8)] for q in range(world)]
+            load = [sum(u[e] for u in usage) for e in range(8)]
+            counts = split_experts(8, w, layer=layer.index)
+            expected[layer.index] = load_aware_ownership(load, usage, [counts.count(r) for r in range(world)],
+                                                         ranks_per_node(world)).experts
+        migrate_shards(manager, [3.0, 1.0])
+
+    out = train_steps(engine, manager, case, rank, world, range(case["steps"]), after_step=after_step)
+    out["state"] = manager.full_state_dict()
+    out["ownership"] = [layer.ownership.experts for layer in manager.layers]
+    out["expected"] = [expected[layer.index] for layer in manager.layers]
+    return out
+
+
+def test_replan_to_new_shard_weights_keeps_load_aware_ownership():
+    """A heterogeneity re-plan's new shard weights give each rank its number of experts, but WHICH experts
+    follows the load window (Hecate's Algorithm 2), not contiguous ranges; training stays exact."""
+    case = dict(world=2, experts=8, top_k=2, micro=2, gas=1, global_rows=4, lr=3e-3, clip=0.3, steps=4,
+                remat=True, prefetch=True, reshard_every=0, routing={0: ("hot", 5)})
+    results = run_distributed(_replan_worker, 2, case, init_process_group=False, timeout=400)
+    _check_equivalence(case, results)
+    r0 = results[0]
+    assert r0["ownership"] == r0["expected"] == results[1]["ownership"]
+    assert [len(ids) for ids in r0["ownership"][0]] == [6, 2]
+    contiguous = [tuple(range(0, 6)), tuple(range(6, 8))]
+    assert list(r0["ownership"][0]) != contiguous, "the load-aware choice equals the contiguous one: cannot fail"

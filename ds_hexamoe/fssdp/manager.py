@@ -46,9 +46,10 @@ class FSSDPManager:
         two = (cfg.prefetch and cfg.rematerialize) or cfg.fssdp.schedule == "hecate"
         self.materializer = Materializer(self.store, self.telemetry, rematerialize=cfg.rematerialize,
                                          prefetch=cfg.prefetch, fanout=cfg.fssdp.fanout, num_slots=2 if two else 1)
-        self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, speeds=speeds)
         self.gathers = GatherSchedule(cfg.fssdp, model, self.store, self.materializer, self.telemetry,
-                                      self.mode_table.mode)
+                                      lambda index: self.mode_table.mode(index))
+        self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, speeds=speeds,
+                                    record_loads=self.gathers.record_loads)
         self.binding = EngineBinding()
         self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
         for layer in layers:

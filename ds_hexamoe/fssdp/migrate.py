@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .ownership import LayerOwnership, normalized_weights, split_experts
+from .schedule import ranks_per_node
 
 
 def _moving(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> list[int]:
@@ -25,12 +26,17 @@ def _moving(a: LayerOwnership, r: int, b: LayerOwnership, q: int) -> list[int]:
 
 
 def plan_ownership(mgr, weights) -> list[LayerOwnership]:
+    """The ownership for shard ``weights``: each rank's number of experts from its weight, which experts by
+    load (Hecate's load-aware ownership) where a layer has a load window, contiguous ranges otherwise, so a
+    heterogeneity re-plan does not undo load-aware re-ownership."""
     w = normalized_weights(list(weights), mgr.world_size)
-    return [split_experts(layer.num_experts, w, layer=layer.index) for layer in mgr.layers]
+    counts = [split_experts(layer.num_experts, w, layer=layer.index) for layer in mgr.layers]
+    return mgr.gathers.load_aware_ownerships(ranks_per_node(mgr.world_size), fallback=counts)
 
 
 def migrate_shards(mgr, weights) -> dict:
-    """Move ``mgr``'s expert shards to the ownership ``weights`` gives (see the module docstring).
+    """Move ``mgr``'s expert shards to the ownership ``weights`` gives (:func:`plan_ownership`; see the
+    module docstring).
 
     Returns ``{"moved_experts": n, "bytes_sent": b, "counts": {layer: [experts per rank]}}`` (``moved_experts``
     counts experts changing owner over all layers, the same on every rank; ``bytes_sent`` is this rank's)."""

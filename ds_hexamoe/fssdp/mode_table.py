@@ -7,6 +7,8 @@ only what it applied: per-layer modes, expert-parallel placements and model-cent
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..config import MODES, HexaMoEConfig
@@ -23,8 +25,9 @@ class ModeTable:
     """Per-layer modes, expert-parallel placements, model-centric speeds, and the ParallelMoE per (layer, mode)."""
 
     def __init__(self, cfg: HexaMoEConfig, store: ShardStore, materializer: Materializer, telemetry: StepTelemetry,
-                 speeds=None):
+                 speeds=None, record_loads: Callable[[ExpertLayer, torch.Tensor], None] | None = None):
         self._cfg, self._store, self._mat, self._telemetry = cfg, store, materializer, telemetry
+        self._record_loads = record_loads  # the load window of load-aware re-ownership
         initial = "data_centric" if cfg.mode == "auto" else cfg.mode
         self._modes: dict[int, str] = {layer.index: initial for layer in store.layers}
         self._placements: dict[int, dict[int, list[int]]] = {}
@@ -59,6 +62,8 @@ class ModeTable:
         w = top_k_weights.reshape(x.size(0), -1)
         record_routing(layer.module, idx, layer.num_experts, fallback_name=layer.name)
         self._mat.synchronize()
+        if self._record_loads is not None:
+            self._record_loads(layer, torch.bincount(idx.reshape(-1), minlength=layer.num_experts))
         moe = self._moe(layer, mode)
         if mode == "expert_parallel":
             placement = self.placement(layer.index)

@@ -113,13 +113,16 @@ class GatherSchedule:
         """``{layer index: [loads [N][E] per call]}``, the window each layer's prediction reads."""
         return {i: list(h.calls) for i, h in self._history.items()}
 
-    def load_aware_ownerships(self, ranks_per_node: int) -> list[LayerOwnership]:
-        """Per layer, Hecate's load-aware ownership from its load window (each rank keeping its number of
-        experts); the current ownership for a layer without one."""
+    def load_aware_ownerships(self, ranks_per_node: int, fallback: list[LayerOwnership] | None = None
+                              ) -> list[LayerOwnership]:
+        """Per layer, Hecate's load-aware ownership from its load window: each rank keeps its number of
+        experts, or takes the number ``fallback[layer]`` gives it (new shard weights); a layer without a
+        window keeps its ownership (or takes ``fallback``'s)."""
         world = self._store.world_size
         new = []
-        for layer in self._layers:
-            calls, own = self._history[layer.index].calls, layer.ownership
+        for i, layer in enumerate(self._layers):
+            calls = self._history[layer.index].calls
+            own = layer.ownership if fallback is None else fallback[i]
             if not calls:
                 new.append(own)
                 continue
@@ -128,6 +131,12 @@ class GatherSchedule:
             slots = [own.count(r) for r in range(world)]
             new.append(load_aware_ownership(load, usage, slots, ranks_per_node))
         return new
+
+    def record_loads(self, layer: ExpertLayer, counts_e: torch.Tensor) -> None:
+        """Add a call of a layer that does not run here (expert-parallel, model-centric) to its load window:
+        one asynchronous all_gather of its tokens per expert, waited when the window is read, so load-aware
+        re-ownership (Hecate's Algorithm 2) sees every mode."""
+        self._history[layer.index].add(all_gather_loads_async(counts_e, self._group, self._telemetry.stats))
 
     def drop_ahead(self) -> None:
         """Finish and forget the predicted gathers in flight (planned on an ownership about to change)."""
