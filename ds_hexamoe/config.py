@@ -19,7 +19,8 @@ from .errors import ConfigError
 
 
 # how an MoE layer runs (docs/design.md, "Execution modes"); "auto" lets the planner choose per layer
-MODES = ("data_centric", "expert_parallel", "model_centric")
+MODES = ("data_centric", "expert_parallel", "model_centric")  # the modes the planner chooses between
+EXEC_MODES = MODES + ("hecate",)  # every mode an FSSDP layer runs in
 
 
 @dataclass
@@ -130,7 +131,7 @@ class HexaMoEConfig:
     enabled: bool = True
     kernels: Literal["auto", "torch", "triton"] = "auto"
     sharding: Literal["none", "fssdp"] = "none"
-    mode: Literal["data_centric", "expert_parallel", "model_centric", "auto"] = "data_centric"
+    mode: Literal["data_centric", "expert_parallel", "model_centric", "hecate", "auto"] = "data_centric"
     # per-rank FSSDP shard weights (uneven shards); null: even, or the planner's when profiles are set
     shard_weights: list[float] | None = None
     rematerialize: bool = True
@@ -171,6 +172,10 @@ class HexaMoEConfig:
         if self.mode != "data_centric":
             _check(self.sharding == "fssdp", f"{path}.sharding", self.sharding,
                    f'"fssdp" when "mode" is {self.mode!r} (experts are materialized from FSSDP shards)')
+        if self.mode == "hecate":
+            _check(self.profile == "uniform", f"{path}.profile", self.profile,
+                   '"uniform" with "mode": "hecate" (it places experts itself every iteration; the heterogeneity '
+                   'planner does not model it yet: use "mode": "auto" or "expert_parallel" with device profiles)')
 
     @property
     def replans_fssdp(self) -> bool:

@@ -82,18 +82,26 @@ def placement_transfer(layer: ExpertLayer, key: tuple[tuple[int, ...], ...], ran
 
 
 class PlacedMaterializer:
-    """``Materialize`` for an expert-parallel call: the hosted experts, as full-layer cache views."""
+    """``Materialize`` for an expert-parallel call: the hosted experts, as full-layer cache views. With
+    ``ahead`` (the "hecate" mode) they were gathered asynchronously before the layer's attention, into the
+    cache slot or buffer ``ahead`` holds, and are only waited for here, right before dispatch."""
 
     full_layer = True
 
-    def __init__(self, materializer, layer: ExpertLayer, transfer: Transfer):
+    def __init__(self, materializer, layer: ExpertLayer, transfer: Transfer, ahead=None, gathers=None):
         self.materializer, self.layer, self.transfer = materializer, layer, transfer
+        self.ahead, self.gathers = ahead, gathers
 
     def __call__(self, experts: Sequence[int], f_range=None) -> ExpertWeights:
         if f_range is not None:
             raise ValueError("PlacedMaterializer: expert-parallel hosting materializes whole experts (f_range=None)")
-        full = self.materializer.materialize(self.layer, self.transfer)
-        return to_compute(self.layer, full)
+        ahead, layer = self.ahead, self.layer
+        if ahead is None:
+            full = self.materializer.materialize(layer, self.transfer)
+        else:
+            full = self.materializer.materialize(layer, self.transfer, fill=lambda _: self.gathers.finish_ahead(layer, ahead),
+                                                 dest=ahead.dest, slot=layer.index)
+        return to_compute(layer, full)
 
 
 # ------------------------------------------------------------------------------------- model centric

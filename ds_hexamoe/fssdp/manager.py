@@ -43,13 +43,13 @@ class FSSDPManager:
         self.store = ShardStore(layers, group)
         self.telemetry = StepTelemetry()
         # two slots: backward prefetch, or the next layer's predicted gather (hecate) beside the current one
-        two = (cfg.prefetch and cfg.rematerialize) or cfg.fssdp.schedule == "hecate"
+        two = (cfg.prefetch and cfg.rematerialize) or cfg.fssdp.schedule == "hecate" or cfg.mode == "hecate"
         self.materializer = Materializer(self.store, self.telemetry, rematerialize=cfg.rematerialize,
                                          prefetch=cfg.prefetch, fanout=cfg.fssdp.fanout, num_slots=2 if two else 1)
         self.gathers = GatherSchedule(cfg.fssdp, model, self.store, self.materializer, self.telemetry,
-                                      lambda index: self.mode_table.mode(index))
+                                      lambda index: self.mode_table.mode(index), placements_ahead=cfg.mode == "hecate")
         self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, speeds=speeds,
-                                    record_loads=self.gathers.record_loads)
+                                    gathers=self.gathers)
         self.binding = EngineBinding()
         self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
         for layer in layers:

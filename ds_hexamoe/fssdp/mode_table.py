@@ -7,16 +7,15 @@ only what it applied: per-layer modes, expert-parallel placements and model-cent
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ..config import MODES, HexaMoEConfig
+from ..config import EXEC_MODES, HexaMoEConfig
 from ..experts.forward import record_routing
 from .execution import (PlacedMaterializer, SliceMaterializer, SlicePlan, agree, default_placement, expert_spec,
                         normalize_placement, placement_transfer)
 from .layer import ExpertLayer
 from .materializer import Materializer
+from .schedule import GatherSchedule
 from .shard_store import ShardStore
 from .telemetry import StepTelemetry
 
@@ -25,9 +24,10 @@ class ModeTable:
     """Per-layer modes, expert-parallel placements, model-centric speeds, and the ParallelMoE per (layer, mode)."""
 
     def __init__(self, cfg: HexaMoEConfig, store: ShardStore, materializer: Materializer, telemetry: StepTelemetry,
-                 speeds=None, record_loads: Callable[[ExpertLayer, torch.Tensor], None] | None = None):
+                 speeds=None, gathers: GatherSchedule | None = None):
         self._cfg, self._store, self._mat, self._telemetry = cfg, store, materializer, telemetry
-        self._record_loads = record_loads  # the load window of load-aware re-ownership
+        # the load windows (re-ownership, "hecate" placements) and the gathers issued ahead
+        self._gathers = gathers
         initial = "data_centric" if cfg.mode == "auto" else cfg.mode
         self._modes: dict[int, str] = {layer.index: initial for layer in store.layers}
         self._placements: dict[int, dict[int, list[int]]] = {}
@@ -62,16 +62,22 @@ class ModeTable:
         w = top_k_weights.reshape(x.size(0), -1)
         record_routing(layer.module, idx, layer.num_experts, fallback_name=layer.name)
         self._mat.synchronize()
-        if self._record_loads is not None:
-            self._record_loads(layer, torch.bincount(idx.reshape(-1), minlength=layer.num_experts))
+        ahead = self._gathers.take_ahead(layer) if mode == "hecate" and self._gathers is not None else None
+        if self._gathers is not None:
+            self._gathers.record_loads(layer, torch.bincount(idx.reshape(-1), minlength=layer.num_experts))
         moe = self._moe(layer, mode)
-        if mode == "expert_parallel":
-            placement = self.placement(layer.index)
+        if mode in ("expert_parallel", "hecate"):
+            if ahead is not None:
+                placement = ahead.placement
+            else:  # "hecate" before any load window: every expert on its owner
+                placement = self.placement(layer.index) if mode == "expert_parallel" else default_placement(layer)
             key = tuple(tuple(placement[e]) for e in range(layer.num_experts))
             tk = (layer.index, layer.ownership.experts, key)  # ownership may change (re-sharding)
             if tk not in self._transfers:
+                if len(self._transfers) > 64:  # "hecate" placements change every iteration
+                    self._transfers.clear()
                 self._transfers[tk] = placement_transfer(layer, key, self._store.rank)
-            mat = PlacedMaterializer(self._mat, layer, self._transfers[tk])
+            mat = PlacedMaterializer(self._mat, layer, self._transfers[tk], ahead=ahead, gathers=self._gathers)
             out = moe(x, idx, w, mat, placement=placement, layer=layer.index)
         else:
             self._mat.forget_forward_call()
@@ -87,7 +93,8 @@ class ModeTable:
 
             spec = expert_spec(layer)
             lsh = self._cfg.lsh if mode == "expert_parallel" else None
-            self._moes[key] = ParallelMoE(spec, mode, group=self._store.group, speeds=self._speeds, lsh=lsh,
+            impl = "expert_parallel" if mode == "hecate" else mode  # Hecate executes expert-parallel
+            self._moes[key] = ParallelMoE(spec, impl, group=self._store.group, speeds=self._speeds, lsh=lsh,
                                           measure_lsh_error=self._cfg.lsh.measure_error if lsh is not None else False,
                                           accounting=self._telemetry.accounting)
         return self._moes[key]
@@ -114,8 +121,8 @@ class ModeTable:
         new = {}
         for which, mode in modes.items():
             layer = self._store.layer(which)
-            if mode not in MODES:
-                raise ValueError(f"set_modes[{layer.name!r}]: got {mode!r}; expected one of {list(MODES)}")
+            if mode not in EXEC_MODES:
+                raise ValueError(f"set_modes[{layer.name!r}]: got {mode!r}; expected one of {list(EXEC_MODES)}")
             if mode != "data_centric":
                 expert_spec(layer)
             new[layer.index] = mode

@@ -27,6 +27,7 @@ from .budget import BLOCKED_S, LinkMeter
 from .cache import Slot
 from .collectives import (Pending, Transfer, UsedLater, all_gather_loads, all_gather_loads_async, plan_transfer,
                           sparse_all_gather)
+from .hecate import hecate_placement, hot_count, placement_masks, window_loads
 from .layer import WEIGHT_KEYS, ExpertLayer
 from .materializer import Materializer
 from .ownership import LayerOwnership, load_aware_ownership
@@ -80,6 +81,7 @@ class Ahead:
     slot: Slot | None
     dest: torch.Tensor | None
     issued_at: float = 0.0
+    placement: dict[int, list[int]] | None = None  # "hecate" mode: where the layer's experts run
 
     def valid(self) -> bool:
         # a slot claimed by anyone else since the issue no longer holds the prediction
@@ -91,7 +93,7 @@ class GatherSchedule:
     predicted from each layer's load history and issued ahead with calibration (``"hecate"``)."""
 
     def __init__(self, fssdp_cfg, model, store: ShardStore, materializer: Materializer, telemetry: StepTelemetry,
-                 mode_of: Callable[[int], str]):
+                 mode_of: Callable[[int], str], placements_ahead: bool = False):
         f = fssdp_cfg
         self.schedule, self._budget = f.schedule, f.budget
         self._store, self._mat, self._telemetry, self._mode_of = store, materializer, telemetry, mode_of
@@ -101,7 +103,9 @@ class GatherSchedule:
         self._meter = LinkMeter()  # fssdp.budget "auto": measured window and bandwidth
         self.prediction_budgets: dict[int, list[int | None]] = {}  # per layer, every rank's last "auto" budget
         self._ahead_group = self._group
-        if self.schedule == "hecate" and self._layers:
+        # placements_ahead: layers in the "hecate" mode have their placement materialized ahead too
+        self._placements_ahead = placements_ahead
+        if (self.schedule == "hecate" or placements_ahead) and self._layers:
             model.register_forward_pre_hook(self._start_forward)
             ranks = dist.get_process_group_ranks(self._group)
             if len(ranks) == dist.get_world_size():  # new_group needs every rank of the job
@@ -161,11 +165,21 @@ class GatherSchedule:
         self._issue_ahead(self._layers[0])
 
     def _issue_ahead(self, layer: ExpertLayer | None) -> None:
-        if layer is None or layer.index in self._ahead or self._mode_of(layer.index) != "data_centric":
+        if layer is None or layer.index in self._ahead:
             return
-        budget = self.prediction_budgets.get(layer.index) if self._budget == "auto" else self._budget
-        masks = self._history[layer.index].predict(layer.ownership, budget)
-        if masks is None:
+        mode = self._mode_of(layer.index)
+        placement = None
+        if mode == "hecate":
+            placement = self._next_placement(layer)
+            if placement is None:
+                return
+            masks = placement_masks(placement, self._store.world_size, layer.num_experts)
+        elif mode == "data_centric" and self.schedule == "hecate":
+            budget = self.prediction_budgets.get(layer.index) if self._budget == "auto" else self._budget
+            masks = self._history[layer.index].predict(layer.ownership, budget)
+            if masks is None:
+                return
+        else:
             return
         transfer = plan_transfer(layer.ownership, masks, self._rank)
         slot = None
@@ -180,7 +194,34 @@ class GatherSchedule:
                                     async_op=True, fanout=self._mat.fanout)
         if slot is not None:
             slot.pending = pending
-        self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None, issued_at)
+        self._ahead[layer.index] = Ahead(masks, transfer, pending, slot, dest if slot is None else None, issued_at,
+                                         placement)
+
+    def _next_placement(self, layer: ExpertLayer) -> dict[int, list[int]] | None:
+        """The "hecate" mode's placement of ``layer`` for this iteration (Algorithm 1 on its load window; an
+        integer ``fssdp.budget`` is ``t``, otherwise the experts above the window's mean load); None before
+        any call."""
+        calls = self._history[layer.index].calls
+        if not calls:
+            return None
+        load = window_loads(calls, layer.num_experts)
+        t = self._budget if isinstance(self._budget, int) else hot_count(load)
+        return hecate_placement(load, layer.ownership, t, ranks_per_node(self._store.world_size))
+
+    def take_ahead(self, layer: ExpertLayer) -> Ahead | None:
+        """The gather issued ahead for ``layer`` (its placement's experts), and the next layer's issued now
+        (it overlaps this layer's experts and the next attention); None when nothing usable was issued."""
+        ahead = self._ahead.pop(layer.index, None)
+        nxt = self._layers[layer.index + 1] if layer.index + 1 < len(self._layers) else None
+        self._issue_ahead(nxt)
+        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer)):
+            ahead.pending.wait()  # its slot was taken since: materialize synchronously
+            return None
+        return ahead
+
+    def finish_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
+        """Wait for ``ahead`` right before its experts are used (the link meter learns from it)."""
+        self._wait_ahead(layer, ahead)
 
     def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
         ahead = self._ahead.pop(layer.index, None)

@@ -98,7 +98,7 @@ def shard_layers(model: nn.Module, cfg: HexaMoEConfig, group=None):
                           'set "sharding": "none" or pass an MoE model')
     for name, m in found:  # every module is checked before any is changed
         _check_module(name, m)
-        if cfg.mode in ("expert_parallel", "model_centric"):
+        if cfg.mode in ("expert_parallel", "model_centric", "hecate"):
             check_parallel_module(name, m)
     # a dedicated group keeps FSSDP's (possibly asynchronous) collectives apart from DeepSpeed's
     group = group if group is not None else dist.new_group(list(range(world)))
