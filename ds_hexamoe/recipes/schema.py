@@ -137,7 +137,8 @@ class TrainingSpec:
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay,
                "a number >= 0 (finite)")
-        _check(self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0")
+        # 2**63 - 1 at most: torch seeds are 64-bit, and the batch order is seeded with seed + epoch
+        _check(0 <= self.seed < 2**63, f"{path}.seed", self.seed, "an integer >= 0 and < 2**63")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"{path}.adam_betas",
                self.adam_betas, "two numbers in [0, 1)")
         _check(self.adam_eps > 0, f"{path}.adam_eps", self.adam_eps, "a number > 0")
