@@ -121,12 +121,17 @@ def _bad_number(v: Any, low: float, strict: bool) -> bool:
             or not (v > low if strict else v >= low))
 
 
+def _expected(v: Any, low: float, strict: bool) -> str:
+    finite = "finite " if isinstance(v, float) and not math.isfinite(v) else ""  # inf passes a plain >= check
+    return f"expected a {finite}number {'>' if strict else '>='} {low:g}"
+
+
 def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) -> float | None:
     v = d.get(key)
     if v is None:
         return None
     if _bad_number(v, low, strict):
-        raise ConfigError(f"{path}.{key}: got {v!r}; expected a finite number {'>' if strict else '>='} {low:g}")
+        raise ConfigError(f"{path}.{key}: got {v!r}; {_expected(v, low, strict)}")
     return float(v)
 
 
@@ -170,7 +175,7 @@ class DeviceProfile:
             if v is None and f not in ("slowdown", "step_overhead_s"):
                 continue
             if _bad_number(v, low, strict):
-                raise ConfigError(f"{path}.{f}: got {v!r}; expected a finite number {'>' if strict else '>='} {low:g}{note}")
+                raise ConfigError(f"{path}.{f}: got {v!r}; {_expected(v, low, strict)}{note}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ConfigError(f"{path}.count: got {self.count!r}; expected an integer >= 1 (ranks with this profile)")
 
