@@ -201,6 +201,9 @@ def test_validate_reports_every_error(tmp_path, capsys):
     assert cli.main(["validate", recipe] + [a for s in sets for a in ("--set", s)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert [e.split(":")[2].strip() for e in err] == ["training.steps", "training.lr", "launcher.bogus"], err
+    assert cli.main(["validate", recipe, "--set", "training.seed=-3", "--set", "training.lr=0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [e.split(": ")[2] for e in err] == ["training.lr", "training.seed"], err
     sets = ["training.output_dir=" + json.dumps(str(afile)), "data.train_files=[\"nothing-*.txt\"]",
             "hexamoe.shard_weights=[1,1,1]", "deepspeed.zero_optimization.stage=3", "hexamoe.sharding=\"fssdp\"",
             "model.config.num_attention_heads=3"]
