@@ -7,7 +7,6 @@ offer them as methods without an import cycle (docs/design.md, "Recipes, tasks, 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 

@@ -3,8 +3,9 @@ key, resolve paths, parse the ``"hexamoe"`` section and check every input file (
 "Recipes, tasks, worker and CLI").
 
 Input paths are relative to the recipe file's folder; ``pkg://PACKAGE/REL/PATH`` names a file shipped
-inside an installed package (the embedded default uses ``pkg://ds_hexamoe/data/...``). The training
-``output_dir`` is relative to the working directory, like every other trainer's.
+inside ds_hexamoe or an installed distribution, found without importing anything (the embedded default uses
+``pkg://ds_hexamoe/data/...``). The training ``output_dir`` is relative to the working directory, like every
+other trainer's. Independent errors are collected and raised together (:class:`~ds_hexamoe.config.Collector`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Recipe paths: ``pkg://PACKAGE/REL/PATH`` names a file shipped inside an installed package, a relative path
+"""Recipe paths: ``pkg://PACKAGE/REL/PATH`` names a file shipped inside ds_hexamoe or an installed
+distribution (found from metadata, never by import), a relative path
 is relative to the recipe file's folder, and ``/path/to/...`` marks a placeholder the user must fill in
 (docs/design.md, "Recipes, tasks, worker and CLI")."""
 from __future__ import annotations
