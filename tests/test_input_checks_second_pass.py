@@ -155,6 +155,8 @@ CASES = [
     ("seed-past-64-bits", lambda r: {"training.seed": 2**64}, f"training.seed: got {2**64}", "< 2**63"),
     ("heads-not-dividing", lambda r: {"model.config.num_attention_heads": 3},
      "model.config.num_attention_heads: got 3, which does not divide hidden_size = 32", "choose a divisor"),
+    ("more-heads-than-features", lambda r: {"model.config.num_attention_heads": 64, "model.config.num_key_value_heads": 1},
+     "model.config.num_attention_heads: got 64, which does not divide hidden_size = 32", "model.config.head_dim"),
     ("kv-heads-not-dividing", lambda r: {"model.config.num_key_value_heads": 3},
      "model.config.num_key_value_heads: got 3, which does not divide num_attention_heads = 2", "choose a divisor"),
     ("zebra-save-every", lambda r: {"hexamoe": ZEBRA, "training.save_every": 2},
@@ -177,8 +179,10 @@ def test_refused_before_launch(tmp_path, overrides, start, fix):
     assert msg.startswith(start) and fix in msg, msg
 
 
-def test_a_whole_checkpoint_passes(tmp_path):
+def test_what_trains_still_validates(tmp_path):
+    """A whole checkpoint, and heads that do not divide hidden_size with an explicit head_dim, pass."""
     load_recipe(_recipe(tmp_path), overrides={"model.path": _checkpoint(tmp_path, _safetensors())})
+    load_recipe(_recipe(tmp_path), overrides={"model.config.num_attention_heads": 3, "model.config.head_dim": 8})
 
 
 def test_default_recipe_on_one_rank(tmp_path, monkeypatch):

@@ -60,9 +60,12 @@ def _check_heads(cfg: dict, key) -> None:
     for k, v in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
         if v is not None and v < 1:
             raise ConfigError(f"{key(k)}: got {v!r}; expected an integer >= 1")
+    # without head_dim, transformers gives each head hidden_size // heads features: 0 when there are more heads
+    # than features (a crash at the first step), else an attention narrower than hidden_size (silently)
     if hidden is not None and heads is not None and cfg.get("head_dim") is None and hidden % heads:
         raise ConfigError(f"{key('num_attention_heads')}: got {heads}, which does not divide hidden_size = {hidden}; "
-                          "choose a divisor of hidden_size (each head gets hidden_size / num_attention_heads features)")
+                          "choose a divisor of hidden_size (each head gets hidden_size / num_attention_heads features), "
+                          "or set model.config.head_dim to the features per head you mean")
     if heads is not None and kv is not None and heads % kv:
         raise ConfigError(f"{key('num_key_value_heads')}: got {kv}, which does not divide num_attention_heads = "
                           f"{heads}; choose a divisor of num_attention_heads (query heads share each key/value head)")
@@ -141,9 +144,10 @@ def check_against_world(r: Recipe) -> None:
         if world is not None and len(sw) != world:
             raise ConfigError(f"hexamoe.shard_weights: got {len(sw)} weights for {world} ranks (launcher.nproc); give "
                               "one weight per rank, or null for even shards")
-    if cfg.profile == "measure" and cfg.devices is not None and world is not None and len(cfg.devices) not in (1, world):
-        raise ConfigError(f'hexamoe.devices: {len(cfg.devices)} entries for {world} ranks (launcher.nproc) with "profile": '
-                          '"measure"; give one entry per rank, one for every rank, or none: e.g. --set '
+    n = None if cfg.devices is None else len(cfg.devices)  # [] too is refused by the ranks
+    if cfg.profile == "measure" and world is not None and n not in (None, 1, world):
+        raise ConfigError(f'hexamoe.devices: {n} entries for {world} ranks (launcher.nproc) with "profile": "measure"; '
+                          "give one entry per rank, one for every rank, or none: e.g. --set "
                           '\'hexamoe.devices=[{"name": "cpu"}]\' or --set hexamoe.devices=null')
     if cfg.profile == "declared" or cfg.devices_file is not None:
         _check_devices(cfg, world)
