@@ -145,6 +145,8 @@ CASES = [
     ("measure-more-devices-than-ranks", lambda r: {"hexamoe": {"profile": "measure", "devices": ["cpu"] * 3}},
      "hexamoe.devices: 3 entries for 2 ranks (launcher.nproc) with \"profile\": \"measure\"",
      "--set 'hexamoe.devices=[{\"name\": \"cpu\"}]'"),
+    ("measure-empty-devices", lambda r: {"hexamoe": {"profile": "measure", "devices": []}},
+     "hexamoe.devices: 0 entries for 2 ranks", "hexamoe.devices=null"),
     ("zero3-with-fssdp", lambda r: {"deepspeed": {"zero_optimization": {"stage": 3}}, "hexamoe.sharding": "fssdp"},
      'deepspeed.zero_optimization.stage: got 3 with hexamoe.sharding "fssdp"', "use stage 0, 1 or 2"),
     ("slowdown-inf", lambda r: {"hexamoe": {"profile": "declared", "devices": [{"name": "cpu", "slowdown": float("inf")},
