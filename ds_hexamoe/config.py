@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import json.decoder
+import json.scanner
 import os
 import types
 import typing
@@ -186,8 +188,7 @@ class HexaMoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict | None, path: str = "hexamoe") -> HexaMoEConfig:
-        cfg = _build(cls, {} if data is None else data, path)
-        return cfg
+        return _build(cls, {} if data is None else data, path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -198,18 +199,51 @@ def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}: got {value!r}; expected {allowed}")
 
 
+class ConfigErrors(ConfigError):
+    """Several independent configuration errors found in one pass; ``problems`` holds each message."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Collector:
+    """Runs independent checks past their errors, then raises them all at once (:meth:`raise_all`)."""
+
+    def __init__(self):
+        self.errors: list[ConfigError] = []
+        self.add = self.errors.append
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, or None after keeping its :class:`ConfigError`."""
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            self.errors.append(e)
+            return None
+
+    def raise_all(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors([p for e in self.errors for p in getattr(e, "problems", [str(e)])])
+
+
 def _build(cls, data: Any, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: got {type(data).__name__} {data!r}; expected a JSON object")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [key for key in data if key not in fields]
-    if unknown:
-        key = unknown[0]
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{path}.{key}: unknown key{hint}; allowed keys are {sorted(fields)}")
-    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}") for name, value in data.items()}
+    found = Collector()
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            found.add(ConfigError(f"{path}.{key}: unknown key{hint}; allowed keys are {sorted(fields)}"))
+        else:
+            kwargs[key] = found.run(_coerce, hints[key], value, f"{path}.{key}")
+    found.raise_all()  # the object's own checks read every field, so they wait for good fields
     obj = cls(**kwargs)
     obj.validate(path)
     return obj
@@ -260,15 +294,95 @@ def _coerce(tp, value: Any, path: str):
 
 
 def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
-    """Parse a JSON file; a missing file or bad JSON is a :class:`ConfigError` naming ``what`` (and ``fix``)."""
+    """Parse a JSON file; a missing file, bytes that are not UTF-8, bad JSON or a key given twice in one object
+    (plain JSON would keep the last silently) is a :class:`ConfigError` naming ``what`` (and ``fix``)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"{what}: file {path!r} does not exist; {fix}")
-    with open(path) as fh:
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {path!r}: not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} (line "
+                          f"{line}); save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    try:
+        return _strict_loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path!r}: invalid JSON ({e})") from None
+    except _DuplicateKey as e:
+        first, second = (text.count("\n", 0, at) + 1 for at in (e.first, e.second))
+        raise ConfigError(f"{what} {path!r}: key {e.dotted()!r} appears twice, at line {first} and line {second}; "
+                          "JSON would keep only the last one silently: remove one of them") from None
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):  # offsets in the text; the path grows on the way out
+        self.path, self.first, self.second = [key], first, second
+
+    def dotted(self) -> str:
+        return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in self.path).lstrip(".")
+
+
+_WS = json.decoder.WHITESPACE.match
+
+
+def _object(s_and_end, strict, scan_once, object_hook, object_pairs_hook, memo=None):
+    """json's object parser, refusing a key seen before in the same object."""
+    s, end = s_and_end
+    out: dict = {}
+    at: dict[str, int] = {}
+    end = _WS(s, end).end()
+    if s[end:end + 1] == "}":
+        return out, end + 1
+    while True:
+        if s[end:end + 1] != '"':
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", s, end)
+        start = end
+        key, end = json.decoder.scanstring(s, end + 1, strict)
+        if key in at:
+            raise _DuplicateKey(key, at[key], start)
+        at[key] = start
+        end = _WS(s, end).end()
+        if s[end:end + 1] != ":":
+            raise json.JSONDecodeError("Expecting ':' delimiter", s, end)
         try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{what} {path!r}: invalid JSON ({e})") from None
+            out[key], end = scan_once(s, _WS(s, end + 1).end())
+        except StopIteration as e:
+            raise json.JSONDecodeError("Expecting value", s, e.value) from None
+        except _DuplicateKey as e:
+            e.path.insert(0, key)
+            raise
+        end = _WS(s, end).end()
+        if s[end:end + 1] == "}":
+            return out, end + 1
+        if s[end:end + 1] != ",":
+            raise json.JSONDecodeError("Expecting ',' delimiter", s, end)
+        end = _WS(s, end + 1).end()
+
+
+def _array(s_and_end, scan_once):
+    index = 0
+
+    def each(s, idx):
+        nonlocal index
+        try:
+            return scan_once(s, idx)
+        except _DuplicateKey as e:
+            e.path.insert(0, index)
+            raise
+        finally:
+            index += 1
+
+    return json.decoder.JSONArray(s_and_end, each)
+
+
+def _strict_loads(text: str) -> Any:
+    dec = json.JSONDecoder()
+    dec.parse_object, dec.parse_array = _object, _array
+    dec.scan_once = json.scanner.py_make_scanner(dec)
+    return dec.decode(text)
 
 
 def load_ds_config(config: str | os.PathLike | dict | None) -> dict:

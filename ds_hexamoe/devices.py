@@ -10,6 +10,7 @@ because the ``hexamoe`` section is validated, devices included, before any work.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -116,7 +117,13 @@ _BOUNDS = {
 
 
 def _bad_number(v: Any, low: float, strict: bool) -> bool:
-    return isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > low if strict else v >= low)
+    return (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            or not (v > low if strict else v >= low))
+
+
+def _expected(v: Any, low: float, strict: bool) -> str:
+    finite = "finite " if isinstance(v, float) and not math.isfinite(v) else ""  # inf passes a plain >= check
+    return f"expected a {finite}number {'>' if strict else '>='} {low:g}"
 
 
 def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) -> float | None:
@@ -124,7 +131,7 @@ def _num(d: dict, key: str, path: str, low: float = 0.0, strict: bool = True) ->
     if v is None:
         return None
     if _bad_number(v, low, strict):
-        raise ConfigError(f"{path}.{key}: got {v!r}; expected a number {'>' if strict else '>='} {low:g}")
+        raise ConfigError(f"{path}.{key}: got {v!r}; {_expected(v, low, strict)}")
     return float(v)
 
 
@@ -168,7 +175,7 @@ class DeviceProfile:
             if v is None and f not in ("slowdown", "step_overhead_s"):
                 continue
             if _bad_number(v, low, strict):
-                raise ConfigError(f"{path}.{f}: got {v!r}; expected a number {'>' if strict else '>='} {low:g}{note}")
+                raise ConfigError(f"{path}.{f}: got {v!r}; {_expected(v, low, strict)}{note}")
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
             raise ConfigError(f"{path}.count: got {self.count!r}; expected an integer >= 1 (ranks with this profile)")
 

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args) or 0)
     except ConfigError as e:
-        print(f"ds-hexamoe {args.command}: error: {e}", file=sys.stderr)
+        for problem in getattr(e, "problems", [str(e)]):  # validation reports every error it found
+            print(f"ds-hexamoe {args.command}: error: {problem}", file=sys.stderr)
         return 2
 
 

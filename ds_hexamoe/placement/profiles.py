@@ -12,7 +12,7 @@ import json
 import os
 
 from ..devices import GB, GPU_TABLE, DeviceProfile, GPUSpec, lookup_gpu
-from ..config import ConfigError
+from ..config import ConfigError, read_json
 
 
 def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:
@@ -37,15 +37,8 @@ def load_profiles(source: str | os.PathLike | list | dict) -> list[DeviceProfile
     """
     where = "devices"
     if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ConfigError(f"devices file {path!r}: does not exist; pass a JSON file "
-                              '{"devices": [{"name": ..., "tflops": ..., "memory_gb": ..., "bandwidth_gbps": ...}]}')
-        with open(path) as fh:
-            try:
-                source = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"devices file {path!r}: invalid JSON ({e})") from None
+        source = read_json(source, "devices file", "pass a JSON file "
+                           '{"devices": [{"name": ..., "tflops": ..., "memory_gb": ..., "bandwidth_gbps": ...}]}')
     if isinstance(source, dict):
         if "devices" not in source:
             raise ConfigError(f'{where}: missing; expected a JSON object with a "devices" list')

@@ -16,6 +16,7 @@ from .schema import TASKS, Recipe
 # the transformers config keys that hold the number of routed experts and the top-k, across MoE families
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _TOPK_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
+_HEAD_KEYS = ("hidden_size", "num_attention_heads", "num_key_value_heads")
 _UTF8_CHECK_BYTES = 64 << 20  # per file; the rest of a huge file is left to the tokenizer
 
 
@@ -38,8 +39,12 @@ def check_experts_topk(r: Recipe) -> None:
     def key(k: str) -> str:  # the recipe key when the recipe sets it, else the checkpoint's file
         return f"model.config.{k}" if k in own or file is None else f"model.path ({file}) {k}"
 
-    ek = next((k for k in _EXPERT_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
-    tk = next((k for k in _TOPK_KEYS if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)), None)
+    for k in _EXPERT_KEYS + _TOPK_KEYS + _HEAD_KEYS:
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{key(k)}: got {v!r}; expected an integer")
+    ek = next((k for k in _EXPERT_KEYS if cfg.get(k) is not None), None)
+    tk = next((k for k in _TOPK_KEYS if cfg.get(k) is not None), None)
     if tk is not None and cfg[tk] < 1:
         raise ConfigError(f"{key(tk)}: got {cfg[tk]!r}; expected an integer >= 1 (experts each token is routed to)")
     if ek is not None and cfg[ek] < 1:
@@ -47,6 +52,61 @@ def check_experts_topk(r: Recipe) -> None:
     if ek is not None and tk is not None and cfg[ek] < cfg[tk]:
         raise ConfigError(f"{key(tk)}: got {cfg[tk]!r}, more than {ek} = {cfg[ek]}; a token cannot be routed to "
                           f"more experts than exist: lower {tk} or raise {ek} (model.config overrides the checkpoint)")
+    _check_heads(cfg, key)
+
+
+def _check_heads(cfg: dict, key) -> None:
+    hidden, heads, kv = cfg.get("hidden_size"), cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+    for k, v in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{key(k)}: got {v!r}; expected an integer >= 1")
+    # without head_dim, transformers gives each head hidden_size // heads features: 0 when there are more heads
+    # than features (a crash at the first step), else an attention narrower than hidden_size (silently)
+    if hidden is not None and heads is not None and cfg.get("head_dim") is None and hidden % heads:
+        raise ConfigError(f"{key('num_attention_heads')}: got {heads}, which does not divide hidden_size = {hidden}; "
+                          "choose a divisor of hidden_size (each head gets hidden_size / num_attention_heads features), "
+                          "or set model.config.head_dim to the features per head you mean")
+    if heads is not None and kv is not None and heads % kv:
+        raise ConfigError(f"{key('num_key_value_heads')}: got {kv}, which does not divide num_attention_heads = "
+                          f"{heads}; choose a divisor of num_attention_heads (query heads share each key/value head)")
+
+
+def check_weights(r: Recipe) -> None:
+    """Each ``*.safetensors`` file of ``model.path`` is whole, told from its header alone (no tensor is read):
+    a copy cut short or left empty fails only when the ranks load it, minutes after launch."""
+    for name in sorted(os.listdir(r.model.path)):
+        if name.endswith(".safetensors"):
+            problem = _safetensors_problem(os.path.join(r.model.path, name))
+            if problem:
+                raise ConfigError(f"model.path: {os.path.join(r.model.path, name)!r} {problem}; copy or download "
+                                  "the checkpoint again")
+    index = os.path.join(r.model.path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        from ..config import read_json
+
+        shards = set((read_json(index, "model.path", "give a whole checkpoint").get("weight_map") or {}).values())
+        missing = sorted(s for s in shards if not os.path.isfile(os.path.join(r.model.path, s)))
+        if missing:
+            raise ConfigError(f"model.path: {index!r} names weight files that are missing: {missing}; copy or "
+                              "download the checkpoint again")
+
+
+def _safetensors_problem(path: str) -> str | None:
+    size = os.path.getsize(path)
+    if size < 8:
+        return f"is {'empty' if size == 0 else 'truncated'} ({size} bytes)"
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if 8 + n > size:
+            return f"is truncated: its header claims {n} bytes, the file holds {size}"
+        try:
+            header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return "has no valid safetensors header"
+    if 8 + n + end > size:
+        return f"is truncated: its tensors need {8 + n + end} bytes, the file holds {size}"
+    return None
 
 
 def world_size(r: Recipe) -> int | None:
@@ -84,7 +144,12 @@ def check_against_world(r: Recipe) -> None:
         if world is not None and len(sw) != world:
             raise ConfigError(f"hexamoe.shard_weights: got {len(sw)} weights for {world} ranks (launcher.nproc); give "
                               "one weight per rank, or null for even shards")
-    if cfg.profile == "declared":
+    n = None if cfg.devices is None else len(cfg.devices)  # [] too is refused by the ranks
+    if cfg.profile == "measure" and world is not None and n not in (None, 1, world):
+        raise ConfigError(f'hexamoe.devices: {n} entries for {world} ranks (launcher.nproc) with "profile": "measure"; '
+                          "give one entry per rank, one for every rank, or none: e.g. --set "
+                          '\'hexamoe.devices=[{"name": "cpu"}]\' or --set hexamoe.devices=null')
+    if cfg.profile == "declared" or cfg.devices_file is not None:
         _check_devices(cfg, world)
 
 
@@ -105,9 +170,29 @@ def _check_devices(cfg, world: int | None) -> None:
         msg = str(e)
         raise ConfigError(f"hexamoe.{msg}" if where == "hexamoe.devices" and msg.startswith("devices")
                           else f"{where}: {msg}") from None
-    if world is not None and len(profiles) != world:
+    if cfg.profile == "measure":
+        raise ConfigError(f'{where}: not read with "profile": "measure" (each rank times itself; only "devices" entries '
+                          'override measured numbers); move its entries to "devices", or use "profile": "declared"')
+    if cfg.profile == "declared" and world is not None and len(profiles) != world:
         raise ConfigError(f"{where}: {len(profiles)} device profiles for {world} ranks (launcher.nproc); give one "
                           'entry per rank, or entries with "count" adding up to the number of ranks')
+
+
+def check_zebra(r: Recipe, auto: bool = False) -> None:
+    """What the zebra path cannot do, named before launch when ``hexamoe.zebra.enabled`` is true (with ``auto``
+    also when it is "auto": the worker then trains colocated instead)."""
+    cfg, t = r.hexamoe_config, r.training
+    if cfg is None or not cfg.enabled or cfg.zebra.enabled not in ((True, "auto") if auto else (True,)):
+        return
+    if t.save_every:
+        raise ConfigError(f"training.save_every: got {t.save_every}; hexamoe.zebra writes no checkpoints (only the "
+                          "Hugging Face export at the end): set it to 0")
+    if t.dtype != "fp32":
+        raise ConfigError(f'training.dtype: got {t.dtype!r}; hexamoe.zebra trains in "fp32" (no loss scaling or '
+                          "master weights on this path)")
+    if t.eval_every:
+        raise ConfigError(f"training.eval_every: got {t.eval_every}; hexamoe.zebra does not evaluate during training: "
+                          "set it to 0")
 
 
 def check_task(r: Recipe) -> None:
@@ -185,6 +270,13 @@ def _check_enough_text(r: Recipe, files: list[str], size: int, lines: int, key: 
 def check_output_dir(r: Recipe) -> None:
     """``training.output_dir`` is a folder (or can become one) this user can write."""
     out = r.training.output_dir
+    try:
+        out.encode("utf-8")
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates U+DC80..U+DCFF
+        code = ord(out[e.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise ConfigError(f"training.output_dir: {out!r} is not UTF-8 ({what} at position {e.start}); the run's "
+                          "logs, metrics and export name it in UTF-8: give a UTF-8 folder name (--output-dir)") from None
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"training.output_dir: {out!r} is a file, not a folder; give a folder path (--output-dir)")
     probe = out
@@ -199,3 +291,4 @@ def check_output_dir(r: Recipe) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"training.output_dir: {probe!r} is not writable by this user, so {out!r} cannot be "
                           "written; give a folder you can write (--output-dir) or fix its permissions")
+

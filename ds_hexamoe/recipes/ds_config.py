@@ -7,24 +7,17 @@ offer them as methods without an import cycle (docs/design.md, "Recipes, tasks, 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 
-from ..config import ConfigError, HexaMoEConfig
+from ..config import ConfigError, HexaMoEConfig, read_json
 
 
 def load_ds_dict(r) -> dict:
     """A copy of the recipe's DeepSpeed section: the inline dict, or the JSON file it names."""
     if isinstance(r.deepspeed, dict):
         return copy.deepcopy(r.deepspeed)
-    if not os.path.isfile(r.deepspeed):
-        raise ConfigError(f"deepspeed: file {r.deepspeed!r} does not exist; give an existing DeepSpeed JSON file")
-    with open(r.deepspeed) as fh:
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed: {r.deepspeed!r} is not valid JSON ({e})") from None
+    data = read_json(r.deepspeed, "deepspeed", "give an existing DeepSpeed JSON file")
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed: {r.deepspeed!r} holds a {type(data).__name__}; expected a JSON object")
     return data
@@ -54,8 +47,9 @@ def check_ds_config(r) -> None:
     if "hexamoe" in ds and r.hexamoe is not None and ds["hexamoe"] != r.hexamoe:
         raise ConfigError('hexamoe: the recipe and its DeepSpeed config both set a "hexamoe" section and they '
                           "differ; keep one (the recipe's top-level \"hexamoe\" is preferred)")
+    hx = r.hexamoe_config
     if "hexamoe" in ds and r.hexamoe is None and not isinstance(r.deepspeed, dict):
-        HexaMoEConfig.from_dict(ds["hexamoe"], "deepspeed.hexamoe")
+        hx = HexaMoEConfig.from_dict(ds["hexamoe"], "deepspeed.hexamoe")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"deepspeed.zero_optimization: got {zero!r}; expected a JSON object")
@@ -63,6 +57,12 @@ def check_ds_config(r) -> None:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_optimization.stage: got {stage!r}; expected 0, 1, 2 or 3 (DeepSpeed's "
                           "ZeRO stages)")
+    if stage == 3 and hx is not None and hx.enabled and hx.sharding == "fssdp":
+        # ZeRO-3 partitions every parameter and gathers it in hooks that FSSDP's own expert exchanges do not match
+        raise ConfigError('deepspeed.zero_optimization.stage: got 3 with hexamoe.sharding "fssdp"; FSSDP already '
+                          "shards the experts and ZeRO-3's parameter gathers collide with its exchanges: use stage "
+                          '0, 1 or 2 (the dense part\'s optimizer state is still sharded at 1 and 2), or set '
+                          'hexamoe.sharding to "none"')
 
 
 def build_ds_config(r, world_size: int | None = None, accelerator: str | None = None) -> dict:

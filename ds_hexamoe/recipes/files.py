@@ -9,8 +9,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..config import ConfigError
-from .checks import check_against_world, check_experts_topk, check_output_dir, check_text_data
+from ..config import Collector, ConfigError, read_json
+from .checks import (check_against_world, check_experts_topk, check_output_dir, check_text_data, check_weights,
+                     check_zebra)
 from .paths import is_placeholder
 from .schema import CAUSAL_LM, Recipe, check_positions
 
@@ -126,32 +127,44 @@ def _check_checkpoint_dir(path: str, key: str, what: str) -> None:
 
 
 def check_recipe_files(r: Recipe) -> None:
-    """Every input the recipe names must exist and make sense (raised before anything is launched)."""
-    check_output_dir(r)
+    """Every input the recipe names must exist and make sense (raised before anything is launched); independent
+    inputs are all checked, and every error found is raised at once."""
+    found = Collector()
+    found.run(check_output_dir, r)
     if r.model.path is not None:
-        _check_checkpoint_dir(r.model.path, "model.path", "Hugging Face checkpoint (config.json + weights)")
-        if not os.path.isfile(os.path.join(r.model.path, "config.json")):
-            raise ConfigError(f"model.path: {r.model.path!r} has no config.json; give a Hugging Face checkpoint folder")
+        found.run(_check_model, r)
     if r.task == CAUSAL_LM:
-        if r.model.path is not None and "max_position_embeddings" not in (r.model.config or {}):
-            with open(os.path.join(r.model.path, "config.json")) as fh:
-                cfg = json.load(fh)
-            check_positions(r.data.seq_len, cfg.get("max_position_embeddings"), f"{r.model.path}/config.json")
-        _check_text_inputs(r)
+        found.run(_check_tokenizer, r)
+        found.run(check_data_files, r)
     elif r.data.train_files:
-        expand_patterns(r.data.train_files, "data.train_files")
+        found.run(expand_patterns, r.data.train_files, "data.train_files")
     if isinstance(r.deepspeed, str) and not os.path.isfile(r.deepspeed):
-        raise ConfigError(f"deepspeed: file {r.deepspeed!r} does not exist; give an existing DeepSpeed JSON "
-                          "file (relative to the recipe's folder) or an inline JSON object")
+        found.add(ConfigError(f"deepspeed: file {r.deepspeed!r} does not exist; give an existing DeepSpeed JSON "
+                              "file (relative to the recipe's folder) or an inline JSON object"))
     if r.launcher.hostfile is not None and not os.path.isfile(r.launcher.hostfile):
-        raise ConfigError(f"launcher.hostfile: file {r.launcher.hostfile!r} does not exist; give a DeepSpeed "
-                          "hostfile ('host slots=N' per line) or leave it null for a single node")
+        found.add(ConfigError(f"launcher.hostfile: file {r.launcher.hostfile!r} does not exist; give a DeepSpeed "
+                              "hostfile ('host slots=N' per line) or leave it null for a single node"))
+    if r.task == CAUSAL_LM and r.model.path is None:
+        found.run(check_experts_topk, r)  # a checkpoint's config is checked with the checkpoint
+    found.run(check_against_world, r)
+    found.run(check_zebra, r)
+    found.raise_all()
+
+
+def _check_model(r: Recipe) -> None:
+    _check_checkpoint_dir(r.model.path, "model.path", "Hugging Face checkpoint (config.json + weights)")
+    config = os.path.join(r.model.path, "config.json")
+    if not os.path.isfile(config):
+        raise ConfigError(f"model.path: {r.model.path!r} has no config.json; give a Hugging Face checkpoint folder")
     if r.task == CAUSAL_LM:
+        if "max_position_embeddings" not in (r.model.config or {}):
+            cfg = read_json(config, "model.path", "give a Hugging Face checkpoint folder")
+            check_positions(r.data.seq_len, cfg.get("max_position_embeddings"), config)
         check_experts_topk(r)
-    check_against_world(r)
+    check_weights(r)
 
 
-def _check_text_inputs(r: Recipe) -> None:
+def _check_tokenizer(r: Recipe) -> None:
     tok = r.tokenizer_spec
     if tok.path is None and tok.build is None:
         raise ConfigError('tokenizer: a model built from "config" needs a tokenizer: set "tokenizer.path" to a '
@@ -160,4 +173,3 @@ def _check_text_inputs(r: Recipe) -> None:
         _check_checkpoint_dir(tok.path, "tokenizer.path", "tokenizer")
         if not any(os.path.isfile(os.path.join(tok.path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
             raise ConfigError(f"tokenizer.path: {tok.path!r} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
-    check_data_files(r)

@@ -3,8 +3,9 @@ key, resolve paths, parse the ``"hexamoe"`` section and check every input file (
 "Recipes, tasks, worker and CLI").
 
 Input paths are relative to the recipe file's folder; ``pkg://PACKAGE/REL/PATH`` names a file shipped
-inside an installed package (the embedded default uses ``pkg://ds_hexamoe/data/...``). The training
-``output_dir`` is relative to the working directory, like every other trainer's.
+inside ds_hexamoe or an installed distribution, found without importing anything (the embedded default uses
+``pkg://ds_hexamoe/data/...``). The training ``output_dir`` is relative to the working directory, like every
+other trainer's. Independent errors are collected and raised together (:class:`~ds_hexamoe.config.Collector`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import typing
 from typing import Any
 
-from ..config import ConfigError, HexaMoEConfig, _coerce, read_json
+from ..config import Collector, ConfigError, HexaMoEConfig, _coerce, read_json
 from .checks import check_task
 from .ds_config import check_ds_config
 from .files import check_recipe_files
@@ -33,15 +34,17 @@ def _recipe_from_dict(data: Any, where: str) -> Recipe:
     fields = {f.name for f in dataclasses.fields(Recipe)}
     kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(Recipe)
+    found = Collector()
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}: unknown recipe key{hint}; allowed keys are {sorted(fields)}")
-        if key == "deepspeed":
+            found.add(ConfigError(f"{key}: unknown recipe key{hint}; allowed keys are {sorted(fields)}"))
+        elif key == "deepspeed":
             kwargs[key] = value
-            continue
-        kwargs[key] = _coerce(hints[key], value, key)
+        else:
+            kwargs[key] = found.run(_coerce, hints[key], value, key)
+    found.raise_all()  # the recipe-wide checks below read several sections
     recipe = Recipe(**kwargs)
     recipe.validate()
     return recipe
@@ -86,36 +89,42 @@ def load_recipe(
     recipe = _recipe_from_dict(data, where)
     check_task(recipe)  # before anything is imported or read: an untrusted task import stops here
     recipe.source, recipe.base_dir = source, base_dir
-    _resolve_paths(recipe)
-    recipe.hexamoe_config = _validate_hexamoe(recipe)
+    found = Collector()
+    _resolve_paths(recipe, found)
+    found.raise_all()  # every later check reads the resolved paths
+    recipe.hexamoe_config = found.run(_validate_hexamoe, recipe)
     if check_files:
-        check_recipe_files(recipe)
-    check_ds_config(recipe)
+        found.run(check_recipe_files, recipe)
+    found.run(check_ds_config, recipe)
+    found.raise_all()
     return recipe
 
 
-def _resolve_paths(r: Recipe) -> None:
+def _resolve_paths(r: Recipe, found: Collector) -> None:
     base = r.base_dir
-    if r.model.path is not None and not is_placeholder(r.model.path):
-        r.model.path = resolve_path(r.model.path, base)
-    if r.tokenizer is not None and r.tokenizer.path is not None and not is_placeholder(r.tokenizer.path):
-        r.tokenizer.path = resolve_path(r.tokenizer.path, base)
-    keep = lambda p: p if is_placeholder(p) else resolve_path(p, base)  # noqa: E731
+
+    def keep(p: str) -> str:  # a placeholder stays (the file checks name it); a bad pkg:// path is collected
+        return p if is_placeholder(p) else (found.run(resolve_path, p, base) or p)
+
+    if r.model.path is not None:
+        r.model.path = keep(r.model.path)
+    if r.tokenizer is not None and r.tokenizer.path is not None:
+        r.tokenizer.path = keep(r.tokenizer.path)
     r.data.train_files = [keep(p) for p in r.data.train_files]
     if r.data.validation_files:
         r.data.validation_files = [keep(p) for p in r.data.validation_files]
     if r.data.cache_dir is not None:
-        r.data.cache_dir = resolve_path(r.data.cache_dir, base)
+        r.data.cache_dir = keep(r.data.cache_dir)
     if isinstance(r.deepspeed, str):
-        r.deepspeed = resolve_path(r.deepspeed, base)
+        r.deepspeed = keep(r.deepspeed)
     if r.launcher.hostfile is not None:
-        r.launcher.hostfile = resolve_path(r.launcher.hostfile, base)
+        r.launcher.hostfile = keep(r.launcher.hostfile)
     # outputs live under the working directory, never inside an installed package
     r.training.output_dir = os.path.abspath(os.path.expanduser(r.training.output_dir))
     if r.hexamoe:
         for key in ("devices_file", "stats_path"):
             if isinstance(r.hexamoe.get(key), str):
-                r.hexamoe[key] = resolve_path(r.hexamoe[key], base)
+                r.hexamoe[key] = keep(r.hexamoe[key])
 
 
 def _validate_hexamoe(r: Recipe) -> HexaMoEConfig | None:

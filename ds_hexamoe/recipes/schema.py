@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ..config import ConfigError, _check
+from ..config import Collector, ConfigError, _check
 from .ds_config import build_ds_config
 
 # Training tasks: name -> "module:function" building a :class:`ds_hexamoe.tasks.TaskParts`. A recipe
@@ -128,23 +128,29 @@ class TrainingSpec:
     num_threads: int | None = None
 
     def validate(self, path: str) -> None:
+        found = Collector()  # independent checks: every bad value is reported at once
         for name, low in (("steps", 1), ("micro_batch_size", 1), ("grad_accum", 1), ("log_every", 1),
                           ("save_every", 0), ("keep_checkpoints", 0), ("eval_every", 0), ("warmup_steps", 0)):
             v = getattr(self, name)
             kind = "a positive integer" if low == 1 else "an integer >= 0"
-            _check(v >= low, f"{path}.{name}", v, kind + (" (0: off)" if low == 0 and name != "warmup_steps" else ""))
-        _check(math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", self.lr, "a number > 0 (finite)")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
-        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay", self.weight_decay,
-               "a number >= 0 (finite)")
-        _check(self.seed >= 0, f"{path}.seed", self.seed, "an integer >= 0")
-        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), f"{path}.adam_betas",
-               self.adam_betas, "two numbers in [0, 1)")
-        _check(self.adam_eps > 0, f"{path}.adam_eps", self.adam_eps, "a number > 0")
-        _check(self.max_grad_norm >= 0, f"{path}.max_grad_norm", self.max_grad_norm, "a number >= 0 (0: no clipping)")
-        _check(self.num_threads is None or self.num_threads >= 1, f"{path}.num_threads", self.num_threads,
-               "an integer >= 1 or null (null: CPU cores / local ranks)")
-        _check(bool(self.output_dir), f"{path}.output_dir", self.output_dir, "a folder path")
+            off = " (0: off)" if low == 0 and name != "warmup_steps" else ""
+            found.run(_check, v >= low, f"{path}.{name}", v, kind + off)
+        found.run(_check, math.isfinite(self.lr) and self.lr > 0, f"{path}.lr", self.lr, "a number > 0 (finite)")
+        found.run(_check, 0.0 <= self.min_lr_ratio <= 1.0, f"{path}.min_lr_ratio", self.min_lr_ratio,
+                  "a number in [0, 1]")
+        found.run(_check, math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"{path}.weight_decay",
+                  self.weight_decay, "a number >= 0 (finite)")
+        # 2**63 - 1 at most: torch seeds are 64-bit, and the batch order is seeded with seed + epoch
+        found.run(_check, 0 <= self.seed < 2**63, f"{path}.seed", self.seed, "an integer >= 0 and < 2**63")
+        found.run(_check, len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                  f"{path}.adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        found.run(_check, self.adam_eps > 0, f"{path}.adam_eps", self.adam_eps, "a number > 0")
+        found.run(_check, self.max_grad_norm >= 0, f"{path}.max_grad_norm", self.max_grad_norm,
+                  "a number >= 0 (0: no clipping)")
+        found.run(_check, self.num_threads is None or self.num_threads >= 1, f"{path}.num_threads", self.num_threads,
+                  "an integer >= 1 or null (null: CPU cores / local ranks)")
+        found.run(_check, bool(self.output_dir), f"{path}.output_dir", self.output_dir, "a folder path")
+        found.raise_all()
 
 
 @dataclass

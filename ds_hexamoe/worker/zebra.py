@@ -23,24 +23,16 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..recipes import Recipe, lr_lambda
+from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
 from .strategy import StepResult
 
 
 def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
-    """What this path cannot do, named before any work."""
-    t = recipe.training
+    """What this path cannot do, named before any work (the recipe's part also by recipe validation)."""
     if resume:
         raise ConfigError("--resume: hexamoe.zebra runs keep no checkpoints to resume from; run without --resume")
-    if t.save_every:
-        raise ConfigError(f"training.save_every: got {t.save_every}; hexamoe.zebra writes no checkpoints (only the "
-                          "Hugging Face export at the end): set it to 0")
-    if t.dtype != "fp32":
-        raise ConfigError(f'training.dtype: got {t.dtype!r}; hexamoe.zebra trains in "fp32" (no loss scaling or '
-                          "master weights on this path)")
-    if t.eval_every:
-        raise ConfigError(f"training.eval_every: got {t.eval_every}; hexamoe.zebra does not evaluate during training: "
-                          "set it to 0")
+    check_zebra(recipe, auto=True)
 
 
 def zebra_layout(recipe: Recipe, model, ds_config: dict,
