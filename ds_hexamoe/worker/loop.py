@@ -214,7 +214,7 @@ def _print_outcome(r: _Run, summary: dict, start_step: int, times: dict) -> None
     if summary["checkpoint"] is not None:
         print(f"[ds-hexamoe] checkpoint: {summary['checkpoint']}", flush=True)
     if summary["hf_export"]:
-        print(f"[ds-hexamoe] Hugging Face export: {summary['hf_export']}", flush=True)
+        print(f"[ds-hexamoe] Hugging Face export (from_pretrained loads it): {summary['hf_export']}", flush=True)
     for line in report_lines(summary["report"]) if summary["report"] else []:
         print(f"[ds-hexamoe] {line}", flush=True)
 
