@@ -50,3 +50,69 @@ def test_the_export_is_printed_once(capsys):
     said = capsys.readouterr().out
     assert said.count("/out/hf") == 1 and "export (from_pretrained loads it): /out/hf" in said, said
     assert "plan: batch shares [3, 1]" in said
+
+
+# -- 1: a plain run never overwrites an earlier run ------------------------------------------------------
+
+
+def _earlier_run(out: str, rows: int = 6) -> dict[str, bytes]:
+    """What the issue's repro leaves: a complete global_step2, a newer global_step4, no 'latest' (deleted, or
+    a crash before it was written), 6 metrics rows. Returns every file's bytes."""
+    for tag in ("global_step2", "global_step4"):
+        os.makedirs(os.path.join(out, "checkpoints", tag))
+        with open(os.path.join(out, "checkpoints", tag, "mp_rank_00_model_states.pt"), "wb") as fh:
+            fh.write(tag.encode())
+    with open(os.path.join(out, "checkpoints", "global_step2", "hexamoe_manifest.json"), "w") as fh:
+        fh.write("{}")
+    with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
+        fh.write("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, rows + 1)))
+    return _snapshot(out)
+
+
+def _snapshot(out: str) -> dict[str, bytes]:
+    found = {}
+    for root, _, files in os.walk(out):
+        for name in files:
+            if name != ".ds-hexamoe.lock":
+                found[os.path.relpath(os.path.join(root, name), out)] = open(os.path.join(root, name), "rb").read()
+    return found
+
+
+def test_plain_run_into_an_earlier_runs_outputs_is_refused(tmp_path, capsys):
+    import cli_tiny
+    from ds_hexamoe import cli
+
+    recipe = cli_tiny.tiny_recipe(str(tmp_path))
+    out = str(tmp_path / "run")
+    before = _earlier_run(out)
+    assert cli.main(["train", recipe]) == 2
+    err = capsys.readouterr().err
+    assert "training.output_dir" in err and "already holds an earlier run's outputs" in err, err
+    assert "global_step2, global_step4" in err and "metrics.jsonl with 6 row(s)" in err
+    assert "--resume-fallback" in err and "--overwrite" in err and "--output-dir" in err
+    assert _snapshot(out) == before
+    # --resume without 'latest' names the fallback instead of "run without --resume"
+    assert cli.main(["train", recipe, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "no 'latest' file" in err and "--resume-fallback" in err and "run without --resume" not in err, err
+    assert _snapshot(out) == before
+
+
+def test_worker_never_saves_over_a_published_checkpoint(tmp_path):
+    from ds_hexamoe.tasks.base import WorkerContext
+    from ds_hexamoe.worker.checkpoints import save_checkpoint
+
+    ckpt = str(tmp_path / "checkpoints")
+    os.makedirs(os.path.join(ckpt, "global_step2"))
+    manifest = os.path.join(ckpt, "global_step2", "hexamoe_manifest.json")
+    with open(manifest, "w") as fh:
+        fh.write('{"files": {}}')
+    calls = []
+
+    class Engine:
+        def save_checkpoint(self, *a, **k):
+            calls.append(a)
+
+    with pytest.raises(RuntimeError, match="already holds a published checkpoint"):
+        save_checkpoint(Engine(), ckpt, 2, {"step": 2}, WorkerContext(rank=0, world_size=1), keep=0)
+    assert calls == [] and open(manifest).read() == '{"files": {}}'

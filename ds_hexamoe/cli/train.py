@@ -11,7 +11,7 @@ from typing import Any
 from ..config import ConfigError
 from ..distributed import free_port
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
-from .jobs import OutputLock, overwrite_plan, remove_outputs, run_job
+from .jobs import OutputLock, earlier_outputs, overwrite_plan, remove_outputs, run_job
 from .options import add_recipe_args, overrides_of
 
 # the by-path entry DeepSpeed's launcher runs (ds_hexamoe/train.py)
@@ -55,24 +55,31 @@ def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port
 
 
 def _prepare_output_dir(recipe: Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse a bad ``--resume`` or a clash with an earlier run; with ``--overwrite``, say what is removed
-    and remove only the earlier run's outputs (never an input of this run)."""
+    """Refuse a bad ``--resume`` or a plain run into a folder holding an earlier run's outputs; with
+    ``--overwrite``, say what is removed and remove only the earlier run's outputs (never an input)."""
     from ..worker import read_latest
 
     out, ckpt = recipe.output_dir, recipe.checkpoint_dir
     latest = read_latest(ckpt)
     if resume and latest is not None and not os.path.isdir(os.path.join(ckpt, latest)):
         raise ConfigError(f"--resume: {os.path.join(ckpt, 'latest')!r} names checkpoint {latest!r}, but the folder "
-                          f"{os.path.join(ckpt, latest)!r} is missing; restore it, or write the tag of a checkpoint "
-                          "that exists into 'latest'")
+                          f"{os.path.join(ckpt, latest)!r} is missing; pass --resume-fallback to resume from the "
+                          "newest checkpoint that verifies, restore the folder, or write the tag of a checkpoint that "
+                          "exists into 'latest'")
     if resume:
         if latest is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {ckpt!r} (no 'latest' file); "
-                              "run without --resume to start training")
+            there = earlier_outputs(out)
+            raise ConfigError(f"--resume: no complete checkpoint in {ckpt!r} (no 'latest' file)" + (
+                f"; it holds {'; '.join(there)}: pass --resume-fallback to resume from the newest checkpoint that "
+                "verifies, --overwrite to start over there, or --output-dir for a new folder" if there else
+                "; run without --resume to start training"))
         return
-    if latest is not None and not overwrite:
-        raise ConfigError(f"training.output_dir: {out!r} already holds checkpoint {latest!r}; pass --resume to continue "
-                          "it, --overwrite to start over there, or --output-dir for a new folder")
+    there = earlier_outputs(out)
+    if there and not overwrite:
+        raise ConfigError(f"training.output_dir: {out!r} already holds an earlier run's outputs ({'; '.join(there)}), "
+                          "which a new run would overwrite; pass --resume to continue it (--resume-fallback: from the "
+                          "newest checkpoint that verifies), --overwrite to delete them and start over there, or "
+                          "--output-dir for a new folder")
     if overwrite:
         remove, keep = overwrite_plan(recipe)
         for p in remove:

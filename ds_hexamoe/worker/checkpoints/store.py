@@ -20,8 +20,8 @@ from ...recipes import Recipe
 from ...atomic import atomic_write
 from ...distributed import seed_all
 from ...tasks.base import WorkerContext
-from .manifest import (CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest, read_manifest,
-                       write_manifest)
+from .manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest,
+                       read_manifest, write_manifest)
 
 STATE_KEY = "hexamoe_train"
 RANK_STATE_FORMAT = 2  # 1: a pickled dict (numpy arrays, tuples), which needed weights_only=False
@@ -110,6 +110,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerCo
     """
     tag = f"{_PREFIX}{step}"
     tag_dir = os.path.join(ckpt_dir, tag)
+    _refuse_published(tag_dir, ctx)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={STATE_KEY: state}, save_latest=False)
         save_rank_state(_rank_state_path(ckpt_dir, tag, ctx.rank), step, state)
@@ -127,6 +128,18 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerCo
             _prune_checkpoints(ckpt_dir, keep, tag)
     ctx.barrier()
     return tag
+
+
+def _refuse_published(tag_dir: str, ctx: WorkerContext) -> None:
+    """A published checkpoint (its manifest is on disk) is never written over; rank 0's view decides, so
+    every rank raises or none does. A folder without a manifest is a save that never completed."""
+    box = [os.path.exists(os.path.join(tag_dir, MANIFEST))]
+    if dist_on() and ctx.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise RuntimeError(f"saving checkpoint {os.path.basename(tag_dir)!r}: {tag_dir!r} already holds a published "
+                           "checkpoint (of an earlier run), which is never written over; nothing was saved. Move it "
+                           "out of the way, or resume that run with --resume")
 
 
 def _spread(ctx: WorkerContext, names: list[str] | None, work) -> dict:
