@@ -116,3 +116,56 @@ def test_worker_never_saves_over_a_published_checkpoint(tmp_path):
     with pytest.raises(RuntimeError, match="already holds a published checkpoint"):
         save_checkpoint(Engine(), ckpt, 2, {"step": 2}, WorkerContext(rank=0, world_size=1), keep=0)
     assert calls == [] and open(manifest).read() == '{"files": {}}'
+
+
+# -- 7: --resume-fallback past a damaged 'latest'; advice that is not the command that failed ---------------
+
+
+def _checkpoint(ckpt: str, step: int, manifest: bool = True) -> str:
+    from ds_hexamoe.worker.checkpoints.manifest import file_digest, write_manifest
+
+    tag_dir = os.path.join(ckpt, f"global_step{step}")
+    os.makedirs(tag_dir)
+    with open(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), "wb") as fh:
+        fh.write(b"weights %d" % step)
+    if manifest:
+        write_manifest(tag_dir, {"mp_rank_00_model_states.pt": file_digest(os.path.join(tag_dir,
+                                                                                        "mp_rank_00_model_states.pt"))},
+                       {"tag": f"global_step{step}", "step": step, "world_size": 1})
+    return tag_dir
+
+
+def test_fallback_with_a_damaged_latest_resumes_from_the_newest_verified(tmp_path):
+    from ds_hexamoe.worker.checkpoints import check_before_resume
+
+    ckpt = str(tmp_path / "checkpoints")
+    _checkpoint(ckpt, 2)
+    with open(os.path.join(_checkpoint(ckpt, 4), "mp_rank_00_model_states.pt"), "ab") as fh:
+        fh.write(b"!")  # changed after the save
+    _checkpoint(ckpt, 6, manifest=False)  # a save that never completed
+    with open(os.path.join(ckpt, "latest"), "w") as fh:
+        fh.write("glocal_step4")
+    said = []
+    assert check_before_resume(ckpt, fallback=True, log=said.append) == "global_step2"
+    assert open(os.path.join(ckpt, "latest")).read() == "global_step2"
+    assert sorted(os.listdir(ckpt)) == ["global_step2", "global_step4.corrupt", "global_step6.corrupt", "latest"]
+    assert "'glocal_step4', which is no checkpoint folder" in said[0], said
+    # with 'latest' missing altogether, the same
+    os.remove(os.path.join(ckpt, "latest"))
+    assert check_before_resume(ckpt, fallback=True, log=said.append) == "global_step2"
+
+
+def test_advice_after_a_failed_resume_is_not_the_same_resume(tmp_path):
+    from ds_hexamoe.worker.checkpoints import after_failure
+
+    ckpt = str(tmp_path / "checkpoints")
+    _checkpoint(ckpt, 2)
+    with open(os.path.join(ckpt, "latest"), "w") as fh:
+        fh.write("global_step2")
+    failed = after_failure(str(tmp_path), ckpt, 1, resumed_from="global_step2")
+    assert "--resume`" not in failed and "--resume-fallback" in failed and "completed no newer checkpoint" in failed
+    assert "--resume`" in after_failure(str(tmp_path), ckpt, 1)  # a fresh run that failed: resume it
+    _checkpoint(ckpt, 4)
+    with open(os.path.join(ckpt, "latest"), "w") as fh:
+        fh.write("global_step4")  # the resumed run got further: resuming again is the advice
+    assert "global_step4: continue with" in after_failure(str(tmp_path), ckpt, 1, resumed_from="global_step2")

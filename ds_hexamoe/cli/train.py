@@ -105,11 +105,13 @@ def cmd_train(args) -> int:
     os.makedirs(recipe.output_dir, exist_ok=True)
     lock = OutputLock(recipe.output_dir)
     lock.acquire("ds-hexamoe " + " ".join(sys.argv[1:]))
+    resumed_from = None
     try:
         if args.resume:  # corrupt checkpoints are refused (or skipped, when asked) before anything starts
             from ..worker.checkpoints import check_before_resume
 
-            check_before_resume(recipe.checkpoint_dir, fallback=getattr(args, "resume_fallback", False), recipe=recipe)
+            resumed_from = check_before_resume(recipe.checkpoint_dir, fallback=getattr(args, "resume_fallback", False),
+                                               recipe=recipe)
         _prepare_output_dir(recipe, args.resume, args.overwrite)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -120,7 +122,8 @@ def cmd_train(args) -> int:
         if rc not in (0, 128 + 2, 128 + 15, 128 + 1):  # not a signal the user sent to ds-hexamoe
             from ..worker.checkpoints import after_failure
 
-            print(after_failure(recipe.output_dir, recipe.checkpoint_dir, rc), file=sys.stderr, flush=True)
+            print(after_failure(recipe.output_dir, recipe.checkpoint_dir, rc, resumed_from), file=sys.stderr,
+                  flush=True)
         return rc
     finally:
         lock.release()
