@@ -3,6 +3,7 @@ run that never overwrites an earlier run, --resume-fallback past a damaged 'late
 ends every rank naming the file, a full disk during the export, and a schedule kept on an extended resume."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -169,3 +170,100 @@ def test_advice_after_a_failed_resume_is_not_the_same_resume(tmp_path):
     with open(os.path.join(ckpt, "latest"), "w") as fh:
         fh.write("global_step4")  # the resumed run got further: resuming again is the advice
     assert "global_step4: continue with" in after_failure(str(tmp_path), ckpt, 1, resumed_from="global_step2")
+
+
+# -- 2: one rank that cannot load its FSSDP shard file ends every rank within seconds -------------------
+
+SHARD_CASE = dict(world=2, experts=4, top_k=2, micro=1, gas=1, global_rows=2, lr=3e-3, clip=0.0, steps=1,
+                  remat=False, prefetch=False)
+
+
+def _save_then_load_a_crafted_shard(rank: int, world: int, ckpt: str) -> str:
+    import time
+
+    import deepspeed
+    import torch
+
+    from test_fssdp import build_engine, quiet
+    from ds_hexamoe.tasks.base import WorkerContext
+    from ds_hexamoe.worker.checkpoints import load_checkpoint, save_checkpoint
+    from ds_hexamoe.worker.checkpoints.manifest import MANIFEST, file_digest
+
+    quiet()
+    deepspeed.init_distributed("gloo")
+    ctx = WorkerContext(rank=rank, world_size=world)
+    engine, _ = build_engine(SHARD_CASE)
+    save_checkpoint(engine, ckpt, 1, {"step": 1, "seed": 0}, ctx, keep=0)
+    tag_dir = os.path.join(ckpt, "global_step1")
+    if rank == 1:  # a file this rank alone reads: not loadable, its manifest entry rewritten to match
+        victim = os.path.join(tag_dir, "fssdp_rank00001.pt")
+        with open(victim, "wb") as fh:
+            fh.write(b"PK\x03\x04 not a torch file")
+        manifest = json.load(open(os.path.join(tag_dir, MANIFEST)))
+        manifest["files"]["fssdp_rank00001.pt"] = file_digest(victim)
+        with open(os.path.join(tag_dir, MANIFEST), "w") as fh:
+            json.dump(manifest, fh)
+    torch.distributed.barrier()
+    t0 = time.monotonic()
+    try:
+        load_checkpoint(engine, ckpt, ctx)
+    except Exception as e:  # noqa: BLE001 - the message is what the test checks
+        return f"{time.monotonic() - t0:.1f}s: {e}"
+    return "loaded"
+
+
+def test_a_shard_file_one_rank_cannot_load_ends_every_rank_naming_it(tmp_path):
+    from ds_hexamoe.testing import run_distributed
+
+    ckpt = str(tmp_path / "checkpoints")
+    out = run_distributed(_save_then_load_a_crafted_shard, 2, ckpt, timeout=60)  # not 600 s in an all_reduce
+    victim = os.path.join(ckpt, "global_step1", "fssdp_rank00001.pt")
+    for said in out:
+        assert f"rank 1 (RuntimeError: cannot load {victim!r}" in said and "nothing was loaded" in said, out
+
+
+def _one_rank_fails(rank: int, world: int) -> str:
+    from ds_hexamoe.worker.checkpoints.store import _agreed
+
+    def fn():
+        if rank == 1:
+            raise ValueError("rank 1's file is bad")
+        return "ok"
+
+    try:
+        _agreed(fn, "/ckpt")
+    except Exception as e:  # noqa: BLE001
+        return str(e)
+    return "went on"
+
+
+def test_the_ranks_that_loaded_name_the_rank_that_did_not():
+    from ds_hexamoe.testing import run_distributed
+
+    said = run_distributed(_one_rank_fails, 2)
+    assert said[1] == "rank 1's file is bad"
+    assert "another rank failed" in said[0] and "rank 1: rank 1's file is bad" in said[0], said
+
+
+def test_the_cli_refuses_a_shard_file_that_does_not_load_before_launch(tmp_path):
+    from ds_hexamoe.worker.checkpoints import CheckpointCorrupt, check_before_resume
+
+    ckpt = str(tmp_path / "checkpoints")
+    tag_dir = _checkpoint(ckpt, 2)
+    import torch
+
+    torch.save({"layers": {}}, os.path.join(tag_dir, "fssdp_rank00000.pt"))
+    with open(os.path.join(tag_dir, "fssdp_rank00001.pt"), "wb") as fh:
+        fh.write(b"garbage")
+    _checkpoint_manifest(tag_dir)
+    with open(os.path.join(ckpt, "latest"), "w") as fh:
+        fh.write("global_step2")
+    with pytest.raises(CheckpointCorrupt, match=r"refusing to load .*fssdp_rank00001\.pt"):
+        check_before_resume(ckpt)
+
+
+def _checkpoint_manifest(tag_dir: str) -> None:
+    from ds_hexamoe.worker.checkpoints.manifest import checkpoint_files, file_digest, write_manifest
+
+    write_manifest(tag_dir, {n: file_digest(os.path.join(tag_dir, n)) for n in checkpoint_files(tag_dir)},
+                   {"tag": os.path.basename(tag_dir), "step": 2, "world_size": 2})

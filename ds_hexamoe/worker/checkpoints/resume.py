@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from ...config import ConfigError
 from ...atomic import atomic_write
 from .store import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
@@ -63,11 +65,31 @@ def check_before_resume(ckpt_dir: str, fallback: bool = False, recipe=None, log=
         problems = verify_checkpoint(os.path.join(ckpt_dir, tag))
         if problems:
             raise CheckpointCorrupt(corrupt_message(os.path.join(ckpt_dir, tag), problems))
+    _try_loading(os.path.join(ckpt_dir, tag))
     if recipe is not None and recipe.launcher.hostfile is None and recipe.launcher.nproc is not None:
         loop = load_rank_state(os.path.join(ckpt_dir, tag, "hexamoe_rank00000.pt")).get("loop") or {}
         if "step" in loop:
             check_resume_compatible(loop, recipe, recipe.launcher.nproc, None)
     return tag
+
+
+def _try_loading(tag_dir: str) -> None:
+    """Load the package's own files of a checkpoint as the ranks will (``weights_only``; FSSDP's shards
+    memory-mapped, so little is read): a file that matches its manifest but does not load (a crafted pickle)
+    is refused here, naming it, rather than on one rank after launch."""
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if name.startswith("hexamoe_rank") and name.endswith(".pt"):
+            load_rank_state(path)
+        elif name.startswith("fssdp_rank") and name.endswith(".pt"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError
+                raise CheckpointCorrupt(f"--resume: refusing to load {path!r}, FSSDP's expert shards of one rank: it "
+                                        f"does not load as tensors and plain values ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). Nothing was loaded or "
+                                        "changed; restore the file from a copy, or move the checkpoint folder aside "
+                                        "and pass --resume-fallback") from None
 
 
 def fall_back_to_verified(ckpt_dir: str, log=print) -> str:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError
-from ...distributed import dist_on
+from ...distributed import dist_on, failures_everywhere
 from ...recipes import Recipe
 from ...atomic import atomic_write
 from ...distributed import seed_all
@@ -216,8 +216,8 @@ def load_checkpoint(engine, ckpt_dir: str, ctx: WorkerContext) -> dict:
     of them succeeded, so the call returns on no rank unless every rank loaded: only then may the caller
     change files (trim metrics, remove unpublished saves).
     """
-    tag, manifest, rank_state = _agreed(lambda: _prepare_load(ckpt_dir, ctx), engine.device, ckpt_dir)
-    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state), engine.device, ckpt_dir)
+    tag, manifest, rank_state = _agreed(lambda: _prepare_load(ckpt_dir, ctx), ckpt_dir)
+    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state), ckpt_dir)
     if rank_state["rng"] is not None:
         set_rng_state(rank_state["rng"])
     else:  # resumed on another rank count: fresh per-rank streams, a function of seed, step and rank
@@ -229,24 +229,20 @@ def dist_world() -> int:
     return dist.get_world_size() if dist_on() else 1
 
 
-def _agreed(fn, device, ckpt_dir: str):
-    """``fn()`` on every rank; raises on every rank (this rank's own error where it has one) unless all
-    ranks succeeded."""
+def _agreed(fn, ckpt_dir: str):
+    """``fn()`` on every rank; raises on every rank (this rank's own error where it has one, else the failed
+    ranks' errors) unless all ranks succeeded."""
     err, out = None, None
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed that nobody goes on
         err = e
-    ok = err is None
-    if dist_on():
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
+    failed = failures_everywhere(None if err is None else str(err)[:600])
     if err is not None:
         raise err
-    if not ok:
-        raise RuntimeError(f"--resume: another rank failed to load the checkpoint in {ckpt_dir!r} (its error is "
-                           "in the log); nothing was truncated or deleted")
+    if failed:
+        raise RuntimeError(f"--resume: another rank failed to load the checkpoint in {ckpt_dir!r} ("
+                           + "; ".join(f"rank {r}: {e}" for r, e in failed) + "); nothing was truncated or deleted")
     return out
 
 
