@@ -267,3 +267,39 @@ def _checkpoint_manifest(tag_dir: str) -> None:
 
     write_manifest(tag_dir, {n: file_digest(os.path.join(tag_dir, n)) for n in checkpoint_files(tag_dir)},
                    {"tag": os.path.basename(tag_dir), "step": 2, "world_size": 2})
+
+
+# -- 8c: a full disk during the Hugging Face export -----------------------------------------------------
+
+
+def test_disk_full_during_the_export_names_it_and_the_intact_checkpoint(tmp_path):
+    import errno
+    from types import SimpleNamespace
+
+    from ds_hexamoe.tasks.base import WorkerContext
+    from ds_hexamoe.worker import loop
+
+    class Module:
+        def state_dict(self):
+            return {}
+
+        def save_pretrained(self, folder, state_dict):
+            with open(os.path.join(folder, "model.safetensors"), "wb") as fh:
+                fh.write(b"half of the weights")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    out_dir = str(tmp_path / "run")
+    ckpt = os.path.join(out_dir, "checkpoints")
+    checkpoint = _checkpoint(ckpt, 4)
+    with open(os.path.join(ckpt, "latest"), "w") as fh:
+        fh.write("global_step4")
+    run = SimpleNamespace(ctx=WorkerContext(rank=0, world_size=1), parts=SimpleNamespace(processor=None),
+                          recipe=SimpleNamespace(training=SimpleNamespace(output_dir=out_dir), checkpoint_dir=ckpt),
+                          strategy=SimpleNamespace(export_state=lambda: None, module=Module(), keeps_checkpoints=True))
+    hf = os.path.join(out_dir, "hf")
+    with pytest.raises(RuntimeError) as got:
+        loop._export_hf(run, hf)
+    said = str(got.value)
+    assert f"writing the Hugging Face export into {hf!r} failed" in said and "The disk is full" in said, said
+    assert f"the checkpoint {checkpoint!r} is intact" in said and "--resume` writes the export" in said
+    assert "nothing of it was left behind" in said and os.listdir(out_dir) == ["checkpoints"]  # no half-written folder

@@ -17,11 +17,12 @@ import torch.distributed as dist
 
 from ..atomic import atomic_save_dir, atomic_write
 from ..config import ConfigError
-from ..distributed import seed_all
+from ..distributed import failures_everywhere, seed_all
 from ..recipes import Recipe, recipe_json
 from ..tasks.base import TaskParts, WorkerContext, task_builder
 from .batches import BatchPlan
 from .checkpoints import check_resume_compatible, loop_state, read_latest, remove_unpublished, trim_metrics
+from .checkpoints.store import disk_of
 from .colocated import ColocatedStep
 from .evaluation import evaluate
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
@@ -219,9 +220,12 @@ def _print_outcome(r: _Run, summary: dict, start_step: int, times: dict) -> None
         print(f"[ds-hexamoe] {line}", flush=True)
 
 
-def _export_hf(r: _Run, out: str) -> str | None:
-    """``save_pretrained`` of model + processor into a temp folder, renamed onto ``out`` (all ranks call)."""
+def _export_hf(r: _Run, out: str) -> str:
+    """``save_pretrained`` of model + processor into a temp folder, renamed onto ``out`` (all ranks call).
+    A failed write (a full disk) leaves no part of it and ends every rank naming ``out`` and the intact
+    checkpoint it can be exported from again."""
     state = r.strategy.export_state()  # collective: FSSDP gathers experts, zebra gathers from the hosts
+    err = None
     if r.ctx.is_main:
         module = r.strategy.module
         if state is None:
@@ -233,9 +237,27 @@ def _export_hf(r: _Run, out: str) -> str | None:
             if processor is not None and hasattr(processor, "save_pretrained"):
                 processor.save_pretrained(tmp)
 
-        atomic_save_dir(write, out)
-    r.ctx.barrier()
+        try:
+            atomic_save_dir(write, out)
+        except OSError as e:
+            err = _export_failed_message(r, out, e)
+    failed = failures_everywhere(err)  # also the barrier: no rank ends before the export is written
+    if failed:
+        raise RuntimeError(failed[0][1])
     return out
+
+
+def _export_failed_message(r: _Run, out: str, e: OSError) -> str:
+    ckpt_dir = r.recipe.checkpoint_dir
+    latest = read_latest(ckpt_dir) if r.strategy.keeps_checkpoints else None
+    checkpoint = os.path.join(ckpt_dir, latest) if latest else None
+    kept = "an earlier export there is unchanged" if os.path.isdir(out) else "nothing of it was left behind"
+    then = (f"the checkpoint {checkpoint!r} is intact and holds the trained weights: free space there, then "
+            f"`ds-hexamoe train {os.path.join(r.recipe.training.output_dir, 'recipe.json')} --resume` writes the "
+            "export from it (nothing is left to train)" if checkpoint else
+            "this run kept no checkpoint, so the trained weights are lost; free space there and train again")
+    return (f"writing the Hugging Face export into {out!r} failed ({type(e).__name__}: {e}"[:400] + f"); {kept}. "
+            f"{disk_of(out, e)}; {then}")
 
 
 def _quiet_libraries(is_main: bool) -> None:

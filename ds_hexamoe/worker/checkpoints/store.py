@@ -156,22 +156,26 @@ def _spread(ctx: WorkerContext, names: list[str] | None, work) -> dict:
 
 def save_failed_message(ckpt_dir: str, tag: str, err: BaseException) -> str:
     """What failed, the disk it was written to (mount point, free space), and which checkpoint is intact."""
-    text = f"{type(err).__name__}: {err}"
-    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(err)) or "No space left" in text
-    mount = os.path.abspath(ckpt_dir)
-    while not os.path.ismount(mount):
-        mount = os.path.dirname(mount)
-    try:
-        usage = shutil.disk_usage(ckpt_dir)
-        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
-    except OSError:
-        space = "free space unknown"
     latest = read_latest(ckpt_dir)
     intact = (f"the last intact checkpoint is {os.path.join(ckpt_dir, latest)!r} ('latest' still names it; "
               "resume from it with --resume)" if latest else "no checkpoint of this run is complete yet")
-    return (f"saving checkpoint {tag!r} into {ckpt_dir!r} failed ({text[:300]}). "
-            f"{'The disk is full: ' if full else ''}the disk holding it is mounted at {mount!r} ({space}); "
+    text = f"{type(err).__name__}: {err}"
+    return (f"saving checkpoint {tag!r} into {ckpt_dir!r} failed ({text[:300]}). {disk_of(ckpt_dir, err)}; "
             f"{intact}. Free space there or set training.output_dir on another disk")
+
+
+def disk_of(path: str, err: BaseException) -> str:
+    """Whether ``err`` says the disk is full, where the disk holding ``path`` is mounted and its free space."""
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(err)) or "No space left" in str(err)
+    mount = os.path.abspath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        usage = shutil.disk_usage(mount)
+        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+    except OSError:
+        space = "free space unknown"
+    return f"{'The disk is full: ' if full else ''}the disk holding it is mounted at {mount!r} ({space})"
 
 
 def _chain(err: BaseException):
