@@ -303,3 +303,81 @@ def test_disk_full_during_the_export_names_it_and_the_intact_checkpoint(tmp_path
     assert f"writing the Hugging Face export into {hf!r} failed" in said and "The disk is full" in said, said
     assert f"the checkpoint {checkpoint!r} is intact" in said and "--resume` writes the export" in said
     assert "nothing of it was left behind" in said and os.listdir(out_dir) == ["checkpoints"]  # no half-written folder
+
+
+# -- 10a: extending a finished run keeps its learning-rate schedule unless asked --------------------------
+
+
+def _resumed_lrs(reshape: bool) -> tuple[list[float], str, object]:
+    """A 4-step schedule loaded at step 4, then run to training.steps=8: the rates of steps 5-8."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ds_hexamoe.recipes import lr_lambda
+    from ds_hexamoe.recipes.schema import TrainingSpec
+    from ds_hexamoe.worker import loop
+
+    t4 = TrainingSpec(steps=4, lr=0.01, warmup_steps=1, min_lr_ratio=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t4.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t4))
+    for _ in range(4):  # the run that wrote the checkpoint at step 4
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    # the resumed run builds its scheduler from its own recipe (steps=8), then DeepSpeed restores both states
+    t8 = TrainingSpec(steps=8, lr=0.01, warmup_steps=1, min_lr_ratio=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t8))
+    sched.load_state_dict(saved_sched)
+    opt.load_state_dict(saved_opt)
+    r = SimpleNamespace(recipe=SimpleNamespace(training=t8), schedule_steps=None,
+                        strategy=SimpleNamespace(engine=SimpleNamespace(lr_scheduler=sched)))
+    line = loop._resumed_schedule(r, {"step": 4, "schedule_steps": 4}, reshape)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs, line, r
+
+
+def test_extending_a_finished_run_keeps_its_schedule_unless_asked():
+    kept, line, r = _resumed_lrs(reshape=False)
+    assert kept == pytest.approx([0.001] * 4)  # the schedule's final rate, not a climb back up
+    assert "schedule (4 steps) is kept: steps 5-8 train at its final rate 0.001" in line and "--reshape-schedule" in line
+    assert r.schedule_steps == 4  # what the next checkpoint records, so a further resume keeps it too
+    stretched, line, r = _resumed_lrs(reshape=True)
+    assert stretched[0] == pytest.approx(0.001) and max(stretched) > 0.003, stretched  # climbs back up
+    assert line.startswith("--reshape-schedule: the learning-rate schedule is stretched from the checkpoint's 4 steps")
+    assert r.schedule_steps is None
+
+
+def test_reshape_schedule_flag(tmp_path, capsys):
+    import cli_tiny
+    from ds_hexamoe import cli
+    from ds_hexamoe.worker.checkpoints import loop_state
+
+    recipe = cli_tiny.tiny_recipe(str(tmp_path))
+    assert cli.main(["train", recipe, "--reshape-schedule"]) == 2
+    assert "--reshape-schedule: " in capsys.readouterr().err and not os.path.exists(tmp_path / "run")
+    assert cli.main(["train", recipe, "--resume", "--reshape-schedule", "--dry-run"]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["--resume", "--reshape-schedule"]
+    from ds_hexamoe.recipes import load_recipe
+
+    assert loop_state(load_recipe(recipe), 2, 2, 10)["schedule_steps"] == 4
+    assert loop_state(load_recipe(recipe), 2, 2, 10, schedule_steps=3)["schedule_steps"] == 3
+
+
+def test_resume_with_more_steps_keeps_the_schedule_end_to_end(tmp_path):
+    """2 gloo ranks through the launcher: a finished 4-step run resumed with --steps 6 trains steps 5-6 at
+    the schedule's final rate and says so (it climbed back to 8.2e-4 in the issue)."""
+    import cli_tiny
+
+    root = str(tmp_path)
+    recipe = cli_tiny.tiny_recipe(root, steps=4, save_every=4, training={"min_lr_ratio": 0.1})
+    cli_tiny.train([recipe], cwd=root)
+    proc = cli_tiny.train([os.path.join(root, "run", "recipe.json"), "--resume", "--steps", "6"], cwd=root)
+    assert "learning-rate schedule (4 steps) is kept: steps 5-6 train at its final rate 0.0003" in proc.stdout
+    rows = cli_tiny.metrics(os.path.join(root, "run"))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["lr"] for r in rows[3:]] == pytest.approx([0.0003] * 3), rows

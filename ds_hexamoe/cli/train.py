@@ -30,7 +30,8 @@ def deepspeed_launcher() -> list[str]:
                       "pip install deepspeed")
 
 
-def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port: int | None = None) -> list[str]:
+def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port: int | None = None,
+                   reshape_schedule: bool = False) -> list[str]:
     """The ``deepspeed ... train.py`` command line that runs ``recipe`` on every rank."""
     from ..worker import encode_overrides  # the worker pulls in torch; plain validation does not need it
 
@@ -51,6 +52,8 @@ def launch_command(recipe: Recipe, overrides: dict[str, Any], resume: bool, port
         cmd += ["--overrides", encode_overrides(overrides)]
     if resume:
         cmd += ["--resume"]
+    if reshape_schedule:
+        cmd += ["--reshape-schedule"]
     return cmd
 
 
@@ -95,10 +98,13 @@ def cmd_train(args) -> int:
         args.resume = True  # --resume-fallback is --resume that may pick an older, verified checkpoint
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one")
+    if getattr(args, "reshape_schedule", False) and not args.resume:
+        raise ConfigError("--reshape-schedule: it stretches a resumed checkpoint's learning-rate schedule over "
+                          "training.steps; pass it with --resume (a new run's schedule spans training.steps anyway)")
     recipe = load_recipe(args.recipe, overrides=overrides)
     if recipe.source is None:
         raise ConfigError("recipe: train needs a recipe file")
-    cmd = launch_command(recipe, overrides, args.resume)
+    cmd = launch_command(recipe, overrides, args.resume, reshape_schedule=getattr(args, "reshape_schedule", False))
     if args.dry_run:
         print(" ".join(cmd))
         return 0
@@ -138,5 +144,8 @@ def register(sub) -> None:
     t.add_argument("--resume-fallback", action="store_true",
                    help="--resume from the newest checkpoint whose files match its manifest of checksums; newer "
                    "ones that do not are moved aside to <tag>.corrupt")
+    t.add_argument("--reshape-schedule", action="store_true",
+                   help="with --resume and another --steps: stretch the checkpoint's learning-rate schedule over the "
+                   "new training.steps (default: keep it, so steps past its end train at its final rate)")
     t.add_argument("--dry-run", action="store_true", help="validate and print the launcher command only")
     t.set_defaults(fn=cmd_train)

@@ -291,11 +291,13 @@ def _load_engine(engine, ckpt_dir: str, tag: str, manifest: dict, rank_state: di
     return state
 
 
-def loop_state(recipe: Recipe, step: int, world: int, train_blocks: int) -> dict:
-    """What a checkpoint records of the loop, so a resume can refuse a different data order."""
+def loop_state(recipe: Recipe, step: int, world: int, train_blocks: int, schedule_steps: int | None = None) -> dict:
+    """What a checkpoint records of the loop, so a resume can refuse a different data order and keep the
+    learning-rate schedule (``schedule_steps``: the steps it spans, by default ``training.steps``)."""
     t = recipe.training
     return {"step": step, "micro_batches": step * t.grad_accum, "world_size": world, "seed": t.seed,
-            "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "train_blocks": train_blocks}
+            "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "train_blocks": train_blocks,
+            "schedule_steps": schedule_steps or t.steps}
 
 
 def check_resume_compatible(state: dict, recipe: Recipe, world: int, train_blocks: int | None) -> None:
