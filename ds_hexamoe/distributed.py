@@ -48,3 +48,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def failures_everywhere(error: str | None, group=None) -> list[tuple[int, str]]:
+    """``[(rank, error)]`` of every rank of ``group`` whose ``error`` is not None, the same list on every rank:
+    one small collective after a step that may fail on some ranks only, so that all of them stop together
+    (a rank that raised alone would leave the others waiting in their next collective until its timeout)."""
+    if not dist_on():
+        return [] if error is None else [(0, error)]
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, error, group=group)
+    return [(r, e) for r, e in enumerate(parts) if e is not None]

@@ -1,7 +1,9 @@
 """A test task: the causal-LM task, plus a rank that SIGKILLs itself at a chosen point when
 ``HEXAMOE_TEST_KILL="<rank>:<step>:<where>"`` is set (``where``: ``forward``, the first forward of that
 optimizer step; ``migrate``, inside FSSDP's shard migration after that step). It writes the moment of the
-kill to ``HEXAMOE_TEST_KILL_FILE`` first, so a test can time how long the job takes to end."""
+kill to ``HEXAMOE_TEST_KILL_FILE`` first, so a test can time how long the job takes to end. With
+``HEXAMOE_TEST_FULL="<path>"``, rank 0 links that file (inside the run's output folder) to ``/dev/full`` when
+the task is built, so writing it fails as on a full disk."""
 from __future__ import annotations
 
 import os
@@ -21,6 +23,10 @@ def build(recipe, ctx):
     from ds_hexamoe.tasks.causal_lm import causal_lm_task
 
     parts = causal_lm_task(recipe, ctx)
+    full = os.environ.get("HEXAMOE_TEST_FULL")
+    if full and ctx.rank == 0:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.symlink("/dev/full", full)
     spec = os.environ.get("HEXAMOE_TEST_KILL")
     if not spec:
         return parts

@@ -139,7 +139,7 @@ def test_cli_checks_before_launching(tmp_path, capsys):
         fh.write("global_step4")
     assert cli.main(["train", recipe]) == 2
     err = capsys.readouterr().err
-    assert "already holds checkpoint 'global_step4'" in err and "--resume" in err and "--overwrite" in err
+    assert "already holds an earlier run's outputs (checkpoints/latest naming 'global_step4')" in err and "--resume" in err and "--overwrite" in err
 
     assert cli.main(["train", recipe, "--set", "training.micro_batch_size=0"]) == 2
     assert "training.micro_batch_size: got 0" in capsys.readouterr().err

@@ -25,15 +25,15 @@ def test_trim_metrics_drops_a_half_written_row(tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to fill a disk")
 def test_disk_full_names_the_disk_and_the_intact_checkpoint(tmp_path):
-    """The step-4 model file is a link to /dev/full, so writing it fails with ENOSPC as on a full disk: the
+    """The step-4 model file is a link to /dev/full (made by the test task once the run started: a plain run
+    refuses a folder holding a checkpoint folder), so writing it fails with ENOSPC as on a full disk: the
     run stops naming the disk and step 2 as intact, 'latest' still names step 2, and --resume from it
     finishes the run."""
     root = str(tmp_path)
-    recipe = cli_tiny.tiny_recipe(root, steps=4, save_every=2)
+    recipe = cli_tiny.tiny_recipe(root, steps=4, save_every=2, task="fault_task:build")
     step4 = os.path.join(root, "run", "checkpoints", "global_step4")
-    os.makedirs(step4)
-    os.symlink("/dev/full", os.path.join(step4, "mp_rank_00_model_states.pt"))
-    proc = cli_tiny.train([recipe], cwd=root, check=False)
+    proc = cli_tiny.train([recipe], cwd=root, check=False,
+                          extra_env={"HEXAMOE_TEST_FULL": os.path.join(step4, "mp_rank_00_model_states.pt")})
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "saving checkpoint 'global_step4'" in log and "the disk holding it is mounted at" in log, log[-4000:]

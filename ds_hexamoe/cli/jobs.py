@@ -112,6 +112,27 @@ def recipe_inputs(recipe) -> dict[str, str]:
     return found
 
 
+def earlier_outputs(out_dir: str) -> list[str]:
+    """What an earlier run left in ``out_dir`` that a new run would overwrite: anything in ``checkpoints/``
+    (``latest``, checkpoint folders complete or not), ``metrics.jsonl`` rows, ``summary.json``, ``hf/``.
+    ``recipe.json`` (often the recipe being run) and ``tokenizer/`` (reused only when its fingerprint
+    matches) are not counted."""
+    found = []
+    ckpt = os.path.join(out_dir, "checkpoints")
+    with contextlib.suppress(OSError), open(os.path.join(ckpt, "latest"), encoding="utf-8", errors="replace") as fh:
+        found.append(f"checkpoints/latest naming {fh.read().strip()[:80]!r}")
+    with contextlib.suppress(OSError):
+        names = sorted(n for n in os.listdir(ckpt) if n != "latest")
+        if names:
+            found.append(f"checkpoints/{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}")
+    with contextlib.suppress(OSError), open(os.path.join(out_dir, "metrics.jsonl"), "rb") as fh:
+        rows = sum(1 for line in fh if line.strip())
+        if rows:
+            found.append(f"metrics.jsonl with {rows} row(s)")
+    found += [name for name in ("summary.json", "hf") if os.path.lexists(os.path.join(out_dir, name))]
+    return found
+
+
 def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 

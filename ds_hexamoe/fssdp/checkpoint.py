@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_write, atomic_write_with
+from ..distributed import failures_everywhere
 
 FORMAT = 2
 INDEX = "fssdp_index.json"
@@ -61,8 +62,48 @@ def save_shards(mgr, directory: str) -> None:
 
 
 def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None:
-    """Fill this rank's shards (and optimizer state) from a checkpoint saved with any number of ranks."""
+    """Fill this rank's shards (and optimizer state) from a checkpoint saved with any number of ranks.
+
+    Every rank first reads the files it needs, then all ranks exchange the outcome: a file one rank cannot
+    read (missing, damaged, a pickle ``weights_only`` refuses) raises on every rank within seconds, naming
+    the rank, the file and the reason, before anything is changed."""
     mgr.synchronize()
+    err, read = None, None
+    try:
+        read = _read_shards(mgr, directory)
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        err = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    failed = failures_everywhere(err, group=mgr.group)
+    if failed:
+        raise RuntimeError(f"loading the FSSDP experts of checkpoint {directory!r} failed on "
+                           + "; ".join(f"rank {r} ({e})" for r, e in failed) + "; every rank stopped, nothing was loaded")
+    saved, same_world, files = read
+    if same_world:
+        _adopt(mgr, saved)
+    opt = mgr.optimizer
+    entries = {e.key: e for e in opt.entries} if opt is not None else {}
+    states: dict[tuple[int, str], dict] = {}
+    for r, data in sorted(files.items()):
+        for layer in mgr.layers:
+            if r not in _sources(layer, saved, mgr.rank, same_world):
+                continue
+            _fill_layer(layer, data["layers"][layer.name], entries, states, load_optimizer_states)
+    if opt is not None and load_optimizer_states:
+        for key, st in states.items():
+            opt.set_state(entries[key], st)
+    mgr.zero_grad()
+    dist.barrier(group=mgr.group)
+
+
+def _sources(layer, saved: dict, rank: int, same_world: bool) -> list[int]:
+    """The saved ranks whose files hold experts this rank owns after the load."""
+    mine = set(saved[layer.index].owned(rank) if same_world else layer.owned)
+    return [r for r, ids in enumerate(saved[layer.index].experts) if mine.intersection(ids)]
+
+
+def _read_shards(mgr, directory: str) -> tuple[dict, bool, dict[int, dict]]:
+    """``(saved ownership, same world size, {saved rank: its file's contents})`` for the files this rank
+    needs; no collective, so a failure here can be reported to every rank."""
     path = os.path.join(directory, INDEX)
     if not os.path.exists(path):
         raise FileNotFoundError(f"FSSDP checkpoint index {path!r} is missing: the checkpoint was not saved by an "
@@ -70,46 +111,46 @@ def load_shards(mgr, directory: str, load_optimizer_states: bool = True) -> None
     with open(path) as fh:
         index = json.load(fh)
     saved = _saved_ownership(mgr, index, directory)
-    if index["world_size"] == mgr.world_size:
-        _adopt(mgr, saved)
-    need: dict[int, list] = {}
-    for layer in mgr.layers:
-        mine = set(layer.owned)
-        for r, ids in enumerate(saved[layer.index].experts):
-            if mine.intersection(ids):
-                need.setdefault(r, []).append(layer)
-    opt = mgr.optimizer
-    entries = {e.key: e for e in opt.entries} if opt is not None else {}
-    states: dict[tuple[int, str], dict] = {}
-    for r, layers in sorted(need.items()):
-        data = torch.load(os.path.join(directory, _rank_file(r)), map_location="cpu", weights_only=True)
-        for layer in layers:
-            rec = data["layers"][layer.name]
-            f_ids = rec["expert_ids"] if "expert_ids" in rec else list(range(*rec["experts"]))
-            both = [e for e in f_ids if e in set(layer.owned)]
-            dst = layer.local_rows(both).cpu()
-            src = torch.tensor([f_ids.index(e) for e in both], dtype=torch.long)
-            for n, p in layer.shards.items():
-                e = entries.get((layer.index, n))
-                with torch.no_grad():
-                    p.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, p.dtype))
-                    if e is not None and e.master is not p:
-                        e.master.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, e.master.dtype))
-                if e is None or not load_optimizer_states or n not in rec["optim"]:
-                    continue
-                st = states.setdefault((layer.index, n), {})
-                for k, v in rec["optim"][n].items():
-                    if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == len(f_ids):  # per-expert state
-                        if k not in st:
-                            st[k] = torch.zeros((layer.local_count, *v.shape[1:]), dtype=v.dtype)
-                        st[k].index_copy_(0, dst, v[src])
-                    elif k not in st:
-                        st[k] = v.clone() if torch.is_tensor(v) else v
-    if opt is not None and load_optimizer_states:
-        for key, st in states.items():
-            opt.set_state(entries[key], st)
-    mgr.zero_grad()
-    dist.barrier(group=mgr.group)
+    same_world = index["world_size"] == mgr.world_size
+    need = sorted({r for layer in mgr.layers for r in _sources(layer, saved, mgr.rank, same_world)})
+    files = {}
+    for r in need:
+        f = os.path.join(directory, _rank_file(r))
+        try:
+            files[r] = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, OSError
+            raise RuntimeError(f"cannot load {f!r}: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        held = files[r].get("layers") if isinstance(files[r], dict) else None
+        lacking = [layer.name for layer in mgr.layers if r in _sources(layer, saved, mgr.rank, same_world)
+                   and not (isinstance(held, dict) and layer.name in held)]
+        if lacking:
+            raise KeyError(f"{f!r} holds no experts of {lacking} (the index says it does)")
+    return saved, same_world, files
+
+
+def _fill_layer(layer, rec: dict, entries: dict, states: dict, load_optimizer_states: bool) -> None:
+    """Copy the rows of one saved file's layer record that this rank owns into its shards (and state)."""
+    f_ids = rec["expert_ids"] if "expert_ids" in rec else list(range(*rec["experts"]))
+    both = [e for e in f_ids if e in set(layer.owned)]
+    dst = layer.local_rows(both).cpu()
+    src = torch.tensor([f_ids.index(e) for e in both], dtype=torch.long)
+    for n, p in layer.shards.items():
+        e = entries.get((layer.index, n))
+        with torch.no_grad():
+            p.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, p.dtype))
+            if e is not None and e.master is not p:
+                e.master.index_copy_(0, dst.to(p.device), rec["params"][n][src].to(p.device, e.master.dtype))
+        if e is None or not load_optimizer_states or n not in rec["optim"]:
+            continue
+        st = states.setdefault((layer.index, n), {})
+        for k, v in rec["optim"][n].items():
+            if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == len(f_ids):  # per-expert state
+                if k not in st:
+                    st[k] = torch.zeros((layer.local_count, *v.shape[1:]), dtype=v.dtype)
+                st[k].index_copy_(0, dst, v[src])
+            elif k not in st:
+                st[k] = v.clone() if torch.is_tensor(v) else v
 
 
 def _saved_ownership(mgr, index: dict, directory: str) -> dict:

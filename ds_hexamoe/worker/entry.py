@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default=None, help="recipe JSON (default: the embedded mixtral-tiny-finetune)")
     p.add_argument("--overrides", default="", help="base64 JSON of dotted-key overrides")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--reshape-schedule", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     arm_lifeline()  # end with the job: parent death signal and a watchdog on the ds-hexamoe process
     recipe = load_recipe(args.recipe, overrides=decode_overrides(args.overrides))
-    run(recipe, resume=args.resume)
+    run(recipe, resume=args.resume, reshape_schedule=args.reshape_schedule)
     if dist_on():
         dist.barrier()
         dist.destroy_process_group()

@@ -10,18 +10,19 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 
 from ..atomic import atomic_save_dir, atomic_write
 from ..config import ConfigError
-from ..distributed import seed_all
-from ..recipes import Recipe, recipe_json
+from ..distributed import failures_everywhere, seed_all
+from ..recipes import Recipe, lr_lambda, recipe_json
 from ..tasks.base import TaskParts, WorkerContext, task_builder
 from .batches import BatchPlan
 from .checkpoints import check_resume_compatible, loop_state, read_latest, remove_unpublished, trim_metrics
+from .checkpoints.store import disk_of
 from .colocated import ColocatedStep
 from .evaluation import evaluate
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
@@ -39,10 +40,12 @@ class _Run:
     strategy: StepStrategy
     metrics_path: str
     last_eval: dict = field(default_factory=dict)  # the latest validation figures, for the summary
+    schedule_steps: int | None = None  # the steps the learning-rate schedule spans (a resume may keep an older one)
 
 
-def run(recipe: Recipe, resume: bool = False) -> dict:
-    """Train ``recipe`` on this process's rank (DeepSpeed initializes the process group)."""
+def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) -> dict:
+    """Train ``recipe`` on this process's rank (DeepSpeed initializes the process group); a resume keeps the
+    checkpoint's learning-rate schedule unless ``reshape_schedule``."""
     from tqdm.auto import tqdm
 
     t = recipe.training
@@ -58,7 +61,7 @@ def run(recipe: Recipe, resume: bool = False) -> dict:
     strategy = _strategy(recipe, ctx, accel, parts, resume, zebra)
     try:
         r = _Run(recipe, ctx, parts, strategy, os.path.join(t.output_dir, METRICS_FILE))
-        step = _resume_or_seed(r)
+        step = _resume_or_seed(r, reshape_schedule)
         start_step = step
         shares, index = strategy.data_shares()
         batches = None
@@ -101,16 +104,46 @@ def _strategy(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts, 
     return ColocatedStep(recipe, ctx, accel, parts, info)
 
 
-def _resume_or_seed(r: _Run) -> int:
-    """The step to start from: a checkpoint's on ``--resume`` (its RNG states restored), else 0 with
-    per-rank seeds."""
+def _resume_or_seed(r: _Run, reshape_schedule: bool = False) -> int:
+    """The step to start from: a checkpoint's on ``--resume`` (its RNG states restored, its schedule kept
+    unless ``reshape_schedule``), else 0 with per-rank seeds."""
     t = r.recipe.training
     if r.ctx.resume:
         state = r.strategy.load()
         check_resume_compatible(state, r.recipe, r.ctx.world_size, len(r.parts.train))
+        line = _resumed_schedule(r, state, reshape_schedule)
+        if line and r.ctx.is_main:
+            print(f"[ds-hexamoe] {line}", flush=True)
         return int(state["step"])
     seed_all(t.seed + r.ctx.rank)  # per-rank streams for anything stochastic in training (dropout)
     return 0
+
+
+def _resumed_schedule(r: _Run, state: dict, reshape: bool) -> str | None:
+    """Keep the learning-rate schedule the checkpoint was trained under when ``training.steps`` changed (a
+    finished run extended would otherwise climb from its final rate back up), or with ``reshape`` stretch
+    it over ``training.steps``; returns the line saying which (None when nothing changed)."""
+    t, step = r.recipe.training, int(state["step"])
+    saved = state.get("schedule_steps")
+    sched = getattr(getattr(r.strategy, "engine", None), "lr_scheduler", None)
+    if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # the DeepSpeed config's own scheduler
+        return None
+    if saved is None:
+        return (f"the checkpoint does not record its learning-rate schedule's length (an earlier version wrote it): "
+                f"the schedule follows training.steps={t.steps}")
+    if saved == t.steps:
+        return None
+    base, old, new = sched.base_lrs[0], lr_lambda(replace(t, steps=saved)), lr_lambda(t)
+    if reshape:
+        return (f"--reshape-schedule: the learning-rate schedule is stretched from the checkpoint's {saved} steps "
+                f"over training.steps={t.steps}: step {step + 2} trains at {base * new(step + 1):.3g} where the "
+                f"checkpoint's schedule gives {base * old(step + 1):.3g}")
+    r.schedule_steps = saved
+    sched.lr_lambdas = [old for _ in sched.lr_lambdas]
+    then = (f"steps {saved + 1}-{t.steps} train at its final rate {base * old(saved - 1):.3g}" if t.steps > saved
+            else f"this run stops at step {t.steps}, before its end")
+    return (f"the checkpoint's learning-rate schedule ({saved} steps) is kept: {then}; pass --reshape-schedule to "
+            f"stretch it over training.steps={t.steps} instead")
 
 
 def _start_process(recipe: Recipe, resume: bool) -> tuple[WorkerContext, str]:
@@ -159,7 +192,7 @@ def _train(r: _Run, batches, step: int, bar, train_t0: float) -> tuple[float | N
             _log(r, step, res.loss, res.aux_loss, lr, window, eval_now, bar, train_t0)
         bar.update(1)
         if strategy.keeps_checkpoints and ((t.save_every and step % t.save_every == 0) or step == t.steps):
-            strategy.save(step, loop_state(r.recipe, step, r.ctx.world_size, len(r.parts.train)))
+            strategy.save(step, loop_state(r.recipe, step, r.ctx.world_size, len(r.parts.train), r.schedule_steps))
     return first_loss, last_loss
 
 
@@ -214,14 +247,17 @@ def _print_outcome(r: _Run, summary: dict, start_step: int, times: dict) -> None
     if summary["checkpoint"] is not None:
         print(f"[ds-hexamoe] checkpoint: {summary['checkpoint']}", flush=True)
     if summary["hf_export"]:
-        print(f"[ds-hexamoe] Hugging Face export: {summary['hf_export']}", flush=True)
+        print(f"[ds-hexamoe] Hugging Face export (from_pretrained loads it): {summary['hf_export']}", flush=True)
     for line in report_lines(summary["report"]) if summary["report"] else []:
         print(f"[ds-hexamoe] {line}", flush=True)
 
 
-def _export_hf(r: _Run, out: str) -> str | None:
-    """``save_pretrained`` of model + processor into a temp folder, renamed onto ``out`` (all ranks call)."""
+def _export_hf(r: _Run, out: str) -> str:
+    """``save_pretrained`` of model + processor into a temp folder, renamed onto ``out`` (all ranks call).
+    A failed write (a full disk) leaves no part of it and ends every rank naming ``out`` and the intact
+    checkpoint it can be exported from again."""
     state = r.strategy.export_state()  # collective: FSSDP gathers experts, zebra gathers from the hosts
+    err = None
     if r.ctx.is_main:
         module = r.strategy.module
         if state is None:
@@ -233,9 +269,27 @@ def _export_hf(r: _Run, out: str) -> str | None:
             if processor is not None and hasattr(processor, "save_pretrained"):
                 processor.save_pretrained(tmp)
 
-        atomic_save_dir(write, out)
-    r.ctx.barrier()
+        try:
+            atomic_save_dir(write, out)
+        except OSError as e:
+            err = _export_failed_message(r, out, e)
+    failed = failures_everywhere(err)  # also the barrier: no rank ends before the export is written
+    if failed:
+        raise RuntimeError(failed[0][1])
     return out
+
+
+def _export_failed_message(r: _Run, out: str, e: OSError) -> str:
+    ckpt_dir = r.recipe.checkpoint_dir
+    latest = read_latest(ckpt_dir) if r.strategy.keeps_checkpoints else None
+    checkpoint = os.path.join(ckpt_dir, latest) if latest else None
+    kept = "an earlier export there is unchanged" if os.path.isdir(out) else "nothing of it was left behind"
+    then = (f"the checkpoint {checkpoint!r} is intact and holds the trained weights: free space there, then "
+            f"`ds-hexamoe train {os.path.join(r.recipe.training.output_dir, 'recipe.json')} --resume` writes the "
+            "export from it (nothing is left to train)" if checkpoint else
+            "this run kept no checkpoint, so the trained weights are lost; free space there and train again")
+    return (f"writing the Hugging Face export into {out!r} failed ({type(e).__name__}: {e}"[:400] + f"); {kept}. "
+            f"{disk_of(out, e)}; {then}")
 
 
 def _quiet_libraries(is_main: bool) -> None:

@@ -1,6 +1,6 @@
 """The end-of-run report of a heterogeneous FSSDP run: the plan's shares, its predicted step time against
-the measured one, the expert bytes moved per step against replicated experts, and where the Hugging
-Face export went (docs/recipes.md, "The default job").
+the measured one, the expert bytes moved per step against replicated experts (docs/recipes.md, "The
+default job"); ``summary.json`` also records where the Hugging Face export went.
 
 Measured step time: the median over steps (after the first two) of rank 0's wall time per optimizer
 step, as the slowdown clock records it (``busy`` + ``comm``), else the training wall time over the
@@ -117,6 +117,4 @@ def report_lines(rep: dict[str, Any]) -> list[str]:
     if moved is not None and repl:
         lines.append(f"expert bytes per step and rank: {_fmt_bytes(moved)} moved by FSSDP against {_fmt_bytes(repl)} "
                      f"with replicated experts ({moved / repl:.2f}x)")
-    if rep["hf_export"]:
-        lines.append(f"Hugging Face export (from_pretrained loads it): {rep['hf_export']}")
-    return lines
+    return lines  # the export's line is the loop's, printed for every run

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from ...config import ConfigError
 from ...atomic import atomic_write
 from .store import _PREFIX, _steps_of, check_resume_compatible, load_rank_state, read_latest
@@ -38,12 +40,14 @@ def trim_metrics(path: str, step: int) -> int:
 
 def published_steps(ckpt_dir: str) -> list[tuple[int, str]]:
     """``(step, tag)`` of the checkpoints at or before ``latest``, newest first (later folders never
-    completed)."""
+    completed); every checkpoint folder when ``latest`` is missing or names no folder (only the manifest
+    tells then which are complete)."""
     latest = read_latest(ckpt_dir)
-    if latest is None or not latest.startswith(_PREFIX) or not latest[len(_PREFIX):].isdigit():
-        return []
-    upto = int(latest[len(_PREFIX):])
-    return sorted((t for t in _steps_of(ckpt_dir) if t[0] <= upto), reverse=True)
+    steps = _steps_of(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    if latest is None or not latest.startswith(_PREFIX) or not os.path.isdir(os.path.join(ckpt_dir, latest)):
+        return sorted(steps, reverse=True)
+    upto = int(latest[len(_PREFIX):]) if latest[len(_PREFIX):].isdigit() else max((n for n, _ in steps), default=0)
+    return sorted((t for t in steps if t[0] <= upto), reverse=True)
 
 
 def check_before_resume(ckpt_dir: str, fallback: bool = False, recipe=None, log=print) -> str | None:
@@ -61,6 +65,7 @@ def check_before_resume(ckpt_dir: str, fallback: bool = False, recipe=None, log=
         problems = verify_checkpoint(os.path.join(ckpt_dir, tag))
         if problems:
             raise CheckpointCorrupt(corrupt_message(os.path.join(ckpt_dir, tag), problems))
+    _try_loading(os.path.join(ckpt_dir, tag))
     if recipe is not None and recipe.launcher.hostfile is None and recipe.launcher.nproc is not None:
         loop = load_rank_state(os.path.join(ckpt_dir, tag, "hexamoe_rank00000.pt")).get("loop") or {}
         if "step" in loop:
@@ -68,11 +73,35 @@ def check_before_resume(ckpt_dir: str, fallback: bool = False, recipe=None, log=
     return tag
 
 
+def _try_loading(tag_dir: str) -> None:
+    """Load the package's own files of a checkpoint as the ranks will (``weights_only``; FSSDP's shards
+    memory-mapped, so little is read): a file that matches its manifest but does not load (a crafted pickle)
+    is refused here, naming it, rather than on one rank after launch."""
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if name.startswith("hexamoe_rank") and name.endswith(".pt"):
+            load_rank_state(path)
+        elif name.startswith("fssdp_rank") and name.endswith(".pt"):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError
+                raise CheckpointCorrupt(f"--resume: refusing to load {path!r}, FSSDP's expert shards of one rank: it "
+                                        f"does not load as tensors and plain values ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0][:200] if str(e) else ''}). Nothing was loaded or "
+                                        "changed; restore the file from a copy, or move the checkpoint folder aside "
+                                        "and pass --resume-fallback") from None
+
+
 def fall_back_to_verified(ckpt_dir: str, log=print) -> str:
     """Point ``latest`` at the newest published checkpoint that verifies against its manifest, moving each
     newer one that does not aside to ``<tag>.corrupt`` (kept for inspection, never deleted). Returns the tag;
     :class:`ConfigError` listing every checkpoint's problems when none verifies."""
     tried = []
+    latest = read_latest(ckpt_dir)
+    if latest is None or not os.path.isdir(os.path.join(ckpt_dir, latest)):
+        named = "is missing" if latest is None else f"names {latest!r}, which is no checkpoint folder"
+        log(f"[ds-hexamoe] --resume-fallback: {os.path.join(ckpt_dir, 'latest')!r} {named}; looking for the newest "
+            "checkpoint folder that verifies against its manifest")
     for step, tag in published_steps(ckpt_dir):
         problems = verify_checkpoint(os.path.join(ckpt_dir, tag))
         if not problems:
@@ -80,13 +109,14 @@ def fall_back_to_verified(ckpt_dir: str, log=print) -> str:
                 aside = _free_name(os.path.join(ckpt_dir, bad + CORRUPT_SUFFIX))
                 os.replace(os.path.join(ckpt_dir, bad), aside)
                 log(f"[ds-hexamoe] --resume-fallback: {bad} does not verify; moved aside to {aside}")
-            if tag != read_latest(ckpt_dir):
+            if tag != latest:
                 atomic_write(os.path.join(ckpt_dir, "latest"), tag)
                 log(f"[ds-hexamoe] --resume-fallback: resuming from {tag}, the newest checkpoint that verifies")
             return tag
         tried.append((tag, problems))
     if not tried:
-        raise ConfigError(f"--resume-fallback: no published checkpoint in {ckpt_dir!r}; run without --resume")
+        raise ConfigError(f"--resume-fallback: no checkpoint folder in {ckpt_dir!r} to resume from; run without "
+                          "--resume to start training (with --overwrite where the folder holds an earlier run's outputs)")
     detail = "; ".join(f"{tag}: {problems[0]}" for tag, problems in tried)
     raise ConfigError(f"--resume-fallback: no checkpoint in {ckpt_dir!r} verifies against its manifest ({detail})")
 
@@ -99,11 +129,19 @@ def _free_name(path: str) -> str:
     return out
 
 
-def after_failure(output_dir: str, ckpt_dir: str, rc: int) -> str:
-    """The line ``ds-hexamoe train`` prints when the job failed: which checkpoint is intact and how to resume."""
+def after_failure(output_dir: str, ckpt_dir: str, rc: int, resumed_from: str | None = None) -> str:
+    """The line ``ds-hexamoe train`` prints when the job failed: which checkpoint is intact and how to go on.
+    ``resumed_from``: the checkpoint this run resumed from; when no newer one was completed, the same
+    ``--resume`` may fail the same way (a file of it that does not load), so that is not what it suggests."""
     latest = read_latest(ckpt_dir)
     what = f"training ended with exit code {rc} (a rank failed or was killed; its error is above)"
     if latest is None or not os.path.isdir(os.path.join(ckpt_dir, latest)):
         return f"[ds-hexamoe] {what}; no checkpoint was completed, so a new run starts from step 0"
+    recipe = os.path.join(output_dir, "recipe.json")
+    if resumed_from is not None and latest == resumed_from:
+        return (f"[ds-hexamoe] {what}; it resumed from {os.path.join(ckpt_dir, latest)} and completed no newer "
+                "checkpoint. If the error names a file of that checkpoint, restore the file from a copy, or move the "
+                f"folder aside and pass --resume-fallback (`ds-hexamoe train {recipe} --resume-fallback`) to resume "
+                "from the newest older checkpoint that verifies; otherwise fix the cause above before resuming")
     return (f"[ds-hexamoe] {what}; the last complete checkpoint is {os.path.join(ckpt_dir, latest)}: continue with "
-            f"`ds-hexamoe train {os.path.join(output_dir, 'recipe.json')} --resume`")
+            f"`ds-hexamoe train {recipe} --resume`")

@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from ...config import ConfigError
-from ...distributed import dist_on
+from ...distributed import dist_on, failures_everywhere
 from ...recipes import Recipe
 from ...atomic import atomic_write
 from ...distributed import seed_all
 from ...tasks.base import WorkerContext
-from .manifest import (CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest, read_manifest,
-                       write_manifest)
+from .manifest import (MANIFEST, CheckpointCorrupt, check_files, checkpoint_files, corrupt_message, file_digest,
+                       read_manifest, write_manifest)
 
 STATE_KEY = "hexamoe_train"
 RANK_STATE_FORMAT = 2  # 1: a pickled dict (numpy arrays, tuples), which needed weights_only=False
@@ -110,6 +110,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerCo
     """
     tag = f"{_PREFIX}{step}"
     tag_dir = os.path.join(ckpt_dir, tag)
+    _refuse_published(tag_dir, ctx)
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={STATE_KEY: state}, save_latest=False)
         save_rank_state(_rank_state_path(ckpt_dir, tag, ctx.rank), step, state)
@@ -129,6 +130,18 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerCo
     return tag
 
 
+def _refuse_published(tag_dir: str, ctx: WorkerContext) -> None:
+    """A published checkpoint (its manifest is on disk) is never written over; rank 0's view decides, so
+    every rank raises or none does. A folder without a manifest is a save that never completed."""
+    box = [os.path.exists(os.path.join(tag_dir, MANIFEST))]
+    if dist_on() and ctx.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise RuntimeError(f"saving checkpoint {os.path.basename(tag_dir)!r}: {tag_dir!r} already holds a published "
+                           "checkpoint (of an earlier run), which is never written over; nothing was saved. Move it "
+                           "out of the way, or resume that run with --resume")
+
+
 def _spread(ctx: WorkerContext, names: list[str] | None, work) -> dict:
     """Rank 0's list of file names, split over the ranks; ``work(my_names)`` dicts merged on every rank."""
     if not dist_on() or ctx.world_size == 1:
@@ -143,22 +156,26 @@ def _spread(ctx: WorkerContext, names: list[str] | None, work) -> dict:
 
 def save_failed_message(ckpt_dir: str, tag: str, err: BaseException) -> str:
     """What failed, the disk it was written to (mount point, free space), and which checkpoint is intact."""
-    text = f"{type(err).__name__}: {err}"
-    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(err)) or "No space left" in text
-    mount = os.path.abspath(ckpt_dir)
-    while not os.path.ismount(mount):
-        mount = os.path.dirname(mount)
-    try:
-        usage = shutil.disk_usage(ckpt_dir)
-        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
-    except OSError:
-        space = "free space unknown"
     latest = read_latest(ckpt_dir)
     intact = (f"the last intact checkpoint is {os.path.join(ckpt_dir, latest)!r} ('latest' still names it; "
               "resume from it with --resume)" if latest else "no checkpoint of this run is complete yet")
-    return (f"saving checkpoint {tag!r} into {ckpt_dir!r} failed ({text[:300]}). "
-            f"{'The disk is full: ' if full else ''}the disk holding it is mounted at {mount!r} ({space}); "
+    text = f"{type(err).__name__}: {err}"
+    return (f"saving checkpoint {tag!r} into {ckpt_dir!r} failed ({text[:300]}). {disk_of(ckpt_dir, err)}; "
             f"{intact}. Free space there or set training.output_dir on another disk")
+
+
+def disk_of(path: str, err: BaseException) -> str:
+    """Whether ``err`` says the disk is full, where the disk holding ``path`` is mounted and its free space."""
+    full = any(getattr(e, "errno", None) == errno.ENOSPC for e in _chain(err)) or "No space left" in str(err)
+    mount = os.path.abspath(path)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    try:
+        usage = shutil.disk_usage(mount)
+        space = f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB"
+    except OSError:
+        space = "free space unknown"
+    return f"{'The disk is full: ' if full else ''}the disk holding it is mounted at {mount!r} ({space})"
 
 
 def _chain(err: BaseException):
@@ -203,8 +220,8 @@ def load_checkpoint(engine, ckpt_dir: str, ctx: WorkerContext) -> dict:
     of them succeeded, so the call returns on no rank unless every rank loaded: only then may the caller
     change files (trim metrics, remove unpublished saves).
     """
-    tag, manifest, rank_state = _agreed(lambda: _prepare_load(ckpt_dir, ctx), engine.device, ckpt_dir)
-    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state), engine.device, ckpt_dir)
+    tag, manifest, rank_state = _agreed(lambda: _prepare_load(ckpt_dir, ctx), ckpt_dir)
+    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state), ckpt_dir)
     if rank_state["rng"] is not None:
         set_rng_state(rank_state["rng"])
     else:  # resumed on another rank count: fresh per-rank streams, a function of seed, step and rank
@@ -216,24 +233,20 @@ def dist_world() -> int:
     return dist.get_world_size() if dist_on() else 1
 
 
-def _agreed(fn, device, ckpt_dir: str):
-    """``fn()`` on every rank; raises on every rank (this rank's own error where it has one) unless all
-    ranks succeeded."""
+def _agreed(fn, ckpt_dir: str):
+    """``fn()`` on every rank; raises on every rank (this rank's own error where it has one, else the failed
+    ranks' errors) unless all ranks succeeded."""
     err, out = None, None
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 - re-raised below, after the ranks agreed that nobody goes on
         err = e
-    ok = err is None
-    if dist_on():
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
+    failed = failures_everywhere(None if err is None else str(err)[:600])
     if err is not None:
         raise err
-    if not ok:
-        raise RuntimeError(f"--resume: another rank failed to load the checkpoint in {ckpt_dir!r} (its error is "
-                           "in the log); nothing was truncated or deleted")
+    if failed:
+        raise RuntimeError(f"--resume: another rank failed to load the checkpoint in {ckpt_dir!r} ("
+                           + "; ".join(f"rank {r}: {e}" for r, e in failed) + "); nothing was truncated or deleted")
     return out
 
 
@@ -278,11 +291,13 @@ def _load_engine(engine, ckpt_dir: str, tag: str, manifest: dict, rank_state: di
     return state
 
 
-def loop_state(recipe: Recipe, step: int, world: int, train_blocks: int) -> dict:
-    """What a checkpoint records of the loop, so a resume can refuse a different data order."""
+def loop_state(recipe: Recipe, step: int, world: int, train_blocks: int, schedule_steps: int | None = None) -> dict:
+    """What a checkpoint records of the loop, so a resume can refuse a different data order and keep the
+    learning-rate schedule (``schedule_steps``: the steps it spans, by default ``training.steps``)."""
     t = recipe.training
     return {"step": step, "micro_batches": step * t.grad_accum, "world_size": world, "seed": t.seed,
-            "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "train_blocks": train_blocks}
+            "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "train_blocks": train_blocks,
+            "schedule_steps": schedule_steps or t.steps}
 
 
 def check_resume_compatible(state: dict, recipe: Recipe, world: int, train_blocks: int | None) -> None:
