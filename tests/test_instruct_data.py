@@ -4,8 +4,11 @@ the loss weights counting completion tokens only, and chat data that cannot be r
 launch with the dotted key and the fix."""
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -220,3 +223,12 @@ def test_tokenizer_build_is_refused_with_instruction_data(tmp_path):
     recipe["tokenizer"] = {"build": {"vocab_size": 300}}
     with pytest.raises(ConfigError, match=r'^tokenizer.build: data.format "chat" fine-tunes'):
         load_recipe(recipe)
+
+
+def test_shipped_sft_recipe_validates_and_its_data_is_the_script_output(tmp_path):
+    r = load_recipe(os.path.join(REPO, "recipes", "mixtral-tiny-sft.json"))
+    assert r.data.format == "chat" and r.data.completion_only_loss and r.hexamoe_config.profile == "declared"
+    subprocess.run([sys.executable, os.path.join(REPO, "scripts", "make_chat_data.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=120)
+    for name in ("train.jsonl", "validation.jsonl"):
+        assert filecmp.cmp(tmp_path / name, os.path.join(REPO, "ds_hexamoe", "data", "chat", name), shallow=False)
