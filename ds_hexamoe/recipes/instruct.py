@@ -78,24 +78,24 @@ def _tokenizer_config(folder: str) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def check_record(rec, d, where: str) -> None:
-    """A record of ``data.format`` "chat"/"prompt_completion" has its fields with the right types."""
+def check_record(rec, d, where: str, key: str = "data.train_files") -> None:
+    """A record of ``data.format`` "chat"/"prompt_completion" has its fields with the right types; ``key``:
+    the files it came from."""
     if not isinstance(rec, dict):
-        raise ConfigError(f"data.train_files: {where} is {type(rec).__name__}, not a JSON object; give one record "
-                          "per line")
-    names = [d.messages_field] if d.format == "chat" else [d.prompt_field, d.completion_field]
-    for name in names:
+        raise ConfigError(f"{key}: {where} is {type(rec).__name__}, not a JSON object; give one record per line")
+    fields = ([("messages_field", d.messages_field)] if d.format == "chat"
+              else [("prompt_field", d.prompt_field), ("completion_field", d.completion_field)])
+    for option, name in fields:
         if rec.get(name) is None:
-            key = {d.messages_field: "messages_field", d.prompt_field: "prompt_field"}.get(name, "completion_field")
-            raise ConfigError(f"data.{key}: {where} has no {name!r} field (its fields are {sorted(rec)}); add it to "
-                              f"every record or set data.{key} to the field that holds it")
+            raise ConfigError(f"data.{option}: {where} has no {name!r} field (its fields are {sorted(rec)}); add it "
+                              f"to every record or set data.{option} to the field that holds it")
     if d.format == "prompt_completion":
-        for name in names:
+        for _, name in fields:
             if not isinstance(rec[name], str):
-                raise ConfigError(f"data.train_files: {where} field {name!r} is {type(rec[name]).__name__}; "
+                raise ConfigError(f"{key}: {where} field {name!r} is {type(rec[name]).__name__}; "
                                   '"prompt_completion" records hold text in both fields (use format "chat" for messages)')
         if d.completion_only_loss and not rec[d.completion_field]:
-            raise ConfigError(f"data.train_files: {where} has an empty {d.completion_field!r}; nothing to learn from it")
+            raise ConfigError(f"{key}: {where} has an empty {d.completion_field!r}; nothing to learn from it")
         return
     msgs = rec[d.messages_field]
     if not isinstance(msgs, list) or not msgs:
@@ -104,11 +104,11 @@ def check_record(rec, d, where: str) -> None:
     for j, m in enumerate(msgs):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"]
                 and isinstance(m.get("content"), str)):
-            raise ConfigError(f"data.train_files: {where} message {j} ({json.dumps(m)[:80]}) lacks a \"role\" or a "
-                              'text "content"; every message needs {"role": "...", "content": "..."}')
+            raise ConfigError(f"{key}: {where} message {j} ({repr(m)[:80]}) lacks a \"role\" or a text \"content\"; "
+                              'every message needs {"role": "...", "content": "..."}')
     if d.completion_only_loss and not any(m["role"] == "assistant" for m in msgs):
-        raise ConfigError(f"data.train_files: {where} has no \"assistant\" message, so completion-only loss has "
-                          "nothing to learn; add the reply or set data.completion_only_loss false")
+        raise ConfigError(f"{key}: {where} has no \"assistant\" message, so completion-only loss has nothing to "
+                          "learn; add the reply or set data.completion_only_loss false")
 
 
 def record_pieces(rec, d, template: str | None, specials: dict, eos: str | None) -> list[tuple[str, bool]]:
@@ -173,12 +173,16 @@ def check_instruct_data(r, files) -> None:
     if d.format == "chat":
         template = resolve_chat_template(d, tokenizer_folder_template(tok.path), repr(tok.path))
     rendered = 0
-    for f in files.train + (files.validation or []):
+    for key, f in [("data.train_files", f) for f in files.train] + [("data.validation_files", f)
+                                                                   for f in files.validation or []]:
         for where, rec in _head_records(f, files.format):
-            check_record(rec, d, where)
+            check_record(rec, d, where, key)
             if rendered < RENDER_CHECKED:
                 rendered += 1
-                record_pieces(rec, d, template, specials, specials.get("eos_token"))
+                try:
+                    record_pieces(rec, d, template, specials, specials.get("eos_token"))
+                except ConfigError as e:
+                    raise ConfigError(f"{e} (rendering {where})") from None
 
 
 def _head_records(path: str, fmt: str):

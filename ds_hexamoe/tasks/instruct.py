@@ -35,7 +35,7 @@ def encode_examples(records, tokenizer, recipe, desc: str):
         out = {"input_ids": [], "labels": []}
         for n, i in enumerate(idx):
             rec = {k: batch[k][n] for k in batch}
-            check_record(rec, d, f"record {i} of the {desc} data")
+            check_record(rec, d, f"record {i} of the {desc} data", f"data.{desc}_files")
             ids, labels = [], []
             for text, learn in record_pieces(rec, d, template, specials, eos):
                 piece = tokenizer(text, add_special_tokens=False)["input_ids"]
