@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..config import Collector, ConfigError, read_json
 from .checks import (check_against_world, check_experts_topk, check_output_dir, check_text_data, check_weights,
                      check_zebra)
+from .instruct import INSTRUCT_FORMATS, check_instruct_data
 from .paths import is_placeholder
 from .schema import CAUSAL_LM, Recipe, check_positions
 
@@ -98,7 +99,8 @@ def resolve_data_files(recipe: Recipe) -> DataFiles:
     d = recipe.data
     train = expand_patterns(d.train_files, "data.train_files")
     val = expand_patterns(d.validation_files, "data.validation_files") if d.validation_files else None
-    fmt = infer_format(train + (val or []), d.format, "data.train_files")
+    # instruction records are read by the builder of their files' extensions
+    fmt = infer_format(train + (val or []), "auto" if d.format in INSTRUCT_FORMATS else d.format, "data.train_files")
     return DataFiles(train, val, fmt)
 
 
@@ -108,12 +110,13 @@ def check_data_files(recipe: Recipe) -> DataFiles:
     check_text_data(recipe, files.train, "data.train_files", files.format)
     if files.validation:
         check_text_data(recipe, files.validation, "data.validation_files", files.format)
-    if files.format != "text":
+    if files.format != "text" and recipe.data.format not in INSTRUCT_FORMATS:
         for f in [files.train[0]] + (files.validation[:1] if files.validation else []):
             cols = _peek_columns(f, files.format)
             if cols is not None and recipe.data.text_field not in cols:
                 raise ConfigError(f"data.text_field: {recipe.data.text_field!r} is not a field of {f!r}; its fields are "
                                   f"{cols}")
+    check_instruct_data(recipe, files)
     return files
 
 

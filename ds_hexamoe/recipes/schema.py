@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from ..config import Collector, ConfigError, _check
 from .ds_config import build_ds_config
+from .instruct import check_instruct_spec
 
 # Training tasks: name -> "module:function" building a :class:`ds_hexamoe.tasks.TaskParts`. A recipe
 # may also name an importable "package.module:function" in its "task" key, but only together with
@@ -73,13 +74,19 @@ class TokenizerSpec:
 
 @dataclass
 class DataSpec:
-    """Local text/json/jsonl/csv/parquet files read through ``datasets``, tokenized and packed."""
+    """Local text/json/jsonl/csv/parquet files read through ``datasets``, tokenized and packed; or
+    instruction records (``format`` "chat"/"prompt_completion", :mod:`.instruct`)."""
 
     train_files: list[str] | str = field(default_factory=list)
     validation_files: list[str] | str | None = None
     validation_fraction: float = 0.0
-    format: Literal["auto", "text", "json", "csv", "parquet"] = "auto"
+    format: Literal["auto", "text", "json", "csv", "parquet", "chat", "prompt_completion"] = "auto"
     text_field: str = "text"
+    messages_field: str = "messages"  # "chat": the list of {"role", "content"} messages
+    prompt_field: str = "prompt"  # "prompt_completion": the two text fields
+    completion_field: str = "completion"
+    chat_template: str | None = None  # "chat": a Jinja template or a built-in name; null: the tokenizer's
+    completion_only_loss: bool = True  # instruction formats: loss on completion tokens only
     # text files only: one sample per file, per blank-line separated paragraph, or per line
     sample_by: Literal["document", "paragraph", "line"] = "document"
     seq_len: int = 128
@@ -99,6 +106,7 @@ class DataSpec:
                self.validation_fraction, '0 when "validation_files" is given (use one or the other)')
         _check(self.seq_len >= 2, f"{path}.seq_len", self.seq_len, "an integer >= 2")
         _check(self.num_proc is None or self.num_proc >= 1, f"{path}.num_proc", self.num_proc, "an integer >= 1 or null")
+        check_instruct_spec(self, path)
 
 
 @dataclass

@@ -21,16 +21,19 @@ import torch
 
 from ..config import ConfigError
 from ..recipes import Recipe, TokenizerBuildSpec, resolve_data_files
+from ..recipes.instruct import INSTRUCT_FORMATS
 from ..atomic import atomic_save_dir
 from ..distributed import seed_all
 from .base import TaskParts, WorkerContext
+from .instruct import collate_instruct, encode_examples, loss_tokens
 
 TOKENIZER_STAMP = "hexamoe_tokenizer.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_documents(recipe: Recipe, split: str = "train"):
-    """The raw documents of ``split`` ("train" or "validation") as a ``datasets.Dataset`` with a "text" column."""
+    """The raw documents of ``split`` ("train" or "validation") as a ``datasets.Dataset`` with a "text" column
+    (instruction formats: the records as they are, rendered by :mod:`.instruct`)."""
     import datasets
 
     files = resolve_data_files(recipe)
@@ -42,6 +45,8 @@ def load_documents(recipe: Recipe, split: str = "train"):
         kwargs["sample_by"] = recipe.data.sample_by
     ds = datasets.load_dataset(files.format, data_files={split: paths}, split=split,
                                cache_dir=recipe.data.cache_dir, **kwargs)
+    if recipe.data.format in INSTRUCT_FORMATS:
+        return ds
     field = "text" if files.format == "text" else recipe.data.text_field
     if field not in ds.column_names:
         raise ConfigError(f"data.text_field: {field!r} is not a column of the data; columns are {ds.column_names}")
@@ -124,15 +129,19 @@ def saved_tokenizer_fingerprint(save_dir: str) -> str | None:
 
 @dataclass
 class TextData:
-    """Fixed-length token blocks: ``train`` and optional ``validation`` (``datasets.Dataset``s of "input_ids")."""
+    """Fixed-length token blocks: ``train`` and optional ``validation`` (``datasets.Dataset``s of "input_ids";
+    ``instruct``: also "labels" and "position_ids" of whole examples, :mod:`.instruct`)."""
 
     train: Any
     validation: Any | None
     seq_len: int
     packed: bool
     pad_token_id: int
+    instruct: bool = False
 
     def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if self.instruct:
+            return collate_instruct(items, self.pad_token_id)
         return collate_causal_lm(items, self.pad_token_id)
 
 
@@ -154,6 +163,8 @@ def collate_causal_lm(items: list[dict], pad_token_id: int) -> dict[str, torch.T
 
 def _tokenize_split(docs, tokenizer, recipe: Recipe, desc: str):
     d = recipe.data
+    if d.format in INSTRUCT_FORMATS:
+        return encode_examples(docs, tokenizer, recipe, desc)
     eos = tokenizer.eos_token_id
     seq_len = d.seq_len
 
@@ -197,7 +208,7 @@ def build_dataset(recipe: Recipe, tokenizer) -> TextData:
         train, val = split["train"], split["test"]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TextData(train=train.with_format("torch"), validation=None if val is None else val.with_format("torch"),
-                    seq_len=d.seq_len, packed=d.packing, pad_token_id=pad)
+                    seq_len=d.seq_len, packed=d.packing, pad_token_id=pad, instruct=d.format in INSTRUCT_FORMATS)
 
 
 def build_model(recipe: Recipe, tokenizer=None, *, meta: bool = False) -> torch.nn.Module:
@@ -246,8 +257,11 @@ def _fresh_config(cfg_dict: dict, tokenizer):
 def _finish_model(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False  # a KV cache is useless in training and conflicts with recompute
+    if (recipe.training.gradient_checkpointing or recipe.data.format in INSTRUCT_FORMATS) and hasattr(
+            model.config, "use_cache"):
+        # a KV cache is useless in training; it conflicts with recompute, and with a cache transformers'
+        # mask builder ignores restarted position ids, so packed examples would attend to each other
+        model.config.use_cache = False
     return model
 
 
@@ -270,5 +284,7 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
         mask = batch.get("attention_mask")
         return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
+    # instruction data: the units are the completion tokens the loss averages over, so uneven shares and
+    # validation weigh ranks and batches by those
     return TaskParts(model=model, train=data.train, validation=data.validation, collate=data.collate,
-                     processor=tokenizer, unit="tok", count=count)
+                     processor=tokenizer, unit="tok", count=loss_tokens if data.instruct else count)
