@@ -22,7 +22,7 @@ SOURCES = {PACKAGE: ROOT / "ds_hexamoe", f"{PACKAGE}.kernels": ROOT / "kernels",
 
 # Lowest first. A module may import modules of its own layer (no cycles) or of lower layers only.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("ground", ["config", "_import_hooks", "distributed", "atomic", "apportion", "devices", "errors"]),
+    ("ground", ["config", "_import_hooks", "distributed", "atomic", "apportion", "devices", "errors", "jsonfile"]),
     ("ops", ["ops", "kernels"]),
     ("experts", ["experts"]),
     ("layers", ["layers", "models"]),

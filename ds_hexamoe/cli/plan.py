@@ -18,7 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ConfigError, read_json
+from ..config import ConfigError
+from ..jsonfile import read_json
 from ..experts.stats import RoutingStats
 from ..placement.costs import CostModel
 from ..placement.options import PlanOptions

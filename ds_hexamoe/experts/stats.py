@@ -126,7 +126,7 @@ class RoutingStats:
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> "RoutingStats":
-        from ..config import read_json
+        from ..jsonfile import read_json
 
         return cls.from_dict(read_json(path, "stats file", "create one with `ds-hexamoe profile-routing RECIPE.json`"))
 

@@ -12,7 +12,8 @@ import json
 import os
 
 from ..devices import GB, GPU_TABLE, DeviceProfile, GPUSpec, lookup_gpu
-from ..config import ConfigError, read_json
+from ..config import ConfigError
+from ..jsonfile import read_json
 
 
 def builtin_profile(name: str, *, slowdown: float = 1.0) -> DeviceProfile:

@@ -82,7 +82,7 @@ def check_weights(r: Recipe) -> None:
                                   "the checkpoint again")
     index = os.path.join(r.model.path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        from ..config import read_json
+        from ..jsonfile import read_json
 
         shards = set((read_json(index, "model.path", "give a whole checkpoint").get("weight_map") or {}).values())
         missing = sorted(s for s in shards if not os.path.isfile(os.path.join(r.model.path, s)))

@@ -10,7 +10,8 @@ import copy
 import math
 import os
 
-from ..config import ConfigError, HexaMoEConfig, read_json
+from ..config import ConfigError, HexaMoEConfig
+from ..jsonfile import read_json
 
 
 def load_ds_dict(r) -> dict:

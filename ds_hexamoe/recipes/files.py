@@ -9,7 +9,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from ..config import Collector, ConfigError, read_json
+from ..config import Collector, ConfigError
+from ..jsonfile import read_json
 from .checks import (check_against_world, check_experts_topk, check_output_dir, check_text_data, check_weights,
                      check_zebra)
 from .instruct import INSTRUCT_FORMATS, check_instruct_data

@@ -17,7 +17,8 @@ import os
 import typing
 from typing import Any
 
-from ..config import Collector, ConfigError, HexaMoEConfig, _coerce, read_json
+from ..config import Collector, ConfigError, HexaMoEConfig, _coerce
+from ..jsonfile import read_json
 from .checks import check_task
 from .ds_config import check_ds_config
 from .files import check_recipe_files
