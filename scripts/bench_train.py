@@ -6,6 +6,8 @@ Contenders (each in its own set of spawned ranks, same model weights, data and o
   fssdp_sync       the same with the synchronous schedule (gather after the router)
   fssdp_keep       fssdp without re-materialization (gathered experts kept for backward)
   expert_parallel  ds-hexamoe's expert-parallel mode (experts hosted on their FSSDP owners, token all-to-all)
+  hecate           the "hecate" mode: expert parallel with a placement decided every iteration from the load
+                   window (hot experts copied to every rank), gathered ahead, tokens dispatched local first
   autoep           DeepSpeed AutoEP; it needs transformers 5.17.0, so it runs in a side virtual environment
                    (built on first use: ~/.cache/ds-hexamoe/autoep-venv, --system-site-packages)
   zero3_leaf       ZeRO-3 with the MoE block as a leaf module (deepspeed.utils.set_z3_leaf_modules)
@@ -17,7 +19,9 @@ mode and DeepSpeed's dense collectives are not included), bytes_per_step (DeepSp
 FSSDP's payload), expert_state_bytes_per_rank (expert parameters, gradients and optimizer state held per
 rank: measured for FSSDP, from the parameter count for the others), peak_expert_cache_bytes (FSSDP's
 materialized experts). ``--routing skewed`` biases every router toward a few experts through the weights
-(so every contender sees the same skew); ``natural`` keeps the random router. Prints a table of ratios to
+(so every contender sees the same skew); ``natural`` keeps the random router; ``drift`` is ``skewed`` with
+the hot set moving: every 2 steps the router's choices shift by one expert (a hook on Hugging Face's
+router, so AutoEP, which replaces the MoE block, sees the static skew only). Prints a table of ratios to
 ``fssdp`` and writes JSON with ``uptime`` at the start. Timings compare only within one run.
 """
 from __future__ import annotations
@@ -37,7 +41,8 @@ from bench_common import Col, Laps, Table, uptime, write_json
 
 PRESETS = {"hecate": dict(hidden=256, ffn=512, experts=16, top_k=2, layers=4, seq=256, batch=2, vocab=1024,
                           steps=4, warmup=2)}
-CONTENDERS = ("fssdp", "fssdp_sync", "expert_parallel", "autoep", "zero3_leaf")
+CONTENDERS = ("hecate", "fssdp", "fssdp_sync", "expert_parallel", "autoep", "zero3_leaf")
+STEP = {"i": 0}  # the step being run: --routing drift reads it
 VENV = os.path.expanduser("~/.cache/ds-hexamoe/autoep-venv")
 AUTOEP_TRANSFORMERS = "5.17.0"
 
@@ -53,9 +58,23 @@ def _model(args, impl: str):
                         num_experts_per_tok=args.top_k, router_jitter_noise=0.0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation=impl).float()
-    if args.routing == "skewed":
+    if args.routing in ("skewed", "drift"):
         _skew(model, args)
+    if args.routing == "drift":
+        for layer in model.model.layers:
+            layer.mlp.gate.register_forward_hook(_drift)
     return model
+
+
+def _drift(module, args, out):
+    """Shift every routing choice by ``step // 2`` experts (the logits rolled alike; the top-k scores stay
+    with their choices)."""
+    if not (isinstance(out, tuple) and len(out) == 3):
+        return out
+    logits, scores, index = out
+    shift = STEP["i"] // 2
+    n = logits.size(-1)
+    return torch.roll(logits, shift, -1), scores, torch.remainder(index + shift, n)
 
 
 @torch.no_grad()
@@ -106,14 +125,14 @@ def _build(args, mode: str, model, ds):
     import deepspeed
 
     manager = None
-    if mode.startswith("fssdp") or mode == "expert_parallel":
+    if mode.startswith("fssdp") or mode in ("expert_parallel", "hecate"):
         from ds_hexamoe.config import HexaMoEConfig
         from ds_hexamoe.fssdp import FSSDPManager
 
         hx = {"sharding": "fssdp", "rematerialize": mode != "fssdp_keep", "prefetch": True,
               "fssdp": {"schedule": "sync" if mode == "fssdp_sync" else "hecate", "reshard_every": 0}}
-        if mode == "expert_parallel":
-            hx["mode"] = "expert_parallel"
+        if mode in ("expert_parallel", "hecate"):
+            hx["mode"] = mode
         manager = FSSDPManager.shard_model(model, HexaMoEConfig.from_dict(hx))
         params = [p for p in model.parameters() if not manager.owns(p)]
     else:
@@ -152,6 +171,7 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
     exposed_by: dict[str, float] = {}
     sched = {"calibrations": 0, "loads_deferred": 0}  # per measured step, summed
     for i, x in enumerate(data):
+        STEP["i"] = i
         if i == args.warmup:
             log = _ds_log()
             if log is not None:
@@ -299,7 +319,7 @@ def _print(rows: list[dict]) -> None:
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model and step counts (flags override)")
-    p.add_argument("--routing", choices=("natural", "skewed"), default="natural")
+    p.add_argument("--routing", choices=("natural", "skewed", "drift"), default="natural")
     p.add_argument("--modes", default=",".join(CONTENDERS))
     p.add_argument("--world", type=int, default=2)
     for k, v in dict(hidden=64, ffn=128, experts=8, top_k=2, layers=2, vocab=128, seq=32, batch=4, steps=10,
