@@ -47,6 +47,7 @@ def _hecate_worker(rank: int, world: int, case: dict) -> dict:
 
 @pytest.mark.parametrize("world,extra", [
     (2, dict(budget=2, reshard_every=2)),  # re-ownership mid-run, an explicit t
+    (2, dict(budget="auto", steps=6)),  # t from the measured window and link, agreed by every rank
     (3, dict(shard_weights=[2.0, 1.0, 1.0], ranks_per_node=1, remat=False, gas=2)),  # hot set as t, accumulation
 ])
 def test_hecate_mode_is_exact_with_placements_changing_every_iteration(world, extra):

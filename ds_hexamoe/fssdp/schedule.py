@@ -102,6 +102,7 @@ class GatherSchedule:
         self._ahead: dict[int, Ahead] = {}
         self._meter = LinkMeter()  # fssdp.budget "auto": measured window and bandwidth
         self.prediction_budgets: dict[int, list[int | None]] = {}  # per layer, every rank's last "auto" budget
+        self._auto_t: dict[int, Pending] = {}  # "hecate" mode, budget "auto": every rank's measured budget
         self._ahead_group = self._group
         # placements_ahead: layers in the "hecate" mode have their placement materialized ahead too
         self._placements_ahead = placements_ahead
@@ -140,7 +141,17 @@ class GatherSchedule:
         """Add a call of a layer that does not run here (expert-parallel, model-centric) to its load window:
         one asynchronous all_gather of its tokens per expert, waited when the window is read, so load-aware
         re-ownership (Hecate's Algorithm 2) sees every mode."""
-        self._history[layer.index].add(all_gather_loads_async(counts_e, self._group, self._telemetry.stats))
+        if self._budget != "auto":
+            self._history[layer.index].add(all_gather_loads_async(counts_e, self._group, self._telemetry.stats))
+            return
+        # "auto": this rank's measured budget rides along, so every rank sizes the next placement alike
+        num = counts_e.numel()
+        mine = self._own_budget(layer)
+        extra = torch.tensor([-1 if mine is None else mine], dtype=torch.int32)
+        both = all_gather_loads_async(torch.cat([counts_e.to(device="cpu", dtype=torch.int32), extra]), self._group,
+                                      self._telemetry.stats)
+        self._history[layer.index].add(Pending(None, lambda: [r[:num] for r in both.wait()]))
+        self._auto_t[layer.index] = Pending(None, lambda: [r[num] for r in both.wait()])
 
     def drop_ahead(self) -> None:
         """Finish and forget the predicted gathers in flight (planned on an ownership about to change)."""
@@ -198,14 +209,21 @@ class GatherSchedule:
                                          placement)
 
     def _next_placement(self, layer: ExpertLayer) -> dict[int, list[int]] | None:
-        """The "hecate" mode's placement of ``layer`` for this iteration (Algorithm 1 on its load window; an
-        integer ``fssdp.budget`` is ``t``, otherwise the experts above the window's mean load); None before
-        any call."""
+        """The "hecate" mode's placement of ``layer`` for this iteration (Algorithm 1 on its load window).
+        ``t``: an integer ``fssdp.budget``; under ``"auto"`` the smallest of the ranks' measured budgets (the
+        expert gathers the measured window between issue and use hides at the measured link bandwidth,
+        Hecate's ``T_nonMoE * bandwidth / expert_bytes``); otherwise, and until every rank has measured, the
+        experts above the window's mean load. None before any call."""
         calls = self._history[layer.index].calls
         if not calls:
             return None
         load = window_loads(calls, layer.num_experts)
-        t = self._budget if isinstance(self._budget, int) else hot_count(load)
+        t = self._budget if isinstance(self._budget, int) else None
+        if self._budget == "auto" and layer.index in self._auto_t:
+            measured = [b for b in self._auto_t[layer.index].wait() if b >= 0]
+            t = min(measured) if len(measured) == self._store.world_size else None  # every rank measured
+        if t is None:
+            t = hot_count(load)
         return hecate_placement(load, layer.ownership, t, ranks_per_node(self._store.world_size))
 
     def take_ahead(self, layer: ExpertLayer) -> Ahead | None:
