@@ -12,6 +12,8 @@ output element is written by one program, without atomics. Importing raises Impo
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -180,6 +182,7 @@ def _ess_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
+KERNELS = {"esmm": _esmm_kernel, "estmm": _estmm_kernel, "ess": _ess_kernel}
 _TUNED: dict = {}
 
 
@@ -188,14 +191,11 @@ def _tuned(name: str, device: torch.device):
     cap = None if INTERPRETED or device.type != "cuda" else torch.cuda.get_device_capability(device)
     key = (name, cap)
     if key not in _TUNED:
-        kernel, kind, keys = {
-            "esmm": (_esmm_kernel, "mm", ["N", "K"]),
-            "estmm": (_estmm_kernel, "tmm", ["N", "K"]),
-            "ess": (_ess_kernel, "sum", ["N"]),
-        }[name]
+        kind, keys = _autotune.TUNING[name]
+        prune = functools.partial(_autotune.prune, kind=kind, capability=cap)
         _TUNED[key] = triton.autotune(
-            configs=_autotune.configs(kind, cap), key=keys, prune_configs_by={"early_config_prune": _autotune.prune}
-        )(kernel)
+            configs=_autotune.configs(kind, cap), key=keys, prune_configs_by={"early_config_prune": prune}
+        )(KERNELS[name])
     return _TUNED[key]
 
 
