@@ -100,7 +100,7 @@ def _fifo(free: np.ndarray, arrive: np.ndarray, work: np.ndarray) -> np.ndarray:
 
 # up to this many ranks every split is simulated; above, a grid of GRID_SPLITS evenly spaced splits and every
 # split between the best grid point's neighbours (about 100 of 1023 at 1024 ranks): all R - 1 splits cost
-# O(R^2 * layers * micro-batches), 70 s for Mixtral-8x7B's 32 layers at 1024 ranks, and the step time moves
+# O(R^2 * layers * micro-batches), 17 s for Mixtral-8x7B's 32 layers at 512 ranks, and the step time moves
 # smoothly with the split (the grid found the exhaustive split on every case checked, tests/test_plan_scale.py)
 EXHAUSTIVE_RANKS, GRID_SPLITS = 256, 64
 
