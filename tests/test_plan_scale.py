@@ -150,3 +150,34 @@ def test_grid_finds_the_exhaustive_split(monkeypatch):
     full = zebra.best_zebra(att, exp, 8 * 320, 4, 4, hop=0.01, latency=1e-3, sync=lambda a: 1e-3 * len(a))
     assert grid.splits_tried < full.splits_tried == 319
     assert (grid.attention, grid.shares, grid.step_time) == (full.attention, full.shares, full.step_time)
+
+
+def _eplb_per_rank(P):
+    """EPLB's packing as it was, one Python comparison per rank: the reference for the array version."""
+    from ds_hexamoe.placement.solvers import _units
+
+    L, E, R = P.shape
+    F = np.zeros((L, E, R))
+    for l, n in enumerate(_units(P)):
+        cur = P.base / L
+        units = sorted(((P.loads[l, e] / n[e], e) for e in range(E) for _ in range(n[e])), key=lambda t: -t[0])
+        slots = np.minimum(P.slots, E).astype(int).copy()
+        for w, e in units:
+            cand = [r for r in range(R) if slots[r] > 0 and F[l, e, r] == 0]
+            r = min(cand, key=lambda r: (cur[r] + w * P.pair_cost[r], -slots[r]))
+            F[l, e, r] = 1.0 / n[e]
+            cur[r] += w * P.pair_cost[r]
+            slots[r] -= 1
+    return F
+
+
+@pytest.mark.parametrize("case", ["tiny-auto-64", "qwen-eplb-64"])
+def test_eplb_packs_exactly_as_the_per_rank_loop(case):
+    """Ties (identical ranks) broken alike: least time, then most free slots, then the lowest rank."""
+    from ds_hexamoe.placement.planner import problem_for
+    from ds_hexamoe.placement.solvers import eplb
+
+    profiles, stats, gb, shape, _ = (_tiny(64, "auto") if case.startswith("tiny")
+                                     else _big("qwen3-30b-a3b", [(n, 4 * c) for n, c in MIXED], "eplb", 8))
+    P, _ = problem_for(profiles, stats, global_batch=gb, model_shape=shape)
+    assert np.array_equal(eplb(P).F, _eplb_per_rank(P))
