@@ -181,3 +181,16 @@ def test_eplb_packs_exactly_as_the_per_rank_loop(case):
                                      else _big("qwen3-30b-a3b", [(n, 4 * c) for n, c in MIXED], "eplb", 8))
     P, _ = problem_for(profiles, stats, global_batch=gb, model_shape=shape)
     assert np.array_equal(eplb(P).F, _eplb_per_rank(P))
+
+
+def test_planner_wall_time_includes_the_zebra_search(monkeypatch):
+    """meta["planner_wall_s"] once stopped before zebra's search, the part that took 64 of 70 s at 128 ranks."""
+    import time
+
+    from ds_hexamoe.placement import planner
+
+    profiles, stats, gb, shape, options = _tiny(4, "data_centric")
+    plan(profiles, stats, global_batch=gb, model_shape=shape, options=options)  # imports SciPy on first use
+    monkeypatch.setattr(planner, "zebra_advice", lambda cost, step: time.sleep(1.0))
+    p = plan(profiles, stats, global_batch=gb, model_shape=shape, options=options)
+    assert p.meta["planner_wall_s"] >= 1.0 and p.meta["zebra"] is None
