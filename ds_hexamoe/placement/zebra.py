@@ -4,9 +4,10 @@ minimizes it (docs/modes.md, "Zebra").
 The schedule is the runtime's (``ds_hexamoe.parallel.zebra``): each attention rank walks layers, then
 micro-batches, in order; each expert rank serves messages in (layer, micro-batch, attention rank) order;
 backward runs the layers in reverse, the expert half of a layer before its attention half. Because both
-sides are first-in first-out, one pass over that order gives the event times. Forward is a third of
-the work, backward two thirds (as in :mod:`.simulator`). Every message (one micro-batch of one attention
-rank to or from one expert rank) pays the link's latency and its bytes. An expert rank's share of the
+sides are first-in first-out, one pass over that order gives the event times (per layer, running sums and
+maxima over arrays, :func:`_fifo`). Forward is a third of the work, backward two thirds (as in
+:mod:`.simulator`). Every message (one micro-batch of one attention rank to or from one expert rank) pays
+the link's latency and its bytes. An expert rank's share of the
 expert work is fractional here (proportional to its expert speed); whole-expert rounding and memory are
 not modelled. What the step pays once, at its end (:func:`zebra_advice`): the dense-gradient all-reduce
 among attention ranks (none with one attention rank: only it holds the dense parameters; experts have
