@@ -73,3 +73,17 @@ def test_embedded_default_plans_with_declared_profiles(capsys):
     planned = _planned(capsys, [recipe, "--set", 'hexamoe.profile="declared"'])
     assert sum(planned["batch_shares"]) == 16 and planned["batch_shares"][0] > planned["batch_shares"][1]
     assert abs(sum(planned["shard_weights"]) - 1) < 1e-3 and planned["shard_weights"][0] > planned["shard_weights"][1]
+
+
+def test_embedded_default_plans_1024_ranks(capsys):
+    """A cluster-sizing run: the shipped recipe on 1024 declared ranks completes, and the printed plan names
+    the zebra split search's approximation (a refined grid above 256 ranks)."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "mixtral-tiny-finetune.json")
+    devices = '[{"name": "cpu", "count": 512}, {"name": "cpu-2x-slower", "slowdown": 2.0, "count": 512}]'
+    planned = _planned(capsys, [recipe, "--set", 'hexamoe.profile="declared"', "--nproc", "1024",
+                                "--set", f"hexamoe.devices={devices}", "--set", "data.seq_len=16"])
+    shares = planned["batch_shares"]
+    assert len(shares) == 1024 and sum(shares) == 8 * 1024 and shares[0] > shares[-1]
+    zebra = re.search(r"^zebra \(attention and expert ranks apart\): .* split search: (.*)$", planned["out"], re.M)
+    assert zebra and re.fullmatch(r"\d+ of 1023 splits: a grid of 64 refined around its best point \(above 256 ranks\)",
+                                  zebra.group(1)), planned["out"][-600:]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
 from ds_hexamoe.placement.zebra import best_zebra, simulate_zebra
@@ -132,3 +133,54 @@ def test_expert_region_keeps_expert_phase_through_compute_experts():
     finally:
         common.PHASE_HOOKS.remove(seen.append)
     assert seen == [True, True, True, False, False]
+
+
+def _per_message(att, exp, attention, experts, shares, layers, micro_batches, hop, fraction, latency):
+    """The simulator as it was, one message at a time: the reference the array scans must equal."""
+    from ds_hexamoe.placement.zebra import DISPATCH_MESSAGES
+
+    mb = {a: [len(p) for p in np.array_split(np.arange(s), micro_batches)] for a, s in zip(attention, shares)}
+    a_free, x_free = {a: 0.0 for a in attention}, {x: 0.0 for x in experts}
+    ready = {a: [0.0] * micro_batches for a in attention}
+    for phase, share in ((0, 1.0 / 3.0), (1, 2.0 / 3.0)):
+        if phase == 1:
+            for a in attention:
+                ready[a] = [max([a_free[a], *ready[a]])] * micro_batches
+        for _layer in range(layers):
+            for j in range(micro_batches):
+                for a in attention:
+                    n = mb[a][j]
+                    if phase == 0:
+                        a_free[a] = max(a_free[a], ready[a][j]) + n * att[a] * share
+                        sent = a_free[a] + DISPATCH_MESSAGES * latency + n * hop
+                    else:
+                        sent = ready[a][j] + latency + n * hop
+                    back = sent
+                    for x, f in zip(experts, fraction):
+                        x_free[x] = max(x_free[x], sent) + n * f * exp[x] * share
+                        back = max(back, x_free[x] + latency + n * f * hop)
+                    if phase == 0:
+                        ready[a][j] = back
+                    else:
+                        a_free[a] = max(a_free[a], back) + n * att[a] * share
+                        ready[a][j] = a_free[a]
+    return max([*a_free.values(), *x_free.values()])
+
+
+def test_array_scans_equal_the_per_message_simulation():
+    """Random splits, shares (empty micro-batches too), hops, latencies, fractions by speed and arbitrary."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        ranks = int(rng.integers(2, 9))
+        k = int(rng.integers(1, ranks))
+        perm = rng.permutation(ranks)
+        attention, experts = sorted(perm[:k].tolist()), sorted(perm[k:].tolist())
+        att, exp = rng.uniform(0.1, 3, ranks), rng.uniform(0.1, 3, ranks)
+        shares, layers, micro = rng.integers(0, 20, k).tolist(), int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        hop, lat = float(rng.choice([0.0, rng.uniform(0, 1)])), float(rng.choice([0.0, rng.uniform(0, 1)]))
+        speed = 1.0 / exp[experts]
+        fraction = speed / speed.sum() if trial % 2 else rng.dirichlet(np.ones(len(experts)))
+        want = _per_message(att, exp, attention, experts, shares, layers, micro, hop, fraction, lat)
+        got = simulate_zebra(att, exp, attention, experts, shares, layers, micro, hop,
+                             None if trial % 2 else fraction, lat)
+        assert got == pytest.approx(want, rel=1e-12), trial

@@ -223,6 +223,7 @@ def plan(profiles: Any, stats: Any, *, global_batch: int, model_shape: str | dic
     }
     # attention/expert disaggregation (zebra), simulated beside the chosen plan; "hexamoe.zebra" "auto" applies it
     out.meta["zebra"] = zebra_advice(cost, sims[best].step_time)
+    out.meta["planner_wall_s"] = time.perf_counter() - t0  # zebra's search included
     return out
 
 

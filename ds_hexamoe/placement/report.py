@@ -72,6 +72,11 @@ def print_table(plan: Plan, max_ranks: int = 64) -> None:
     if cands:
         c.print("candidates: " + ", ".join(f"{n} {v:.4g} s" for n, v in cands.items())
                 + f"; chose {plan.meta.get('candidate')}; solver status: {plan.meta.get('solver_status')}")
+    z = plan.meta.get("zebra")
+    if z:
+        c.print(f"zebra (attention and expert ranks apart): {z['step_time']:.4g} s with {len(z['attention_ranks'])} "
+                f"attention ranks, {z['micro_batches']} micro-batches ({'faster' if z['wins'] else 'not faster'} "
+                f"than this plan); split search: {z.get('split_search', 'all splits')}", soft_wrap=True)
 
 
 def save_png(plan: Plan, path: str) -> None:
