@@ -130,17 +130,18 @@ def _check_checkpoint_dir(path: str, key: str, what: str) -> None:
         raise ConfigError(f"{key}: folder {path!r} does not exist; give a local {what} folder")
 
 
-def check_recipe_files(r: Recipe) -> None:
+def check_recipe_files(r: Recipe, check_data: bool = True) -> None:
     """Every input the recipe names must exist and make sense (raised before anything is launched); independent
-    inputs are all checked, and every error found is raised at once."""
+    inputs are all checked, and every error found is raised at once. ``check_data``: read the data files too."""
     found = Collector()
     found.run(check_output_dir, r)
     if r.model.path is not None:
         found.run(_check_model, r)
     if r.task == CAUSAL_LM:
         found.run(_check_tokenizer, r)
-        found.run(check_data_files, r)
-    elif r.data.train_files:
+        if check_data:
+            found.run(check_data_files, r)
+    elif r.data.train_files and check_data:
         found.run(expand_patterns, r.data.train_files, "data.train_files")
     if isinstance(r.deepspeed, str) and not os.path.isfile(r.deepspeed):
         found.add(ConfigError(f"deepspeed: file {r.deepspeed!r} does not exist; give an existing DeepSpeed JSON "

@@ -68,11 +68,13 @@ def load_recipe(
     path: str | os.PathLike | dict | None = None,
     overrides: dict[str, Any] | None = None,
     check_files: bool = True,
+    check_data: bool = True,
 ) -> Recipe:
     """Parse, resolve and validate a recipe (``None``: the embedded default).
 
     ``overrides`` maps dotted keys (``"training.steps"``) to values, applied before validation, so they
-    are checked like the file's own values. With ``check_files`` every input path must exist.
+    are checked like the file's own values. With ``check_files`` every input path must exist; without
+    ``check_data`` the data files are not read (``ds-hexamoe plan`` sizes clusters the data may not fill).
     """
     if isinstance(path, dict):
         data, source, base_dir = copy.deepcopy(path), None, os.getcwd()
@@ -95,7 +97,7 @@ def load_recipe(
     found.raise_all()  # every later check reads the resolved paths
     recipe.hexamoe_config = found.run(_validate_hexamoe, recipe)
     if check_files:
-        found.run(check_recipe_files, recipe)
+        found.run(check_recipe_files, recipe, check_data)
     found.run(check_ds_config, recipe)
     found.raise_all()
     return recipe
