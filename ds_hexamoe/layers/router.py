@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import RouterConfig
 from ..distributed import dist_on
+from .balance import balance_loss
 
 
 @dataclass
@@ -63,10 +64,10 @@ class TopKRouter(nn.Module):
         zero = logits_TE.new_zeros(())
         aux = zero
         if cfg.aux_loss_coef > 0 and self.training:
-            # Switch/Mixtral balance loss: E * sum_e (fraction of assignments to e) * (mean router prob of e)
+            # Switch/Mixtral balance loss: E * sum_e (fraction of assignments to e) * (mean router prob of e),
+            # the fractions over the global batch (.balance: the loss then does not depend on the split)
             probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            frac_E = counts_E.float() / max(1, top_k_index.numel())
-            aux = cfg.aux_loss_coef * self.num_experts * (frac_E * probs_TE.mean(0)).sum()
+            aux = cfg.aux_loss_coef * balance_loss(counts_E, top_k_index.numel(), probs_TE.sum(0), probs_TE.size(0))
         z = zero
         if cfg.z_loss_coef > 0 and self.training:
             z = cfg.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
