@@ -4,7 +4,9 @@ gradients and parameters on 2 gloo ranks with uneven shares (a transformers Mixt
 ``output_router_logits``, and the package's own router)."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -107,8 +109,6 @@ def test_colocated_steps_with_uneven_shares_equal_one_process(tmp_path):
     """Three optimizer steps of two micro-steps each through the worker's colocated step (DeepSpeed ZeRO-2, SGD):
     logged losses, aux losses, units and parameters of 3 + 5 rows per micro-step equal one rank's 8."""
     path = cli_tiny.tiny_recipe(str(tmp_path), training={"grad_accum": 2, "max_grad_norm": 0.0})
-    import json
-
     with open(path) as fh:
         data = json.load(fh)
     data["deepspeed"].update(optimizer={"type": "SGD", "params": {"lr": 0.5}}, zero_allow_untested_optimizer=True)
@@ -152,21 +152,31 @@ def test_own_router_aux_loss_is_global():
         torch.testing.assert_close(r["grad"], one["grad"], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.skipif(os.environ.get("HEXAMOE_SKIP_CLI") == "1", reason="CLI runs skipped")
+def _cli_run(root: str, hexamoe: dict):
+    os.makedirs(root)
+    path = cli_tiny.tiny_recipe(root, steps=4, save_every=2, sharding="fssdp", micro_batch_size=6, hexamoe=hexamoe)
+    return cli_tiny.train([path], cwd=root).stdout
+
+
 def test_runs_with_different_batch_shares_log_the_same_losses(tmp_path):
-    """``ds-hexamoe train`` with the router's aux loss on (Mixtral, FSSDP): even shares and a declared 2x slower
-    rank 1 (uneven shares) log the same losses and aux losses step for step."""
-    runs = {}
-    for name, hx in (("even", {}), ("uneven", {"profile": "declared",
-                                               "devices": [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0}]})):
-        root = str(tmp_path / name)
-        os.makedirs(root)
-        path = cli_tiny.tiny_recipe(root, steps=4, save_every=0, sharding="fssdp", micro_batch_size=6, hexamoe=hx)
-        proc = cli_tiny.train([path], cwd=root)
-        runs[name] = cli_tiny.metrics(os.path.join(root, "run"))
-        runs[name + "_out"] = proc.stdout
-    even, uneven = runs["even"], runs["uneven"]
-    assert [r["step"] for r in even] == [r["step"] for r in uneven] == [1, 2, 3, 4]
+    """``ds-hexamoe train`` with the router's aux loss on (Mixtral, FSSDP): even shares, a declared 3x slower rank 1
+    (shares 9 + 3) and a 1-rank resume of that run at step 2 log the same losses and aux losses step for step."""
+    even_root, uneven_root = str(tmp_path / "even"), str(tmp_path / "uneven")
+    _cli_run(even_root, {})
+    stdout = _cli_run(uneven_root, {"profile": "declared", "devices": [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0}]})
+    assert "plan: batch shares [9, 3]" in stdout
+    out = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(uneven_root, "run"), out)
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as fh:
+        fh.write("global_step2")
+    shutil.rmtree(os.path.join(out, "checkpoints", "global_step4"))
+    cli_tiny.train([os.path.join(out, "recipe.json"), "--resume", "--nproc", "1", "--output-dir", out,
+                    "--set", "training.micro_batch_size=12", "--set", 'hexamoe.devices=[{"name": "cpu"}]'], cwd=uneven_root)
+    even, uneven = cli_tiny.metrics(os.path.join(even_root, "run")), cli_tiny.metrics(os.path.join(uneven_root, "run"))
+    resumed = {r["step"]: r for r in cli_tiny.metrics(out)}
+    assert [r["step"] for r in even] == [r["step"] for r in uneven] == [1, 2, 3, 4] == sorted(resumed)
     for a, b in zip(even, uneven):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (even, uneven)
-        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-6), (even, uneven)
+        for key in ("loss", "aux_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), (key, even, uneven)
+            if b["step"] > 2:
+                assert resumed[b["step"]][key] == pytest.approx(b[key], rel=1e-6), (key, uneven, resumed)
