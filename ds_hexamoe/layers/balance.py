@@ -25,13 +25,14 @@ def balance_loss(counts_E: torch.Tensor, assignments, prob_sum_E: torch.Tensor, 
     this rank's ``rows``. ``share``: the weight the caller gives this rank's loss (its units over all ranks');
     given, ``rows`` is all ranks' rows times ``share``, so the weighted sum over ranks is the global loss
     whatever units the weights count. Outside a process group: the one-process loss of this batch."""
-    as_t = lambda v: torch.as_tensor(v, dtype=torch.float32, device=counts_E.device).reshape(1)  # noqa: E731
-    total = host_all_reduce(torch.cat([counts_E.detach().to(torch.float32).reshape(-1), as_t(assignments), as_t(rows)]))
     n = counts_E.numel()
+    local = torch.zeros(n + 2, dtype=torch.float32, device=counts_E.device)
+    local[:n] = counts_E.detach().reshape(-1)
+    local[n], local[n + 1] = assignments, rows
+    total = host_all_reduce(local.clone())  # in place
     f_E = total[:n] / total[n].clamp_min(1.0)
-    per = total[n + 1] * share if share is not None else torch.as_tensor(rows, dtype=torch.float32)
-    per = per.to(prob_sum_E.device, prob_sum_E.dtype).clamp_min(1e-30 if share is not None else 1.0)
-    return n * (f_E.to(prob_sum_E.dtype) * prob_sum_E / per).sum()
+    per_rows = local[n + 1].clamp_min(1.0) if share is None else (total[n + 1] * share).clamp_min(1e-30)
+    return n * (f_E * prob_sum_E / per_rows.to(prob_sum_E.device)).to(prob_sum_E.dtype).sum()
 
 
 def pooled_router_sums(gate_logits: tuple[torch.Tensor, ...], top_k: int,
