@@ -163,7 +163,8 @@ def test_runs_with_different_batch_shares_log_the_same_losses(tmp_path):
     (shares 9 + 3) and a 1-rank resume of that run at step 2 log the same losses and aux losses step for step."""
     even_root, uneven_root = str(tmp_path / "even"), str(tmp_path / "uneven")
     _cli_run(even_root, {})
-    stdout = _cli_run(uneven_root, {"profile": "declared", "devices": [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0}]})
+    slow = [{"name": "cpu"}, {"name": "cpu", "slowdown": 3.0}]
+    stdout = _cli_run(uneven_root, {"profile": "declared", "devices": slow})
     assert "plan: batch shares [9, 3]" in stdout
     out = str(tmp_path / "resumed")
     shutil.copytree(os.path.join(uneven_root, "run"), out)
@@ -171,7 +172,8 @@ def test_runs_with_different_batch_shares_log_the_same_losses(tmp_path):
         fh.write("global_step2")
     shutil.rmtree(os.path.join(out, "checkpoints", "global_step4"))
     cli_tiny.train([os.path.join(out, "recipe.json"), "--resume", "--nproc", "1", "--output-dir", out,
-                    "--set", "training.micro_batch_size=12", "--set", 'hexamoe.devices=[{"name": "cpu"}]'], cwd=uneven_root)
+                    "--set", "training.micro_batch_size=12", "--set", 'hexamoe.devices=[{"name": "cpu"}]'],
+                   cwd=uneven_root)
     even, uneven = cli_tiny.metrics(os.path.join(even_root, "run")), cli_tiny.metrics(os.path.join(uneven_root, "run"))
     resumed = {r["step"]: r for r in cli_tiny.metrics(out)}
     assert [r["step"] for r in even] == [r["step"] for r in uneven] == [1, 2, 3, 4] == sorted(resumed)
