@@ -28,6 +28,8 @@ class TopKRouter(nn.Module):
     * ``score_func="softmax"``: Mixtral/Qwen style, weights are softmax probabilities of the chosen experts.
     * ``score_func="sigmoid"``: DeepSeek-V3 style, independent sigmoid scores.
     * ``norm_topk_prob``: renormalize the chosen weights to sum to one.
+    * ``aux_loss_coef > 0``: the Switch/Mixtral balancing loss in training, its expert fractions over all ranks
+      (:mod:`.balance`, one all-reduce per forward): weighted by their rows, the ranks' losses are one process's.
     * ``bias_update_rate > 0``: aux-loss-free balancing; a per-expert bias shifts *selection* only (never
       the weights) and moves by ``rate * sign(mean_load - load)`` after each training forward.
     """
