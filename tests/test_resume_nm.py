@@ -1,9 +1,11 @@
 """``ds-hexamoe train RUN/recipe.json --resume --nproc M`` after a 2-rank FSSDP run: the dense ZeRO-2 state
 is re-partitioned and the experts re-sharded, so with the same samples per micro-step (``micro_batch_size x
-ranks``) the resumed losses match the uninterrupted run's (up to float summation order: the mean over
-ranks of per-rank means)."""
+ranks``) the resumed losses match the uninterrupted run's (up to float summation order: each rank's loss is
+weighted by its share of the micro-batch's tokens and the router's balancing loss uses the expert fractions of
+all ranks, so the loss is the global batch's whatever the rank count; a per-rank balancing loss drifted 2e-5)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -20,6 +22,11 @@ GLOBAL = 12  # samples per micro-step: 2 x 6, 1 x 12, 3 x 4
 def full_run(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("nm"))
     recipe = cli_tiny.tiny_recipe(root, steps=STEPS, save_every=2, sharding="fssdp", micro_batch_size=GLOBAL // 2)
+    with open(recipe) as fh:
+        data = json.load(fh)
+    data["model"]["config"]["router_aux_loss_coef"] = 0.05  # the embedded default's: a per-rank aux loss shows
+    with open(recipe, "w") as fh:
+        json.dump(data, fh)
     cli_tiny.train([recipe], cwd=root)
     return root, os.path.join(root, "run")
 
@@ -45,7 +52,7 @@ def test_resume_on_another_rank_count_matches_the_uninterrupted_run(full_run, tm
     full, resumed = cli_tiny.losses(run), cli_tiny.losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in (3, 4):
-        assert resumed[step] == pytest.approx(full[step], rel=2e-5, abs=0), (step, full, resumed)
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=0), (step, full, resumed)
     # parameters after the two resumed steps: Adam turns summation-order noise in near-zero router gradients
     # into up to ~2e-4 differences (an uninterrupted 1-rank run differs from the 2-rank one by up to 6e-3 here);
     # the losses above are the sharp check (a resume without the experts' Adam state was off by 1.2e-4 relative)

@@ -7,10 +7,12 @@ from collections.abc import Iterator
 
 import torch
 
+from ..hetero import global_token_count, loss_scale
+from ..integrations.transformers import global_balance
 from ..recipes import Recipe, lr_lambda
 from ..tasks.base import TaskParts, WorkerContext
 from .checkpoints import load_checkpoint, save_checkpoint
-from .metrics import ExpertLoadTracker, all_mean, runtime_metrics
+from .metrics import ExpertLoadTracker, all_sum, runtime_metrics
 from .strategy import StepResult
 from .summary import run_report
 
@@ -47,12 +49,14 @@ class ColocatedStep:
         step_loss, step_aux, units = self._micro_steps(batches)
         if callable(getattr(self.runtime, "after_step", None)):
             self.runtime.after_step(step)
-        loss, aux_loss, mean_units = all_mean([step_loss, step_aux, float(units)], self.device)
-        return StepResult(loss, aux_loss, mean_units * self.ctx.world_size)
+        loss, aux_loss, all_units = all_sum([step_loss, step_aux, float(units)], self.device)
+        return StepResult(loss, aux_loss, all_units)
 
     def _micro_steps(self, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``grad_accum`` micro-steps; this rank's mean loss, mean aux loss (NaN without one) and units."""
-        ga, engine = self.recipe.training.grad_accum, self.engine
+        """``grad_accum`` micro-steps; this rank's parts of the step's loss and aux loss (NaN without one): its
+        loss times its share of each micro-batch's units, over ``grad_accum``, so the sum over ranks is the
+        mean over micro-steps of each global micro-batch's loss, what one process computes."""
+        ga, engine, world = self.recipe.training.grad_accum, self.engine, self.ctx.world_size
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         step_aux = torch.zeros((), dtype=torch.float64, device=self.device)
         units = 0
@@ -60,19 +64,17 @@ class ColocatedStep:
             batch = {k: v.to(self.device) for k, v in next(batches).items()}
             n_local = self.parts.count(batch)
             units += n_local
+            # each rank's mean loss weighted by its share of the micro-batch's units, so DeepSpeed's equal
+            # averaging over ranks gives the mean over the union, whatever the shares (1.0 when even)
+            scale = loss_scale(n_local, global_token_count(n_local), world)
             out = engine(**batch)
-            loss_for_grad = out.loss
-            if self.hetero is not None:
-                # uneven shares: weight each rank's mean loss by its share of the micro-batch's units, so
-                # DeepSpeed's equal averaging over ranks gives the mean over the union
-                from ..hetero import global_token_count, loss_scale
-
-                loss_for_grad = out.loss * loss_scale(n_local, global_token_count(n_local), self.ctx.world_size)
-            engine.backward(loss_for_grad)
+            # the router's balancing loss over the global micro-batch (already inside the loss)
+            loss, aux = global_balance(self.module, out, batch, scale / world)
+            engine.backward(loss * scale)
             engine.step()
-            step_loss += out.loss.detach().to(torch.float64) / ga
-            aux = getattr(out, "aux_loss", None)  # the router's balancing loss, already inside out.loss
-            step_aux += aux.detach().to(torch.float64) / ga if torch.is_tensor(aux) else math.nan
+            share = scale / world / ga
+            step_loss += loss.detach().to(torch.float64) * share
+            step_aux += aux.detach().to(torch.float64) * share if aux is not None else math.nan
         return step_loss, step_aux, units
 
     def row_metrics(self) -> tuple[float | None, dict, dict]:

@@ -72,12 +72,11 @@ def runtime_metrics(engine) -> dict:
         return {}
 
 
-def all_mean(values: list[float | torch.Tensor], device) -> list[float]:
-    """Means over ranks (one collective; on the engine's device, as NCCL needs)."""
+def all_sum(values: list[float | torch.Tensor], device) -> list[float]:
+    """Sums over ranks (one collective; on the engine's device, as NCCL needs)."""
     t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
     if dist_on():
         dist.all_reduce(t)
-        t /= dist.get_world_size()
     return t.tolist()
 
 
