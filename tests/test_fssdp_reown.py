@@ -127,3 +127,31 @@ def test_replan_to_new_shard_weights_keeps_load_aware_ownership():
     assert [len(ids) for ids in r0["ownership"][0]] == [6, 2]
     contiguous = [tuple(range(0, 6)), tuple(range(6, 8))]
     assert list(r0["ownership"][0]) != contiguous, "the load-aware choice equals the contiguous one: cannot fail"
+
+
+def _empty_rank_save_worker(rank: int, world: int, case: dict, ckpt: str) -> dict:
+    from test_fssdp import build_engine, quiet, train_steps
+
+    quiet()
+    import deepspeed
+
+    from ds_hexamoe.fssdp.migrate import migrate_shards
+
+    deepspeed.init_distributed("gloo")
+    engine, manager = build_engine(case)
+    train_steps(engine, manager, case, rank, world, range(1))
+    migrate_shards(manager, [1.0, 0.0])  # a re-plan that leaves rank 1 owning no expert
+    out = train_steps(engine, manager, case, rank, world, range(1, 2))
+    engine.save_checkpoint(ckpt, tag="after")
+    return {"counts": [layer.local_count for layer in manager.layers], "loss": out["loss"]}
+
+
+def test_checkpoint_after_a_rank_is_left_owning_no_expert(tmp_path):
+    """A re-plan giving a rank no expert (a zero-element shard) used to fail the next save with DeepSpeed's
+    'failed to find frozen Parameter': the engine's name table did not know the rebuilt shard."""
+    case = dict(world=2, experts=8, top_k=2, micro=2, gas=1, global_rows=4, lr=3e-3, clip=0.3, steps=2,
+                remat=True, prefetch=True, reshard_every=0)
+    results = run_distributed(_empty_rank_save_worker, 2, case, str(tmp_path / "ckpt"), init_process_group=False,
+                              timeout=400)
+    assert results[1]["counts"] == [0, 0] and results[0]["counts"] == [8, 8]
+    assert (tmp_path / "ckpt" / "after").is_dir()

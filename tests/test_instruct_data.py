@@ -18,7 +18,7 @@ from ds_hexamoe import cli
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.recipes import load_recipe
 from ds_hexamoe.tasks import build_dataset, build_model, build_tokenizer
-from ds_hexamoe.tasks.instruct import loss_tokens
+from ds_hexamoe.hetero.batching import count_tokens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = os.path.join(REPO, "ds_hexamoe", "data", "checkpoints", "mixtral-tiny")
@@ -85,7 +85,7 @@ def test_completion_only_loss_equals_hand_masked_reference(tmp_path):
             ref = F.cross_entropy(logits[:-1], labels[0, 1:], ignore_index=-100)
             got = model(**batch).loss
         torch.testing.assert_close(got, ref)
-        assert loss_tokens(batch) == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t, learn in pieces if learn)
+        assert count_tokens(batch["labels"]) == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t, learn in pieces if learn)
 
     # prompt/completion records: the completion and EOS are learned, the prompt is not
     r, tok, data = _built(_recipe(tmp_path, [{"prompt": "Q: 3 + 4 =", "completion": " 7"}], format="prompt_completion",
@@ -141,14 +141,14 @@ def test_packed_examples_match_unpacked_losses_and_gradients(tmp_path):
 
 def test_loss_weights_count_completion_tokens_across_ranks(tmp_path):
     """Two ranks' micro-batches with unlike completion counts: each rank's mean loss weighted the way the
-    step weighs uneven shares (``loss_scale`` of :func:`loss_tokens`) averages to the mean over every
+    step weighs uneven shares (``loss_scale`` of :func:`~ds_hexamoe.hetero.batching.count_tokens`) averages to the mean over every
     completion token of the union."""
     from ds_hexamoe.hetero import loss_scale
 
     r, tok, data = _built(_recipe(tmp_path, [{"messages": c} for c in CHATS]))
     model = _model(r)
     shares = [data.collate([data.train[0]]), data.collate([data.train[i] for i in (1, 2, 3)])]
-    counts = [loss_tokens(b) for b in shares]
+    counts = [count_tokens(b["labels"]) for b in shares]
     assert counts[0] != counts[1]
     with torch.no_grad():
         means = [model(**b).loss for b in shares]

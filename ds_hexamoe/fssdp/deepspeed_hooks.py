@@ -43,6 +43,13 @@ class EngineBinding:
         self.optimizer = ShardedOptimizer.create(shards, grads, spec)
         return self.optimizer
 
+    def shards_replaced(self) -> None:
+        """Re-sharding made new shard parameters: the engine's name table (built once at initialize) learns
+        them. DeepSpeed records a zero-element parameter (a rank left owning no expert of a layer) with the
+        frozen ones by that table, so a checkpoint save would fail on a shard it does not know."""
+        if self.engine is not None and hasattr(self.engine, "param_names"):
+            self.engine.param_names = {p: n for n, p in self.engine.module.named_parameters()}
+
     def attach(self, mgr, engine, optimizer_config=None, lr_scheduler=None) -> None:
         """Drive ``mgr``'s shards from ``engine`` (see the module docstring); ``lr_scheduler``: where the learning
         rate comes from when the dense optimizer has no param groups."""

@@ -119,6 +119,7 @@ class FSSDPManager:
         """Shards on the ownership ``new_owns`` (one per layer) from ``new_rows`` (see
         :meth:`ShardStore.rebuild`); every cache built on the old owners is dropped."""
         self.store.rebuild(new_owns, new_rows)
+        self.binding.shards_replaced()
         self.materializer.forget_calls()
         self.gathers.drop_ahead()
         self.mode_table.forget_layouts()

@@ -24,8 +24,9 @@ from ..recipes import Recipe, TokenizerBuildSpec, resolve_data_files
 from ..recipes.instruct import INSTRUCT_FORMATS
 from ..atomic import atomic_save_dir
 from ..distributed import seed_all
+from ..hetero.batching import count_tokens
 from .base import TaskParts, WorkerContext
-from .instruct import collate_instruct, encode_examples, loss_tokens
+from .instruct import collate_instruct, encode_examples
 
 TOKENIZER_STAMP = "hexamoe_tokenizer.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -281,10 +282,9 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
     model = build_model(recipe, tokenizer)
 
     def count(batch):
-        mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        # the tokens the loss averages over (labels != -100 after the one-token shift: not padding, and only
+        # completions for instruction data), so uneven shares and validation weigh ranks and batches by them
+        return count_tokens(batch["labels"])
 
-    # instruction data: the units are the completion tokens the loss averages over, so uneven shares and
-    # validation weigh ranks and batches by those
     return TaskParts(model=model, train=data.train, validation=data.validation, collate=data.collate,
-                     processor=tokenizer, unit="tok", count=loss_tokens if data.instruct else count)
+                     processor=tokenizer, unit="tok", count=count)

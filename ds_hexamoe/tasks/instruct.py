@@ -98,7 +98,3 @@ def collate_instruct(items: list[dict], pad_token_id: int) -> dict[str, torch.Te
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
-def loss_tokens(batch: dict) -> int:
-    """Tokens a causal LM's loss averages over: labels != -100 after the one-token shift. The step weights
-    each rank's mean loss by this count, so the global mean counts completion tokens only."""
-    return int((batch["labels"][..., 1:] != IGNORE).sum())
