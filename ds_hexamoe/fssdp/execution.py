@@ -95,12 +95,16 @@ class PlacedMaterializer:
     def __call__(self, experts: Sequence[int], f_range=None) -> ExpertWeights:
         if f_range is not None:
             raise ValueError("PlacedMaterializer: expert-parallel hosting materializes whole experts (f_range=None)")
-        ahead, layer = self.ahead, self.layer
+        ahead, layer, mat = self.ahead, self.layer, self.materializer
+        # copies that moved are kept for backward, never re-gathered there: whether a rank's backward needs a
+        # re-gather, and when against its gradient reduces, follows autograd's order, which differs between
+        # ranks whose dispatch differs (a re-gather on one rank met another's collective: measured, 4 ranks)
+        keep = self.transfer.moves
         if ahead is None:
-            full = self.materializer.materialize(layer, self.transfer)
+            full = mat.materialize(layer, self.transfer, keep=keep)
         else:
-            full = self.materializer.materialize(layer, self.transfer, fill=lambda _: self.gathers.finish_ahead(layer, ahead),
-                                                 dest=ahead.dest, slot=layer.index)
+            full = mat.materialize(layer, self.transfer, fill=lambda _: self.gathers.finish_ahead(layer, ahead),
+                                   dest=ahead.dest, slot=layer.index, keep=keep)
         return to_compute(layer, full)
 
 

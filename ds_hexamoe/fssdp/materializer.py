@@ -4,11 +4,11 @@ their gradients reduced back.
 Per layer and step only the experts some rank's tokens activate move: a SparseAllGather forward, whose
 backward is the SparseReduceScatter of their gradients to the owners (docs/design.md, "FSSDP").
 Under re-materialization autograd keeps only where a cached weight lived; backward re-gathers it (or
-finds it still in the cache) and prefetches the layer backward reaches next. Reduce-scatters may run
-asynchronously; :meth:`Materializer.synchronize` finishes them in issue order: attached to a DeepSpeed
-engine, as late as possible, at ``engine.step()`` before the gradient norm and overflow check read them
-(so they overlap DeepSpeed's own end-of-backward work), or at the next forward; without an engine, at
-the end of backward.
+finds it still in the cache) and prefetches the layer backward reaches next. Reduce-scatters run
+asynchronously, on a process group of their own; :meth:`Materializer.synchronize` finishes them in issue
+order: attached to a DeepSpeed engine, as late as possible, at ``engine.step()`` before the gradient norm
+and overflow check read them (so they overlap DeepSpeed's own end-of-backward work), or at the next
+forward; without an engine, at the end of backward.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import contextlib
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from .cache import CallRecord, PipelineCache
 from .collectives import Pending, Transfer, sparse_all_gather, sparse_reduce_scatter
@@ -61,6 +62,11 @@ class Materializer:
                  fanout: str, num_slots: int):
         self.store, self.telemetry = store, telemetry
         self.rematerialize, self.prefetch, self.fanout = rematerialize, prefetch, fanout
+        # gradient reduces on a group of their own: backward issues them from autograd nodes whose order
+        # against the re-gathers (issued when a saved weight is unpacked) may differ between ranks when
+        # their graphs differ (expert-parallel replicas), which on one group would mismatch collectives
+        ranks = dist.get_process_group_ranks(store.group) if store.layers else []
+        self.reduce_group = dist.new_group(ranks) if ranks and len(ranks) == dist.get_world_size() else store.group
         numel = max((layer.full_numel for layer in store.layers), default=0)
         self.cache = PipelineCache(numel=numel, num_slots=num_slots)
         # True once a DeepSpeed engine is attached: its step() finishes the reduces, not the end of backward
@@ -77,17 +83,19 @@ class Materializer:
         """Gradient reduce-scatters issued and not finished yet."""
         return len(self._pending)
 
-    def keeps_weights(self, layer: ExpertLayer) -> bool:
-        """Whether autograd keeps this call's weights (no re-materialization): a fresh buffer, not a slot."""
-        return (not self.rematerialize) and torch.is_grad_enabled() and any(
+    def keeps_weights(self, layer: ExpertLayer, keep: bool = False) -> bool:
+        """Whether autograd keeps this call's weights (no re-materialization, or ``keep``): a fresh buffer, not
+        a slot."""
+        return (keep or not self.rematerialize) and torch.is_grad_enabled() and any(
             p.requires_grad for p in layer.shards.values())
 
     def materialize(self, layer: ExpertLayer, transfer: Transfer, fill=None, dest: torch.Tensor | None = None,
-                    slot: int = 0) -> dict[str, torch.Tensor]:
+                    slot: int = 0, keep: bool = False) -> dict[str, torch.Tensor]:
         """``{param name: [E, ...]}`` full-layer views holding (at least) the experts ``transfer`` brings here;
         backward reduce-scatters their gradients to the owners (and re-gathers them under rematerialize).
         ``fill(full)`` writes them (default: a synchronous SparseAllGather of ``transfer``); ``dest``: a fresh
-        buffer already being filled (kept weights); ``slot``: the cache slot otherwise."""
+        buffer already being filled (kept weights); ``slot``: the cache slot otherwise; ``keep``: keep the
+        weights for backward even under re-materialization."""
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in layer.shards.values())
         if fill is None:
             def fill(full):
@@ -95,7 +103,7 @@ class Materializer:
                                   fanout=self.fanout).wait()
         self._forward_record = None
         record = None
-        if grad and not self.rematerialize:
+        if grad and (keep or not self.rematerialize):
             if dest is None:
                 dest = torch.zeros(layer.full_numel, dtype=layer.dtype, device=layer.device)  # kept by autograd
         else:
@@ -156,8 +164,11 @@ class Materializer:
             nxt = self._previous_record(record)
             if nxt is not None:
                 other = self.cache.slot(self._bwd_turn, nxt.layer.dtype, nxt.layer.device)
-                # a slot still holding a layer backward has yet to reach (forward left two there) is kept
-                waiting = other.owner is not None and not other.owner.done and other.owner.slot is other
+                # a slot still holding a layer backward has yet to reach (forward left two there) is kept;
+                # "yet to reach" by sequence, not by ``done``: when a layer's reduce marks it done depends
+                # on autograd's order, which may differ between ranks, and this decides a collective
+                waiting = (other.owner is not None and other.owner.seq < record.seq and not other.owner.done
+                           and other.owner.slot is other)
                 if other is not slot and not waiting:
                     other.claim(nxt)
                     other.pending = sparse_all_gather(nxt.layer, nxt.transfer, nxt.layer.full_views(other.buf),
@@ -178,19 +189,18 @@ class Materializer:
 
     def reduce_grads(self, layer: ExpertLayer, transfer: Transfer, grads: dict) -> None:
         """SparseReduceScatter of a layer call's weight gradients into the owners' fp32 buffers."""
-        pending = sparse_reduce_scatter(layer, transfer, grads, self.store.group, self.telemetry.stats,
-                                        async_op=self.prefetch, fanout=self.fanout)
+        # always asynchronous: a rank blocked in a reduce while another blocks in a re-gather (the other
+        # group) would wait forever; finished at engine.step() or the end of backward
+        pending = sparse_reduce_scatter(layer, transfer, grads, self.reduce_group, self.telemetry.stats,
+                                        async_op=True, fanout=self.fanout)
 
         def accumulate():
             self.store.accumulate(layer, pending.wait())
 
-        if self.prefetch:
-            self._pending.append(Pending(None, accumulate))
-            if not self.engine_driven and not self._callback_queued:  # no engine.step() to wait at
-                self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
-        else:
-            accumulate()
+        self._pending.append(Pending(None, accumulate))
+        if not self.engine_driven and not self._callback_queued:  # no engine.step() to wait at
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _finish_backward(self) -> None:
         self._callback_queued = False

@@ -194,7 +194,7 @@ class GatherSchedule:
             return
         transfer = plan_transfer(layer.ownership, masks, self._rank)
         slot = None
-        if self._mat.keeps_weights(layer):
+        if self._mat.keeps_weights(layer, keep=placement is not None and transfer.moves):  # see PlacedMaterializer
             dest = torch.zeros(layer.full_numel, dtype=layer.dtype, device=layer.device)
         else:
             slot = self._mat.cache.slot(layer.index, layer.dtype, layer.device)
@@ -232,7 +232,8 @@ class GatherSchedule:
         ahead = self._ahead.pop(layer.index, None)
         nxt = self._layers[layer.index + 1] if layer.index + 1 < len(self._layers) else None
         self._issue_ahead(nxt)
-        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer)):
+        keep = ahead is not None and ahead.transfer.moves
+        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer, keep)):
             ahead.pending.wait()  # its slot was taken since: materialize synchronously
             return None
         return ahead

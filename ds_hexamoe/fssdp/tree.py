@@ -10,11 +10,11 @@ and forwards the sum to its parent, so the owner receives ``ceil(log2(R+1))`` pa
 One round is one ``all_to_all_single`` over every expert of the layer (trees with fewer rounds are done
 early). A round forwards what the previous one delivered, so round ``k + 1`` can only be issued once
 round ``k`` has landed. An asynchronous tree issues its first round at once; each later round is issued,
-asynchronously too, at the next sparse exchange or load exchange on a process group of the same ranks
+asynchronously too, at the next sparse exchange or load exchange on the same process group
 (:func:`advance_trees`, called by :mod:`.collectives` at every such issue point), and whatever is left
-runs when the tree is waited for. Issue points are program points every rank reaches alike, so every
-rank issues the rounds in the same order, and a tree issued ahead of attention overlaps all its rounds
-with the compute between its issue and its wait instead of only the first.
+runs when the tree is waited for. Exchanges on one group are issued in the same order on every rank, so
+every rank issues the rounds in the same order, and a tree issued ahead of attention overlaps all its
+rounds with the compute between its issue and its wait instead of only the first.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ class _Rounds(Pending):
         work, self._land = issue(0, async_op)
         super().__init__(work if async_op else None, self._rest, stats, what, nbytes)
         if async_op and rounds > 1:
-            _IN_FLIGHT.append((_members(group), weakref.ref(self)))
+            _IN_FLIGHT.append((_key(group), weakref.ref(self)))
 
     def advance(self) -> None:
         """Land the round in flight and issue the next one asynchronously (nothing once all were issued)."""
@@ -115,30 +115,31 @@ class _Rounds(Pending):
         return self._result_fn()
 
 
-# asynchronous trees with rounds left to issue, in issue order, with the ranks of their process group
-_IN_FLIGHT: list[tuple[tuple[int, ...], weakref.ref]] = []
+# asynchronous trees with rounds left to issue, in issue order, with their process group
+_IN_FLIGHT: list[tuple[object, weakref.ref]] = []
 
 
-def _members(group) -> tuple[int, ...]:
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+def _key(group):
+    return group if group is not None else dist.group.WORLD
 
 
 def advance_trees(group) -> None:
-    """Issue the next round of every asynchronous tree in flight on a process group of ``group``'s ranks (in
-    the order the trees were issued; FSSDP's predicted gathers run on a group of their own with the same
-    ranks). Called at each exchange issued on ``group``: a point every rank of it reaches alike."""
+    """Issue the next round of every asynchronous tree in flight on ``group`` (in the order the trees were
+    issued). Called at each exchange issued on ``group``: a point every rank of it reaches in the same
+    order. Only that group: FSSDP keeps collectives whose order across ranks may differ (backward's
+    reduces against its re-gathers) on separate groups, so a round must not ride on another group's."""
     if not _IN_FLIGHT:
         return
-    members = _members(group)
+    key = _key(group)
     live = []
-    for ranks, ref in _IN_FLIGHT:
+    for g, ref in _IN_FLIGHT:
         tree = ref()
         if tree is None or tree._done or tree._next >= tree._rounds:
             continue
-        if ranks == members:
+        if g is key:
             tree.advance()
         if tree._next < tree._rounds:
-            live.append((ranks, ref))
+            live.append((g, ref))
     _IN_FLIGHT[:] = live
 
 
