@@ -50,6 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def group_beside(group):
+    """A new process group of ``group``'s ranks, for collectives that must not queue behind (or be ordered
+    against) ``group``'s; ``group`` itself unless it spans the whole job (``new_group`` needs every rank)."""
+    ranks = dist.get_process_group_ranks(group)
+    return dist.new_group(ranks) if len(ranks) == dist.get_world_size() else group
+
+
 def failures_everywhere(error: str | None, group=None) -> list[tuple[int, str]]:
     """``[(rank, error)]`` of every rank of ``group`` whose ``error`` is not None, the same list on every rank:
     one small collective after a step that may fail on some ranks only, so that all of them stop together

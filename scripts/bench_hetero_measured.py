@@ -57,7 +57,6 @@ def _fit(sizes, times) -> dict:
 
 
 def _calib_worker(rank, world, seq, sizes, repeats):
-    import torch
 
     import deepspeed
 

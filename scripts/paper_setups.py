@@ -28,7 +28,6 @@ from ds_hexamoe.experts.stats import synthetic_stats
 from ds_hexamoe.placement.costs import CostModel, PlanOptions, integer_shares
 from ds_hexamoe.placement.ilp import solve_ilp
 from ds_hexamoe.placement.plan import Plan
-from ds_hexamoe.placement.problem import objective
 from ds_hexamoe.placement.profiles import load_profiles
 from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape
 from ds_hexamoe.placement.simulator import simulate

@@ -48,8 +48,7 @@ class FSSDPManager:
                                          prefetch=cfg.prefetch, fanout=cfg.fssdp.fanout, num_slots=2 if two else 1)
         self.gathers = GatherSchedule(cfg.fssdp, model, self.store, self.materializer, self.telemetry,
                                       lambda index: self.mode_table.mode(index), placements_ahead=cfg.mode == "hecate")
-        self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, speeds=speeds,
-                                    gathers=self.gathers)
+        self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, self.gathers, speeds=speeds)
         self.binding = EngineBinding()
         self.last_reown: dict | None = None  # summary of the last load-aware re-ownership
         for layer in layers:

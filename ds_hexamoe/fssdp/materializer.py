@@ -16,8 +16,8 @@ import contextlib
 import weakref
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import group_beside
 from .cache import CallRecord, PipelineCache
 from .collectives import Pending, Transfer, sparse_all_gather, sparse_reduce_scatter
 from .layer import ExpertLayer
@@ -65,8 +65,7 @@ class Materializer:
         # gradient reduces on a group of their own: backward issues them from autograd nodes whose order
         # against the re-gathers (issued when a saved weight is unpacked) may differ between ranks when
         # their graphs differ (expert-parallel replicas), which on one group would mismatch collectives
-        ranks = dist.get_process_group_ranks(store.group) if store.layers else []
-        self.reduce_group = dist.new_group(ranks) if ranks and len(ranks) == dist.get_world_size() else store.group
+        self.reduce_group = group_beside(store.group) if store.layers else store.group
         numel = max((layer.full_numel for layer in store.layers), default=0)
         self.cache = PipelineCache(numel=numel, num_slots=num_slots)
         # True once a DeepSpeed engine is attached: its step() finishes the reduces, not the end of backward

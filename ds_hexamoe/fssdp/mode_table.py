@@ -24,7 +24,7 @@ class ModeTable:
     """Per-layer modes, expert-parallel placements, model-centric speeds, and the ParallelMoE per (layer, mode)."""
 
     def __init__(self, cfg: HexaMoEConfig, store: ShardStore, materializer: Materializer, telemetry: StepTelemetry,
-                 speeds=None, gathers: GatherSchedule | None = None):
+                 gathers: GatherSchedule, speeds=None):
         self._cfg, self._store, self._mat, self._telemetry = cfg, store, materializer, telemetry
         # the load windows (re-ownership, "hecate" placements) and the gathers issued ahead
         self._gathers = gathers
@@ -62,9 +62,8 @@ class ModeTable:
         w = top_k_weights.reshape(x.size(0), -1)
         record_routing(layer.module, idx, layer.num_experts, fallback_name=layer.name)
         self._mat.synchronize()
-        ahead = self._gathers.take_ahead(layer) if mode == "hecate" and self._gathers is not None else None
-        if self._gathers is not None:
-            self._gathers.record_loads(layer, torch.bincount(idx.reshape(-1), minlength=layer.num_experts))
+        ahead = self._gathers.take_ahead(layer) if mode == "hecate" else None
+        self._gathers.record_loads(layer, torch.bincount(idx.reshape(-1), minlength=layer.num_experts))
         moe = self._moe(layer, mode)
         if mode in ("expert_parallel", "hecate"):
             if ahead is not None:

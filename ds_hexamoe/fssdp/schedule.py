@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import group_beside
 from .budget import BLOCKED_S, LinkMeter
 from .cache import Slot
 from .collectives import (Pending, Transfer, UsedLater, all_gather_loads, all_gather_loads_async, plan_transfer,
@@ -105,14 +105,11 @@ class GatherSchedule:
         self._auto_t: dict[int, Pending] = {}  # "hecate" mode, budget "auto": every rank's measured budget
         self._ahead_group = self._group
         # placements_ahead: layers in the "hecate" mode have their placement materialized ahead too
-        self._placements_ahead = placements_ahead
         if (self.schedule == "hecate" or placements_ahead) and self._layers:
             model.register_forward_pre_hook(self._start_forward)
-            ranks = dist.get_process_group_ranks(self._group)
-            if len(ranks) == dist.get_world_size():  # new_group needs every rank of the job
-                # predicted gathers on their own group: a small collective on the main group (the load
-                # exchange, a calibration) never queues behind a layer's worth of predicted experts
-                self._ahead_group = dist.new_group(ranks)
+            # predicted gathers on their own group: a small collective on the main group (the load
+            # exchange, a calibration) never queues behind a layer's worth of predicted experts
+            self._ahead_group = group_beside(self._group)
 
     def load_history(self) -> dict[int, list[list[list[int]]]]:
         """``{layer index: [loads [N][E] per call]}``, the window each layer's prediction reads."""
@@ -232,15 +229,15 @@ class GatherSchedule:
         ahead = self._ahead.pop(layer.index, None)
         nxt = self._layers[layer.index + 1] if layer.index + 1 < len(self._layers) else None
         self._issue_ahead(nxt)
-        keep = ahead is not None and ahead.transfer.moves
+        return self._usable(layer, ahead, keep=ahead is not None and ahead.transfer.moves)
+
+    def _usable(self, layer: ExpertLayer, ahead: Ahead | None, keep: bool = False) -> Ahead | None:
+        """``ahead``, or None (finished first) when its slot was taken since its issue (by a gather issued
+        after it) or it was filled where this call will not read (slot against kept buffer)."""
         if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer, keep)):
-            ahead.pending.wait()  # its slot was taken since: materialize synchronously
+            ahead.pending.wait()
             return None
         return ahead
-
-    def finish_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
-        """Wait for ``ahead`` right before its experts are used (the link meter learns from it)."""
-        self._wait_ahead(layer, ahead)
 
     def _provide_hecate(self, layer: ExpertLayer, index) -> dict[str, torch.Tensor | None]:
         ahead = self._ahead.pop(layer.index, None)
@@ -252,9 +249,7 @@ class GatherSchedule:
         else:
             counts = self._exchange_loads(index.counts)
         self._issue_ahead(nxt)  # overlaps this layer's calibration and experts, and the next attention
-        if ahead is not None and (not ahead.valid() or (ahead.slot is None) != self._mat.keeps_weights(layer)):
-            ahead.pending.wait()  # its slot was taken since (by the gather just issued): calibrate everything
-            ahead = None
+        ahead = self._usable(layer, ahead)  # None: calibrate everything
         if loads is not None:
             if ahead is not None:
                 return self._provide_covered(layer, loads, ahead)
@@ -267,7 +262,7 @@ class GatherSchedule:
 
         def fill(full: dict[str, torch.Tensor]) -> None:
             if ahead is not None:
-                self._wait_ahead(layer, ahead)
+                self.finish_ahead(layer, ahead)
             stats = self._telemetry.stats
             if calib.moves:
                 stats.calibrations += 1
@@ -290,13 +285,13 @@ class GatherSchedule:
         rest = [e for e in layer.ownership.owned(self._rank) if not ahead.masks[self._rank][e]]
 
         def fill(full: dict[str, torch.Tensor]) -> None:
-            self._wait_ahead(layer, ahead)
+            self.finish_ahead(layer, ahead)
             if rest:  # owned experts not in the window: local copies
                 layer.unpack_into(full, rest, layer.pack_local(rest))
 
         return _by_key(layer, self._mat.materialize(layer, transfer, fill=fill, dest=ahead.dest, slot=layer.index))
 
-    def _wait_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
+    def finish_ahead(self, layer: ExpertLayer, ahead: Ahead) -> None:
         """Finish the predicted gather right before use; the link meter learns from how long it took."""
         used_at = time.perf_counter()
         ahead.pending.wait()

@@ -95,9 +95,14 @@ class _Rounds(Pending):
         if async_op and rounds > 1:
             _IN_FLIGHT.append((_key(group), weakref.ref(self)))
 
+    @property
+    def rounds_left(self) -> bool:
+        """Whether rounds remain to issue (none once waited for)."""
+        return not self._done and self._next < self._rounds
+
     def advance(self) -> None:
         """Land the round in flight and issue the next one asynchronously (nothing once all were issued)."""
-        if self._done or self._next >= self._rounds:
+        if not self.rounds_left:
             return
         if self._work is not None:
             with blocked(self._stats, self._what):
@@ -134,11 +139,11 @@ def advance_trees(group) -> None:
     live = []
     for g, ref in _IN_FLIGHT:
         tree = ref()
-        if tree is None or tree._done or tree._next >= tree._rounds:
+        if tree is None or not tree.rounds_left:
             continue
         if g is key:
             tree.advance()
-        if tree._next < tree._rounds:
+        if tree.rounds_left:
             live.append((g, ref))
     _IN_FLIGHT[:] = live
 
