@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             h = last[-1]
             print(f"[hf-trainer] step {h.get('step')}: loss {h.get('loss')}, moe/balance {h['moe/balance']:.3f}, "
                   f"moe/aux_loss {h.get('moe/aux_loss')}, replans {callback.replans}", flush=True)
+    if torch.distributed.is_initialized():
+        # an orderly end, as the training worker's: every rank past its collectives, then the groups (FSSDP
+        # keeps three) shut down before the interpreter does (a gloo group torn down at interpreter exit
+        # once ended a rank with "terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
