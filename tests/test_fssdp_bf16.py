@@ -10,7 +10,7 @@ from test_fssdp import batch, make_model
 STEPS, ROWS = 5, 4
 
 
-def _run(rank, world, sharding):
+def _run(rank, world, sharding, mode="data_centric"):
     import deepspeed
 
     import ds_hexamoe
@@ -26,7 +26,7 @@ def _run(rank, world, sharding):
         "bf16": {"enabled": True},
         "gradient_clipping": 1.0,
         "steps_per_print": 10_000,
-        "hexamoe": {"kernels": "torch", "sharding": sharding},
+        "hexamoe": {"kernels": "torch", "sharding": sharding, **({"mode": mode} if sharding == "fssdp" else {})},
     }
     engine, *_ = ds_hexamoe.initialize(model=model, config=cfg)
     rows = ROWS // world
@@ -49,8 +49,13 @@ def _run(rank, world, sharding):
 
 @pytest.mark.parametrize("world", [2])
 def test_bf16_fssdp_tracks_replicated_experts(world):
-    fs = run_distributed(_run, world, "fssdp", init_process_group=False, timeout=300)[0]
     rep = run_distributed(_run, world, "none", init_process_group=False, timeout=300)[0]
+    for mode in ("data_centric", "expert_parallel", "hecate"):  # hecate: expert-parallel with copies placed every iteration
+        fs = run_distributed(_run, world, "fssdp", mode, init_process_group=False, timeout=300)[0]
+        _compare(fs, rep)
+
+
+def _compare(fs, rep):
     assert fs["dtypes"] == ["torch.bfloat16"] and rep["dtypes"] == ["torch.bfloat16"]
     assert fs["comm"] > 0 and rep["comm"] == 0
     # the same bf16 forward on the first step; later steps drift only by bf16 rounding of the updates
@@ -61,7 +66,8 @@ def test_bf16_fssdp_tracks_replicated_experts(world):
     assert fs["experts"].keys() == rep["experts"].keys()
     start = {k: v.to(torch.bfloat16).float() for k, v in make_model(4, 2, seed=0).state_dict().items()}
     for k, v in rep["experts"].items():
-        moved = (v - start[k]).abs().max().item()
-        diff = (fs["experts"][k] - v).abs().max().item()
-        # every expert trained (all receive tokens), and sharding changed it far less than training did
+        moved = (v - start[k]).norm().item()
+        diff = (fs["experts"][k] - v).norm().item()
+        # every expert trained (all receive tokens), and sharding changed it far less than training did; the
+        # norm, not the largest element: Adam turns a bf16 sign flip of a near-zero gradient into a full step
         assert moved > 1e-2 and diff < 0.2 * moved, f"{k}: moved {moved:.3g}, FSSDP vs replicated {diff:.3g}"

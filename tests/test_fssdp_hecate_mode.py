@@ -49,11 +49,12 @@ def _hecate_worker(rank: int, world: int, case: dict) -> dict:
     (2, dict(budget=2, reshard_every=2)),  # re-ownership mid-run, an explicit t
     (2, dict(budget="auto", steps=6)),  # t from the measured window and link, agreed by every rank
     (3, dict(shard_weights=[2.0, 1.0, 1.0], ranks_per_node=1, remat=False, gas=2)),  # hot set as t, accumulation
+    (4, dict(budget=2, reshard_every=2, ranks_per_node=2, gas=2)),  # two nodes: copies prefer the other node
 ])
 def test_hecate_mode_is_exact_with_placements_changing_every_iteration(world, extra):
     """Layer 0's routing switches abruptly from expert 1 to expert 6 at step 3: the placement follows the
     window (copies of the hot expert gathered ahead), and parameters equal one process throughout."""
-    case = dict(world=world, experts=8, top_k=2, micro=1, gas=1, global_rows=world * 2 if world == 2 else 3,
+    case = dict(world=world, experts=8, top_k=2, micro=1, gas=1, global_rows={2: 4, 3: 3, 4: 4}[world],
                 lr=3e-3, clip=0.3, steps=5, remat=True, prefetch=True, mode="hecate",
                 routing={0: ("switch", 1, 6, 3)})
     case.update(extra)
