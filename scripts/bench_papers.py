@@ -34,7 +34,7 @@ import paper_setups as ps  # noqa: E402  (a sibling script, not a package module
 from bench_common import Col, Laps, Table, uptime, write_json  # noqa: E402  (a sibling script too)
 
 SETUPS = {"6xA40+6xV100": (6, 6), "4xA40+8xV100": (4, 8), "6xA40+3xV100": (6, 3)}
-SOLVERS = ("waterfill", "asym_ea", "eplb")
+SOLVERS = ("waterfill", "bubble_squeeze", "eplb")
 
 
 def mixtral_like(seq: int) -> ModelShape:

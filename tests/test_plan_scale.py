@@ -46,7 +46,7 @@ CASES = {
     "tiny-dc-48": lambda: _tiny(48, "data_centric"),
     "tiny-auto-24": lambda: _tiny(24, "auto"),
     "mixtral-greedy-16": lambda: _big("mixtral-8x7b", MIXED, "greedy", 2),
-    "mixtral-asym-24": lambda: _big("mixtral-8x7b", [("H100-SXM", 6), ("A40", 12), ("L40S", 6)], "asym_ea", 2),
+    "mixtral-asym-24": lambda: _big("mixtral-8x7b", [("H100-SXM", 6), ("A40", 12), ("L40S", 6)], "bubble_squeeze", 2),
     "qwen-eplb-16": lambda: _big("qwen3-30b-a3b", MIXED, "eplb", 8),
 }
 

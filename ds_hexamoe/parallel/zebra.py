@@ -202,7 +202,7 @@ class ZebraPipeline:
     def _post(self, seg: _Seg, layer: int, mb: int, x, idx, w, host: ExpertHost | None) -> None:
         """Send this segment's tokens to the ranks that host their experts (its own: computed here); post the
         receives of their outputs."""
-        owner = self.owner[layer][idx]
+        owner, here = self.owner[layer][idx], None
         for r in self.hosts:
             mine = owner == r
             tok = mine.any(1).nonzero().squeeze(1)
@@ -216,13 +216,15 @@ class ZebraPipeline:
             wr = torch.where(mine, w, w.new_zeros(())).index_select(0, tok)
             seg.sent[r] = (tok, xr, wr)
             if r == self.rank:
-                with expert_region():
-                    seg.recv[r] = (host.forward((layer, mb, r), xr, wr, local), None)
+                here = (xr, wr, local)
                 continue
             self.wire.send(torch.cat((xr.detach(), wr.detach()), 1), self.rank, r, "dispatch")
             self.wire.send(local, self.rank, r, "dispatch")
             buf = self.wire.buffer(("y", layer, mb, r), rows, x.size(1), x.dtype)
             seg.recv[r] = (buf, self.wire.irecv(buf, r, self.rank, "combine"))
+        if here is not None:  # after the sends, so the other hosts start meanwhile
+            with expert_region():
+                seg.recv[self.rank] = (host.forward((layer, mb, self.rank), *here), None)
 
     def _forward(self, xs, ts, denom, host) -> list[list[_Seg]]:
         c, m = self.model.c, self.layout.micro_batches

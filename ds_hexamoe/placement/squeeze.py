@@ -1,8 +1,11 @@
-"""HeterMoE's asymmetric expert assignment (Asym-EA), gather-and-squeeze, on whole experts.
+"""``bubble_squeeze``: a colocated expert-parallel heuristic that places whole experts per layer into the
+ranks' accumulated bubbles. It borrows the words of HeterMoE's Asym-EA (gather, squeeze) but not its
+execution model: every rank attends here, there is no attention/expert split and no zebra pipeline
+(HeterMoE's own Asym-EA, for zebra, is :mod:`.asym_ea`). Until 2026-12-06 it was the ``asym_ea`` solver.
 
 The runtime synchronizes at every expert-parallel layer's dispatch and combine, so what a rank does not
 use of a layer (the time it waits for that layer's slowest rank) is a bubble, and bubbles add up over
-the layers. Asym-EA works on that per-layer time, not on per-rank sums:
+the layers. The heuristic works on that per-layer time, not on per-rank sums:
 
 - **gather**: per layer, whole experts (heaviest first) go to the rank that would finish the layer's
   *expert work* first, within its memory slots: experts gather on the ranks fastest at experts, blind to
@@ -119,8 +122,8 @@ def _squeeze_into(P: PlacementProblem, layers: list[_Layer], slots: np.ndarray, 
     return moves
 
 
-@register_solver("asym_ea")
-def asym_ea(P: PlacementProblem, max_rounds: int | None = None) -> SolverResult:
+@register_solver("bubble_squeeze")
+def bubble_squeeze(P: PlacementProblem, max_rounds: int | None = None) -> SolverResult:
     """Gather whole units per layer, then squeeze them into the ranks with the most accumulated bubble."""
     L, E, R = P.shape
     slots = np.minimum(P.slots, E).astype(int)
