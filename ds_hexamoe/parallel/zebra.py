@@ -129,8 +129,8 @@ class ZebraPipeline:
             raise ValueError(f"zebra.shares: sum {sum(layout.shares)} != global batch {global_batch}; shares must cover the batch")
         self.global_batch = global_batch
         self.device, self.dtype = stack_device(model)  # the rows on the wire have the stack's dtype
-        self.wire = Wire(world, self.device)
         att = list(layout.attention_ranks)
+        self.wire = Wire(world, self.device, [(a, h) for a in att for h in layout.hosts if a != h])
         self.dense_group = dist.new_group(att, backend=self.wire.backend) if len(att) > 1 else None
         self.is_attention = self.rank in att
         self.peers = [a for a in att if a != self.rank]  # whose tokens a host serves over the wire

@@ -13,6 +13,12 @@ fails the CPU tests (a size mismatch or a wrong result) as it would hang or corr
 combine stay apart: an attention rank that also hosts experts posts its combine receive for micro-batch
 ``j`` before it serves its peers' dispatch of ``j``, the peer sends them the other way round.
 
+**Connections.** NCCL creates a pair's communicator at the pair's first message, blocking until both
+ranks reach it; two ranks whose first messages are on different groups would wait for each other forever.
+So :class:`Wire` connects every (group, attention rank, host) pair at construction, all ranks walking one
+global order with a one-element message, which cannot deadlock (the earliest pair not yet connected has
+both its ranks waiting on it).
+
 **Devices.** The backend follows the model's device (``nccl`` for CUDA, gloo for CPU); every tensor that
 travels is on that device. On NCCL each group's point-to-point traffic runs on the communicator's own
 stream, so dispatch and combine run beside the compute stream, which waits only where it reads a buffer
@@ -43,13 +49,25 @@ class Wire:
 
     KINDS = ("dispatch", "combine")
 
-    def __init__(self, world: int, device: torch.device):
+    def __init__(self, world: int, device: torch.device, pairs: list[tuple[int, int]]):
+        """``pairs``: the (attention rank, host) pairs that exchange messages, the same list on every rank."""
         self.device, self.backend = device, backend_for(device)
         ranks = list(range(world))
         # creation is collective: the same order on every rank
         self.groups = {(k, up): dist.new_group(ranks, backend=self.backend) for k in self.KINDS for up in (True, False)}
         self._pool: dict = {}
         self._works: list = []  # (work, tensor): a send's tensor lives until its work is done
+        self._connect(pairs)
+
+    def _connect(self, pairs: list[tuple[int, int]]) -> None:
+        me, one = dist.get_rank(), torch.zeros(1, device=self.device)
+        for kind in self.KINDS:
+            for a, h in sorted(pairs):
+                src, dst = (a, h) if kind == "dispatch" else (h, a)
+                if me == src:
+                    dist.send(one, dst, group=self._group(kind, src, dst), tag=0)
+                elif me == dst:
+                    dist.recv(one, src, group=self._group(kind, src, dst), tag=0)
 
     def _group(self, kind: str, src: int, dst: int):
         return self.groups[(kind, src < dst)]
