@@ -274,15 +274,14 @@ class ZebraPipeline:
     # -- hosts: expert ranks, and attention ranks that host experts -------------------------------------------
     def _serve(self, host: ExpertHost, layer: int, j: int) -> None:
         """Serve the peers' tokens of (layer, micro-batch ``j``), in attention-rank order."""
-        c, w = self.wire, self.model.c.d
-        k = self.model.c.top_k
+        wire, d, k = self.wire, self.model.c.d, self.model.c.top_k
         for a in self.peers:
-            rows = int(c.recv(c.count(("n", layer, j, a)), a, self.rank, "dispatch"))
+            rows = int(wire.recv(wire.count(("n", layer, j, a)), a, self.rank, "dispatch"))
             if not rows:
                 continue
-            xw = c.recv(c.buffer(("xw", layer, j, a), rows, w + k, self.dtype), a, self.rank, "dispatch")
-            idx = c.recv(c.buffer(("idx", layer, j, a), rows, k, torch.int64), a, self.rank, "dispatch")
-            c.send(host.forward((layer, j, a), xw[:, :w], xw[:, w:], idx), self.rank, a, "combine")
+            xw = wire.recv(wire.buffer(("xw", layer, j, a), rows, d + k, self.dtype), a, self.rank, "dispatch")
+            idx = wire.recv(wire.buffer(("idx", layer, j, a), rows, k, torch.int64), a, self.rank, "dispatch")
+            wire.send(host.forward((layer, j, a), xw[:, :d], xw[:, d:], idx), self.rank, a, "combine")
 
     def _serve_back(self, host: ExpertHost, layer: int, j: int) -> None:
         """Input gradients of what :meth:`_serve` computed for (layer, ``j``), from the peers' output gradients."""
