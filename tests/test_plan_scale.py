@@ -81,7 +81,7 @@ EXPECTED = {
         "digest": "5a4c63e280fb4ed1"},
     "qwen-eplb-16": {"candidate": "data_centric", "batch_shares": [13] * 8 + [5] * 4 + [1] * 4,
         "step_time": 3.4850761731890643, "uniform_step_time": 24.794407783672145,
-        "zebra": (3.780233946564361, list(range(12)), [13] * 8 + [6] * 4, 4, False),
+        "zebra": (3.6060876143949456, [0, 1, 2, 3, 8, 9, 10, 11], [22] * 4 + [10] * 4, 8, False),
         "digest": "2ef4f2983bd84e6c"},
 }
 

@@ -34,30 +34,24 @@ def gather(p: np.ndarray, experts: list[int], per_rank: np.ndarray, caps: np.nda
            spill: list[int] = ()) -> np.ndarray | None:
     """``owner [L, E]``: each layer's experts on the expert ranks, heaviest first onto the rank that finishes
     first, within ``caps`` (whole experts over all layers per rank), every expert rank at least one per layer
-    (the last experts go to ranks still empty); what the expert ranks' memory cannot hold goes to the ``spill``
-    ranks (the attention ranks) the same way; None when it does not fit there either."""
-    owner = _fill(p, list(experts), per_rank, caps, np.zeros(len(per_rank), int))
-    if owner is None and spill:
-        owner = _fill(p, list(experts) + list(spill), per_rank, caps, np.zeros(len(per_rank), int), len(experts))
-    return owner
-
-
-def _fill(p, ranks, per_rank, caps, used, must=None) -> np.ndarray | None:
-    """:func:`gather` over ``ranks``, of which the first ``must`` (default all) get at least one per layer."""
+    (the last experts go to ranks still empty; a slot kept for each later layer); an expert no expert rank has
+    room for goes to a ``spill`` rank
+    (an attention rank) the same way; None when none has room."""
     L, E = p.shape
-    must = len(ranks) if must is None else must
+    ranks, must = list(experts) + list(spill), len(experts)
     speed, cap = [float(per_rank[r]) for r in ranks], [int(caps[r]) for r in ranks]
-    used = [int(used[r]) for r in ranks]
+    used = [0] * len(ranks)
     owner = np.full((L, E), -1)
     for l in range(L):  # plain Python: a few ranks per expert, where numpy's per-call cost would dominate
         t, count = [0.0] * len(ranks), [0] * len(ranks)
-        order = np.argsort(-p[l], kind="stable").tolist()
-        for left, e in enumerate(order):
+        for left, e in enumerate(np.argsort(-p[l], kind="stable").tolist()):
             empty = [i for i in range(must) if not count[i]]
-            pool = empty if len(empty) >= E - left else range(len(ranks))  # the last experts fill empty ranks
-            best, i = min(((t[i] + p[l, e] * speed[i], i) for i in pool if used[i] < cap[i]), default=(None, -1))
-            if best is None:
+            # an expert rank keeps a slot for each later layer, so it hosts one in every layer
+            room = [i for i in (empty if len(empty) >= E - left else range(must)) if used[i] + L - 1 - l < cap[i]]
+            room = room or [i for i in range(must, len(ranks)) if used[i] < cap[i]]  # the expert ranks are full
+            if not room:
                 return None
+            best, i = min((t[i] + p[l, e] * speed[i], i) for i in room)
             owner[l, e], t[i] = ranks[i], best
             used[i] += 1
             count[i] += 1
