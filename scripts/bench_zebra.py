@@ -33,7 +33,7 @@ import torch
 
 from bench_common import Col, Laps, Table, uptime, write_json
 from ds_hexamoe.apportion import largest_remainder
-from ds_hexamoe.testing.zebra import ZebraModel, ZebraModelConfig, make_batch
+from ds_hexamoe.testing.zebra import ZebraModel, ZebraModelConfig, make_batch, one_process
 from ds_hexamoe.placement.zebra import best_zebra
 from ds_hexamoe.testing import run_distributed
 
@@ -73,14 +73,10 @@ def candidate_plans(world: int, batch: int, experts: int, fa: list[float], fe: l
 
 def routing_counts(c: ZebraModelConfig, batch: int) -> np.ndarray:
     """``[layers, experts]`` pairs routed to each expert by the benchmark's model on its batch."""
-    m, (x, _) = ZebraModel(c), make_batch(c, batch)
-    counts, z = [], x
+    routes: list = []
     with torch.no_grad():
-        for layer in range(c.layers):
-            h, xr, idx, w = m.attention_segment(layer, z)
-            counts.append(np.bincount(idx.reshape(-1).numpy(), minlength=c.experts))
-            z = h + m.expert_segment(layer, list(range(c.experts)), xr, idx, w).view_as(h)
-    return np.stack(counts).astype(float)
+        one_process(ZebraModel(c), make_batch(c, batch)[0], routes)
+    return np.stack([np.bincount(idx.reshape(-1).numpy(), minlength=c.experts) for idx in routes]).astype(float)
 
 
 def calibrate(c: ZebraModelConfig, samples: int, reps: int = 3) -> dict:

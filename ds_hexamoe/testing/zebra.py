@@ -178,13 +178,21 @@ class ColocatedStep:
         return float(loss.detach())
 
 
-def one_process_loss(model: ZebraModel, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The stack in one process, every expert here: the loss whose gradients a pipeline must reproduce."""
+def one_process(model: ZebraModel, inputs: torch.Tensor, routes: list | None = None) -> torch.Tensor:
+    """The stack's last hidden state in one process, every expert here; each layer's ``top_k_index`` is
+    appended to ``routes`` when given."""
     z = model.embed(inputs)
     for layer in range(model.c.layers):
         h, x, idx, w = model.attention_segment(layer, z)
+        if routes is not None:
+            routes.append(idx)
         z = h + model.expert_segment(layer, list(range(model.c.experts)), x, idx, w).view_as(h)
-    return model.head_loss(z, target, model.loss_count(target))
+    return z
+
+
+def one_process_loss(model: ZebraModel, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss whose gradients a pipeline must reproduce."""
+    return model.head_loss(one_process(model, inputs), target, model.loss_count(target))
 
 
 # scripts/gpu_check.py's zebra section: the stack, batch and placements it runs on 2 ranks (rank 0 attends;
