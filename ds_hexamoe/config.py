@@ -44,13 +44,17 @@ class RouterConfig:
 
 @dataclass
 class PlacementConfig:
-    solver: Literal["greedy", "waterfill", "asym_ea", "eplb", "ilp"] = "greedy"  # greedy: old name of waterfill
+    solver: Literal["greedy", "waterfill", "bubble_squeeze", "asym_ea", "eplb", "ilp"] = "greedy"  # greedy: old name of waterfill
     replicas: int = 0  # extra replicas of hot experts per layer
     ilp_time_limit: float = 10.0
     replan_every: int = 0  # 0: plan once
     use_affinity: bool = True
 
     def validate(self, path: str) -> None:
+        if self.solver == "asym_ea":  # renamed: the colocated heuristic was not HeterMoE's Asym-EA
+            raise ConfigError(f"{path}.solver: 'asym_ea' was renamed 'bubble_squeeze' (a colocated expert-parallel "
+                              "heuristic); HeterMoE's Asym-EA places experts for zebra disaggregation (hexamoe.zebra, "
+                              "the planner's verdict) and is no placement.solver")
         _check(self.replicas >= 0, f"{path}.replicas", self.replicas, "an integer >= 0")
         _check(self.ilp_time_limit > 0, f"{path}.ilp_time_limit", self.ilp_time_limit, "a number > 0")
         _check(self.replan_every >= 0, f"{path}.replan_every", self.replan_every, "an integer >= 0")

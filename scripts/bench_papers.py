@@ -34,7 +34,7 @@ import paper_setups as ps  # noqa: E402  (a sibling script, not a package module
 from bench_common import Col, Laps, Table, uptime, write_json  # noqa: E402  (a sibling script too)
 
 SETUPS = {"6xA40+6xV100": (6, 6), "4xA40+8xV100": (4, 8), "6xA40+3xV100": (6, 3)}
-SOLVERS = ("waterfill", "asym_ea", "eplb")
+SOLVERS = ("waterfill", "bubble_squeeze", "eplb")
 
 
 def mixtral_like(seq: int) -> ModelShape:
@@ -93,26 +93,46 @@ def hetermoe_summary(rows: list[dict], tokens: int, skew: float) -> list[dict]:
                  "paper_ideal_cite": ps.REPORTED_HETERMOE_VS_IDEAL[1]}
             zebra = next((r["zebra"] for r in got if r["mode"] == "auto" and r.get("zebra")), None)
             if not got or zebra is None:
-                out.append(s | {"skipped": "no feasible plan or no zebra split"})
+                out.append(s | {"skipped": "no feasible plan, or no zebra split whose whole experts fit memory"})
+                continue
+            refused = runtime_refuses(zebra, len(hetermoe_inputs(setup, seq, tokens, skew)[0]))
+            if refused:
+                out.append(s | {"skipped": f"the runtime refuses the planner's split: {refused}"})
                 continue
             best = min(got, key=lambda r: r["step_s"])
             ep = uniform_ep(setup, seq, tokens, skew)
             batch = best["global_batch"]
             s |= {"best_plan": f"{best['solver']}/{best['candidate']}", "best_plan_s": best["step_s"],
                   "zebra_s": zebra["step_time"], "zebra_split": f"{len(zebra['attention_ranks'])}+"
-                  f"{len(zebra['expert_ranks'])}, {zebra['micro_batches']} mb", "uniform_ep_s": ep.get("step_s"),
+                  f"{len(zebra['expert_ranks'])}, {zebra['micro_batches']} mb, {zebra['asym_ea_moves']} moved",
+                  "asym_ea_moves": zebra["asym_ea_moves"], "uniform_ep_s": ep.get("step_s"),
                   "uniform_ep_memory_ok": ep.get("memory_ok"), "zebra_tokens_per_s": batch * seq / zebra["step_time"],
                   "zebra_over_best_plan": best["step_s"] / zebra["step_time"]}
             s["zebra_over_ep"] = ep["step_s"] / zebra["step_time"] if "step_s" in ep else None
             s["why"] = ("the paper: 5 small Mixtral-like models (4-8 layers, 12-40 experts) on V100-16GB at the largest "
                         "batch that fits; here 8 Mixtral-8x7B blocks (8 experts) on V100-32GB, "
-                        f"{batch} samples per step; the zebra estimate ignores memory and whole-expert rounding"
+                        f"{batch} samples per step; whole experts placed from skewed routing within memory "
+                        "(Asym-EA's 'moved' experts on attention ranks)"
                         "; uniform EP leaves 4 ranks without an expert; the V100's attention "
                         "is 1/3.7 of an A40's at every length (the paper's long-sequence ratio; smaller at 4K)")
             if batch < len(zebra["attention_ranks"]) * 2:
                 s["why"] += "; too few samples to pipeline (1 micro-batch) or to fill every rank"
             out.append(s)
     return out
+
+
+def runtime_refuses(zebra: dict, world: int) -> str | None:
+    """Why the zebra runtime would refuse the planner's split (its own ``ZebraLayout.check``), or None."""
+    from ds_hexamoe.parallel.zebra import ZebraLayout
+
+    owner = zebra["expert_owner"]
+    layout = ZebraLayout(tuple(zebra["attention_ranks"]), tuple(zebra["shares"]), tuple(map(tuple, owner)),
+                         zebra["micro_batches"])
+    try:
+        layout.check(world, len(owner[0]), len(owner))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _f(v, fmt: str = "{:.2f}x") -> str:
@@ -150,8 +170,10 @@ def print_hetermoe(rows: list[dict], summary: list[dict]) -> None:
     if any("why" in s for s in summary):
         print("why they differ: the paper measured 5 small Mixtral-like models (4-8 layers, 12-40 experts) on "
               "V100-16GB at the largest batch that fits; here 8 Mixtral-8x7B blocks (8 experts) on V100-32GB at a "
-              "fixed token count (few samples at 32K: no pipelining, idle ranks); the zebra estimate ignores memory, "
-              "whole-expert rounding and the optimizer step; uniform EP leaves 4 ranks without an expert; the V100's "
+              "fixed token count (few samples at 32K: no pipelining, idle ranks; 2 samples leave at most 2 attention "
+              "ranks, so more expert ranks than the 8 experts, which the runtime refuses); the zebra estimate places "
+              "whole experts from skewed routing within memory (Asym-EA's 'moved': experts squeezed onto attention "
+              "ranks) and ignores the optimizer step; uniform EP leaves 4 ranks without an expert; the V100's "
               "attention is 1/3.7 of an A40's at every length here (the paper's long-sequence ratio; its gap is "
               "smaller at 4K)")
 

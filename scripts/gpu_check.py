@@ -11,6 +11,9 @@ Sections (each isolated: one failing records its error and the rest still run):
   compile        torch.compile(fullgraph=True) of a tiny Mixtral on CUDA: graph breaks, logits/grads vs eager
   deepspeed      a one-rank DeepSpeed engine with FSSDP: 3 steps in bf16 and in fp16 (dynamic loss scaling)
   megatron       megatron-core's full MoELayer (router included) with the package's experts vs SequentialMLP
+  zebra          the zebra pipeline on 2 ranks with NCCL groups (1 attention + 1 expert rank, then Asym-EA with
+                 experts on the attention rank): loss and every gradient vs one process on the GPU; on one GPU
+                 the 2 ranks share it if NCCL allows, otherwise the section records NCCL's refusal (not a pass)
 
 Without a CUDA device nothing is measured: the JSON says ``"status": "no_gpu"`` and the exit code is 3.
 Exit 0: every section ran and passed; 1: a section failed or missed a goal.
@@ -29,8 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from bench_common import write_json  # noqa: E402  (a sibling script)
 
-SECTIONS = ("kernels", "bench_kernels", "layer_memory", "compile", "deepspeed", "megatron")
-TIMEOUT_S = {"kernels": 90, "bench_kernels": 190, "layer_memory": 60, "compile": 90, "deepspeed": 90, "megatron": 60}
+SECTIONS = ("kernels", "zebra", "bench_kernels", "layer_memory", "compile", "deepspeed", "megatron")
+TIMEOUT_S = {"kernels": 90, "zebra": 60, "bench_kernels": 190, "layer_memory": 60, "compile": 90, "deepspeed": 90,
+             "megatron": 60}
 NO_GPU_EXIT = 3
 
 
@@ -235,6 +239,23 @@ def check_megatron(torch):
         res.append((y.detach(), xi.grad, layer.router.weight.grad))
     errs = {n: _rel(b, a) for n, a, b in zip(("y", "dx", "drouter"), res[0], res[1])}
     return max(errs.values()) <= 1e-4, {"max_rel_err": errs}
+
+
+def check_zebra(torch):
+    from ds_hexamoe.testing import run_distributed
+    from ds_hexamoe.testing.zebra import device_check_errors, device_check_rank
+
+    try:
+        ranks = run_distributed(device_check_rank, 2, "cuda", timeout=45, fresh=True)
+    except RuntimeError as e:  # NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU detected")
+        if torch.cuda.device_count() == 1 and "duplicate gpu" in str(e).lower():
+            return False, {"ran": False, "reason": "NCCL refuses 2 ranks on one GPU (Duplicate GPU detected): "
+                           "run on a machine with 2 GPUs", "error": str(e)[-2000:]}
+        raise
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    out = device_check_errors(ranks, "cuda")
+    ok = all(r["max_rel_err"] <= 1e-4 and r["backend"] == "nccl" for r in out.values())
+    return ok, out
 
 
 # ------------------------------------------------------------------------------------------- driver

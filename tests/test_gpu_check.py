@@ -1,4 +1,5 @@
-"""``scripts/gpu_check.sh`` on a machine without a GPU: it says so, writes that in its JSON and exits 3."""
+"""``scripts/gpu_check.sh`` on a machine without a GPU: it says so, writes that in its JSON and exits 3; its
+zebra section's ranks and comparison, run on CPU and gloo, equal one process."""
 from __future__ import annotations
 
 import json
@@ -35,3 +36,15 @@ def test_a_section_forced_on_cpu_is_an_error_not_a_pass(tmp_path):
     assert line, proc.stdout + proc.stderr
     res = json.loads(line[-1].split(" ", 1)[1])
     assert res["status"] == "error", res
+
+
+def test_gpu_check_zebra_section_runs_on_cpu_ranks():
+    """The zebra section's own rank function and comparison (NCCL on a GPU), here on 2 gloo ranks."""
+    from ds_hexamoe.testing import run_distributed
+    from ds_hexamoe.testing.zebra import DEVICE_CHECK, device_check_errors, device_check_rank
+
+    out = device_check_errors(run_distributed(device_check_rank, 2, "cpu", timeout=120), "cpu")
+    assert len(out) == len(DEVICE_CHECK["owners"])
+    for res in out.values():
+        assert res["backend"] == "gloo" and res["compared"] >= 10
+        assert res["max_rel_err"] <= 1e-5, res

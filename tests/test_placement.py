@@ -166,7 +166,7 @@ def test_solvers_respect_memory_slots(solver):
 
 
 def test_greedy_balances_by_speed():
-    """Asym-EA: with no communication, per-rank expert time levels out across speeds 1x, 2x, 4x."""
+    """bubble_squeeze: with no communication, per-rank expert time levels out across speeds 1x, 2x, 4x."""
     L, E, R = 1, 16, 3
     rng = np.random.default_rng(0)
     P = S.PlacementProblem(loads=rng.uniform(50, 150, (L, E)), hops=[], home=np.ones(R) / R,

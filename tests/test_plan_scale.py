@@ -1,6 +1,7 @@
 """The planner at cluster scale: the zebra split search is array scans (and a refined grid above
 ``zebra.EXHAUSTIVE_RANKS`` ranks), so a 1024-rank plan completes; plans at small and medium scale are
-exactly those the per-message simulation made (recorded from it before the change)."""
+exactly those the per-message simulation made (recorded from it before the change); zebra's advice was
+re-recorded when it began placing whole experts from the routing statistics within memory (2026-12-06)."""
 from __future__ import annotations
 
 import hashlib
@@ -46,37 +47,41 @@ CASES = {
     "tiny-dc-48": lambda: _tiny(48, "data_centric"),
     "tiny-auto-24": lambda: _tiny(24, "auto"),
     "mixtral-greedy-16": lambda: _big("mixtral-8x7b", MIXED, "greedy", 2),
-    "mixtral-asym-24": lambda: _big("mixtral-8x7b", [("H100-SXM", 6), ("A40", 12), ("L40S", 6)], "asym_ea", 2),
+    "mixtral-asym-24": lambda: _big("mixtral-8x7b", [("H100-SXM", 6), ("A40", 12), ("L40S", 6)], "bubble_squeeze", 2),
     "qwen-eplb-16": lambda: _big("qwen3-30b-a3b", MIXED, "eplb", 8),
 }
 
 # recorded from the planner before the zebra simulation was vectorized (per-message loops, every split):
-# candidate, batch shares, predicted and uniform step, zebra's (step, attention ranks, shares, micro-batches,
-# verdict) and a digest of the whole plan but zebra's advice and wall times
+# candidate, batch shares, predicted and uniform step, and a digest of the whole plan but zebra's advice and
+# wall times (mixtral-asym-24's digest re-recorded when its solver was renamed bubble_squeeze: the same plan).
+# zebra's (step, attention ranks, shares, micro-batches, verdict) re-recorded 2026-12-06 with whole experts
+# and memory: None for Mixtral-8x7B, whose dense state (25.7 GB with Adam) replicated on every attention rank
+# leaves no split of at most 8 expert ranks that holds the 256 experts; the tiny model's 4 experts allow at
+# most 4 expert ranks, so zebra's step is 2.4x-7x what the fractional split promised and never wins.
 EXPECTED = {
     "tiny-dc-16": {"candidate": "data_centric", "batch_shares": [11] * 8 + [5] * 8,
         "step_time": 0.07896197986909091, "uniform_step_time": 0.11429065012363639,
-        "zebra": (0.0830813415131427, list(range(7)), [19, 19] + [18] * 5, 8, False),
+        "zebra": (0.19884488630857147, list(range(14)), [12] * 4 + [11] * 4 + [6] * 6, 4, False),
         "digest": "08f7df74eaa2b7e2"},
     "tiny-dc-48": {"candidate": "data_centric", "batch_shares": [11] * 24 + [5] * 24,
         "step_time": 0.07894003659636363, "uniform_step_time": 0.11425679121454548,
-        "zebra": (0.08308401854171411, list(range(21)), [19] * 6 + [18] * 15, 8, False),
+        "zebra": (0.5853941497018174, list(range(44)), [11] * 24 + [6] * 20, 4, False),
         "digest": "a4adf9103183fd92"},
     "tiny-auto-24": {"candidate": "data_centric", "batch_shares": [11] * 12 + [5] * 12,
         "step_time": 0.07895100823272727, "uniform_step_time": 0.11427372066909092,
-        "zebra": (0.08403404288000006, list(range(10)), [20, 20] + [19] * 8, 8, False),
+        "zebra": (0.2954826214400003, list(range(20)), [12] * 12 + [6] * 8, 4, False),
         "digest": "6518a95c110226a4"},
     "mixtral-greedy-16": {"candidate": "model_centric", "batch_shares": [3] * 8 + [2] * 4 + [0] * 4,
         "step_time": 2.7413801812294656, "uniform_step_time": 10.32947320692708,
-        "zebra": (1.6194267772616764, [0, 8, 9, 10, 11], [12] + [5] * 4, 4, True),
+        "zebra": None,
         "digest": "63259457e2c9b69d"},
     "mixtral-asym-24": {"candidate": "expert_parallel", "batch_shares": [4] * 6 + [1] * 12 + [2] * 6,
         "step_time": 5.077903243080827, "uniform_step_time": 13.034472971149485,
-        "zebra": (2.3616973693327785, list(range(18, 23)), [10] * 3 + [9, 9], 8, True),
-        "digest": "04117dad348a6f07"},
+        "zebra": None,
+        "digest": "5a4c63e280fb4ed1"},
     "qwen-eplb-16": {"candidate": "data_centric", "batch_shares": [13] * 8 + [5] * 4 + [1] * 4,
         "step_time": 3.4850761731890643, "uniform_step_time": 24.794407783672145,
-        "zebra": (2.666999207302292, [0, 1, 2, 3, 4, 8, 9, 10, 11], [19] * 5 + [9] + [8] * 3, 8, True),
+        "zebra": (3.6060876143949456, [0, 1, 2, 3, 8, 9, 10, 11], [22] * 4 + [10] * 4, 8, False),
         "digest": "2ef4f2983bd84e6c"},
 }
 
@@ -111,11 +116,14 @@ def test_plans_are_the_ones_recorded_before(case):
     assert d["predicted"]["step_time"] == pytest.approx(want["step_time"], rel=1e-12)
     assert d["predicted"]["uniform_step_time"] == pytest.approx(want["uniform_step_time"], rel=1e-12)
     z = d["meta"]["zebra"]
+    assert digest(d) == want["digest"]
+    if want["zebra"] is None:
+        assert z is None
+        return
     step, attention, shares, micro, wins = want["zebra"]
     assert (z["attention_ranks"], z["shares"], z["micro_batches"], z["wins"]) == (attention, shares, micro, wins)
     assert z["step_time"] == pytest.approx(step, rel=1e-12)
     assert z["split_search"] == f"all {len(d['devices']) - 1} splits"
-    assert digest(d) == want["digest"]
 
 
 def _valid(d: dict, ranks: int) -> None:

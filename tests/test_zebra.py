@@ -1,5 +1,7 @@
 """Disaggregated zebra training equals one process: losses, gradients and parameters after several
-SGD-momentum steps, on 2 and 3 gloo ranks in fp32, against a plain PyTorch reference (per-expert loops)."""
+SGD-momentum steps, on 2 and 3 gloo ranks in fp32, against a plain PyTorch reference (per-expert loops);
+with experts on expert ranks only, and with Asym-EA placements (attention ranks hosting whole experts,
+per layer). Messages are matched by order only (tag 0, NCCL's rule), so an ordering slip fails here."""
 from __future__ import annotations
 
 import pytest
@@ -15,9 +17,14 @@ CFG = ZebraModelConfig(layers=2, d=16, heads=2, seq=8, experts=4, ffn=24, top_k=
 BATCH, STEPS = 6, 3
 # world -> layouts run one after the other on the same ranks
 LAYOUTS = {
-    2: [ZebraLayout((0,), (6,), (1, 1, 1, 1), micro_batches=3)],
+    2: [ZebraLayout((0,), (6,), (1, 1, 1, 1), micro_batches=3),
+        # Asym-EA: the attention rank hosts expert 0 in layer 0, experts 1 and 3 in layer 1
+        ZebraLayout((0,), (6,), ((0, 1, 1, 1), (1, 0, 1, 0)), micro_batches=3)],
     3: [ZebraLayout((0, 1), (4, 2), (2, 2, 2, 2), micro_batches=2),
-        ZebraLayout((0,), (6,), (1, 2, 2, 1), micro_batches=2)],
+        ZebraLayout((0,), (6,), (1, 2, 2, 1), micro_batches=2),
+        # Asym-EA with two attention ranks serving each other's tokens, per layer, and one flat
+        ZebraLayout((0, 1), (4, 2), ((0, 2, 1, 2), (2, 1, 0, 0)), micro_batches=2),
+        ZebraLayout((0, 1), (3, 3), (1, 2, 0, 2), micro_batches=3)],
 }
 
 
@@ -73,19 +80,25 @@ def _train(rank, world, layouts, colocated=()):
 def _check(ranks_out, ref, layout_i):
     ref_losses, ref_grads, ref_params = ref
     total = [0.0] * STEPS
+    seen = {n: [[] for _ in range(CFG.layers)] for n in ("w1", "w2")}
     for per_rank in ranks_out:
         r = per_rank[layout_i]
         total = [a + b for a, b in zip(total, r["losses"])]
         for name, want in list(ref_grads.items()):
             got_g, got_p, want_p = r["grads"][name], r["params"][name], ref_params[name]
             if name in ("w1", "w2"):
-                if not r["hosted"]:
-                    continue
-                got_g, want, got_p, want_p = (t[:, r["hosted"]] for t in (got_g, want, got_p, want_p))
+                for l, hosted in enumerate(r["hosted_by_layer"] or [r["hosted"]] * CFG.layers):
+                    for got, exp, what in ((got_g[l, hosted], want[l, hosted], "grad"),
+                                           (got_p[l, hosted], want_p[l, hosted], f"param after {STEPS} steps")):
+                        torch.testing.assert_close(got, exp, rtol=1e-5 if what == "grad" else 1e-4,
+                                                   atol=1e-6 if what == "grad" else 1e-5, msg=f"{what} {name}[{l}]")
+                    seen[name][l] += hosted
+                continue
             elif not r["attention"]:
                 continue
             torch.testing.assert_close(got_g, want, rtol=1e-5, atol=1e-6, msg=f"grad {name}")
             torch.testing.assert_close(got_p, want_p, rtol=1e-4, atol=1e-5, msg=f"param {name} after {STEPS} steps")
+    assert all(set(s) == set(range(CFG.experts)) for v in seen.values() for s in v), seen  # every expert compared
     assert total == pytest.approx(ref_losses, rel=1e-5)
 
 
@@ -99,8 +112,11 @@ def test_zebra_training_equals_one_process(world):
 
 
 def test_layout_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"zebra\.expert_owner"):
-        ZebraLayout((0,), (4,), (0, 1, 1, 1)).check(2, 4)  # an attention rank may not host experts
+    ZebraLayout((0,), (4,), (0, 1, 1, 1)).check(2, 4)  # an attention rank may host experts (Asym-EA)
+    with pytest.raises(ValueError, match=r"zebra\.expert_owner: ranks \[1\] neither attend"):
+        ZebraLayout((0,), (4,), (0, 0, 0, 0)).check(2, 4)
+    with pytest.raises(ValueError, match=r"zebra\.expert_owner: got 1 per-layer rows; expected one per layer \(2\)"):
+        ZebraLayout((0,), (4,), ((0, 1, 1, 1),)).check(2, 4, layers=2)
     with pytest.raises(ValueError, match=r"zebra\.shares"):
         ZebraLayout((0,), (1,), (1, 1, 1, 1), micro_batches=2).check(2, 4)
     with pytest.raises(ValueError, match=r"zebra\.attention_ranks"):

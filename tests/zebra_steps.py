@@ -6,7 +6,7 @@ import torch
 
 def run_steps(rank: int, model, pipe, layout, opt, batches) -> dict:
     """One step per ``(inputs, targets)`` of ``batches`` (global micro-batches); the first step's gradients,
-    every step's loss part, the parameters after the last step, and what this rank holds."""
+    every step's loss part, the parameters after the last step, and what this rank holds (experts: ``hosted``, or per layer ``hosted_by_layer``)."""
     rows, attending = layout.rows(rank), rank in layout.attention_ranks
     losses, grads = [], None
     for s, (x, t) in enumerate(batches):
@@ -16,7 +16,9 @@ def run_steps(rank: int, model, pipe, layout, opt, batches) -> dict:
             grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
         opt.step()
     return {"losses": losses, "grads": grads, "params": {k: p.detach().clone() for k, p in model.named_parameters()},
-            "hosted": layout.hosted(rank), "attention": attending}
+            "hosted": None if layout.per_layer else layout.hosted(rank),
+            "hosted_by_layer": [layout.hosted(rank, l) for l in range(len(layout.expert_owner))] if layout.per_layer else None,
+            "attention": attending}
 
 
 def reference_steps(model, opt, loss_of, batches) -> tuple[list[float], dict, dict]:

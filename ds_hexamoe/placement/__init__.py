@@ -13,7 +13,7 @@ from .shapes import MODEL_SHAPES, ModelShape
 from .simulator import Simulation, ideal_step_time, simulate, uniform_plan
 from .problem import PlacementProblem, SolverResult
 from .solvers import SOLVERS, register_solver, solve
-from . import asym_ea as _asym_ea  # noqa: F401  (registers the "asym_ea" solver)
+from . import squeeze as _squeeze  # noqa: F401  (registers the "bubble_squeeze" solver)
 from . import ilp as _ilp  # noqa: F401  (registers the "ilp" solver)
 
 __all__ = [

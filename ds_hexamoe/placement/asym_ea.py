@@ -1,152 +1,113 @@
-"""HeterMoE's asymmetric expert assignment (Asym-EA), gather-and-squeeze, on whole experts.
+"""HeterMoE's asymmetric expert assignment (Asym-EA, Algorithm 1, "gather-and-squeeze") for the zebra pipeline.
 
-The runtime synchronizes at every expert-parallel layer's dispatch and combine, so what a rank does not
-use of a layer (the time it waits for that layer's slowest rank) is a bubble, and bubbles add up over
-the layers. Asym-EA works on that per-layer time, not on per-rank sums:
+Zebra gives ``M`` attention ranks the dense work and ``N`` expert ranks whole experts. Where the expert ranks
+are the slower side of a layer, the attention ranks idle: a bubble ``T_gather = T_experts - T_attention``.
+Asym-EA moves whole experts of such layers onto the attention ranks (the runtime, ``parallel/zebra.py``,
+computes them there, per layer):
 
-- **gather**: per layer, whole experts (heaviest first) go to the rank that would finish the layer's
-  *expert work* first, within its memory slots: experts gather on the ranks fastest at experts, blind to
-  the dense (attention) work each rank also has, which leaves bubbles on the ranks that finish early;
-- **squeeze**: the bubbles of every rank are accumulated over the layers; the rank with the most idle
-  time takes whole experts back from the slowest rank of the layers where it waits longest, at most as
-  many per round as its memory has free slots (memory-bounded chunks), as long as a move shortens that
-  layer; rounds repeat until no move helps.
+- **gather**: each layer's experts go to the expert ranks, heaviest first onto the rank that finishes them
+  first at its expert speed, within memory;
+- **squeeze**: walking the layers, the bubble accumulates (``t += T_gather``, never below 0); while ``t``
+  covers a chunk's time on the attention ranks (``T_squeeze``), the chunk moves and ``t -= T_squeeze`` (the
+  paper's ``floor(t / T_squeeze)`` chunks). A chunk is ``n1 = max(1, N // M)`` experts per attention rank,
+  taken round-robin from the expert ranks, most loaded first (``n2 = n1 M / N`` each when ``M`` divides ``N``
+  or ``N`` divides ``M``, the paper's condition; otherwise as even as the round-robin makes it). Memory caps
+  what a rank holds (the paper's ``n_max``: whole experts over all layers), and an expert rank keeps at least
+  one expert per layer (``n_min``).
 
-The unit moved is a whole expert, or with replication (``PlacementProblem.replicas``, as for ``eplb``
-and ``ilp``: by default enough for every rank to host one) a whole replica of one, carrying an equal
-share of the expert's tokens, replicas of one expert on distinct ranks; ``replicas=0`` is the published
-whole-expert form. A rank's time in layer ``l`` is :func:`~.problem.layer_times` (its share of the dense
-base, compute of its experts' pairs, materialization not hidden, dispatch and combine traffic); it depends
-only on the rank's own pairs and hosted experts, so a move changes two ranks and is scored exactly.
+Routing statistics make experts unequal, which the paper's equal-expert chunks do not meet: each rank gives
+its heaviest expert whose time on the attention rank fits the bubble left, so ``T_squeeze`` is the chunk's
+real time (its slowest attention rank), and a layer whose lightest candidate does not fit moves nothing.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .problem import PlacementProblem, SolverResult, layer_times, objective
-from .solvers import _units, register_solver
+
+def rank_busy(owner_l: np.ndarray, p_l: np.ndarray, per_rank: np.ndarray) -> np.ndarray:
+    """Seconds of one layer's expert work per rank: ``p_l[e]`` (a fraction of the layer's pairs) of expert ``e``
+    on its owner, whose whole-layer expert work takes ``per_rank[r]`` seconds."""
+    return np.bincount(owner_l, weights=p_l * per_rank[owner_l], minlength=len(per_rank))
 
 
-def _rank_layer_time(P: PlacementProblem, l: int, local: np.ndarray, hosted: np.ndarray,
-                     dense: bool = True) -> np.ndarray:
-    """Seconds per rank in layer ``l`` with ``local[r]`` pairs and ``hosted[r]`` experts on rank ``r``
-    (``dense=False``: the expert work only)."""
-    L = P.shape[0] if dense else np.inf
-    total = float(P.loads[l].sum())
-    hops = 2.0 * (P.home * (total - local) + (1.0 - P.home) * local)
-    mat = np.maximum(0.0, hosted * P.host_cost - P.overlap)
-    return P.base / L + P.pair_cost * local + mat + P.hop_cost * hops
+def gather(p: np.ndarray, experts: list[int], per_rank: np.ndarray, caps: np.ndarray,
+           spill: list[int] = ()) -> np.ndarray | None:
+    """``owner [L, E]``: each layer's experts on the expert ranks, heaviest first onto the rank that finishes
+    first, within ``caps`` (whole experts over all layers per rank), every expert rank at least one per layer
+    (the last experts go to ranks still empty; a slot kept for each later layer); an expert no expert rank has
+    room for goes to a ``spill`` rank
+    (an attention rank) the same way; None when none has room."""
+    L, E = p.shape
+    ranks, must = list(experts) + list(spill), len(experts)
+    speed, cap = [float(per_rank[r]) for r in ranks], [int(caps[r]) for r in ranks]
+    used = [0] * len(ranks)
+    owner = np.full((L, E), -1)
+    for l in range(L):  # plain Python: a few ranks per expert, where numpy's per-call cost would dominate
+        t, count = [0.0] * len(ranks), [0] * len(ranks)
+        for left, e in enumerate(np.argsort(-p[l], kind="stable").tolist()):
+            empty = [i for i in range(must) if not count[i]]
+            # an expert rank keeps a slot for each later layer, so it hosts one in every layer
+            room = [i for i in (empty if len(empty) >= E - left else range(must)) if used[i] + L - 1 - l < cap[i]]
+            room = room or [i for i in range(must, len(ranks)) if used[i] < cap[i]]  # the expert ranks are full
+            if not room:
+                return None
+            best, i = min((t[i] + p[l, e] * speed[i], i) for i in room)
+            owner[l, e], t[i] = ranks[i], best
+            used[i] += 1
+            count[i] += 1
+    return owner
 
 
-def synchronized_time(P: PlacementProblem, F: np.ndarray) -> float:
-    """Sum over layers of the slowest rank's layer time: the step when every layer synchronizes."""
-    return objective(P, F)
-
-
-class _Layer:
-    """One layer's units (expert id, pairs) and where they are."""
-
-    def __init__(self, P: PlacementProblem, l: int, n: np.ndarray):
-        self.l = l
-        self.expert = np.repeat(np.arange(len(n)), n)
-        self.load = P.loads[l][self.expert] / n[self.expert]
-        self.owner = np.full(len(self.expert), -1)
-
-    def state(self, R: int) -> tuple[np.ndarray, np.ndarray]:
-        return (np.bincount(self.owner, weights=self.load, minlength=R),
-                np.bincount(self.owner, minlength=R).astype(float))
-
-    def fractions(self, E: int, R: int, n: np.ndarray) -> np.ndarray:
-        F = np.zeros((E, R))
-        np.add.at(F, (self.expert, self.owner), 1.0 / n[self.expert])
-        return F
-
-
-def _gather(P: PlacementProblem, x: _Layer, slots: np.ndarray) -> None:
-    R = P.shape[2]
-    local, hosted = np.zeros(R), np.zeros(R)
-    for u in np.argsort(-x.load, kind="stable"):
-        # a rank's time depends only on its own load: every rank's time with u added, at once
-        t = _rank_layer_time(P, x.l, local + x.load[u], hosted + 1, dense=False)
-        t[hosted >= slots] = np.inf
-        placed = x.owner[x.expert == x.expert[u]]
-        t[placed[placed >= 0]] = np.inf  # replicas of one expert on distinct ranks
-        best = int(np.argmin(t))
-        x.owner[u] = best
-        local[best] += x.load[u]
-        hosted[best] += 1
-
-
-def _time_of(P: PlacementProblem, l: int, r: int, local: np.ndarray, hosted: np.ndarray) -> np.ndarray:
-    """Rank ``r``'s layer time for each candidate ``(local, hosted)``."""
-    total = float(P.loads[l].sum())
-    hops = 2.0 * (P.home[r] * (total - local) + (1.0 - P.home[r]) * local)
-    mat = np.maximum(0.0, hosted * P.host_cost[r] - P.overlap[r])
-    return P.base[r] / P.shape[0] + P.pair_cost[r] * local + mat + P.hop_cost[r] * hops
-
-
-def _squeeze_into(P: PlacementProblem, layers: list[_Layer], slots: np.ndarray, r: int, T: np.ndarray) -> int:
-    """Move up to a memory-bounded chunk of whole units onto rank ``r``, worst layers first; moves made."""
-    R = P.shape[2]
-    moves = 0
-    for l in np.argsort(-(T.max(axis=1) - T[:, r]), kind="stable"):
-        x = layers[l]
-        local, hosted = x.state(R)
-        chunk = int(slots[r] - hosted[r])  # what rank r's memory still holds in this layer
-        while chunk > 0:
-            t = _rank_layer_time(P, l, local, hosted)
-            c = int(np.argmax(t))
-            if c == r:
-                break
-            here = np.unique(x.expert[x.owner == r])
-            cand = np.flatnonzero((x.owner == c) & ~np.isin(x.expert, here))
-            if not len(cand):
-                break
-            w = x.load[cand]
-            others = np.delete(t, [c, r]).max(initial=0.0)
-            new = np.maximum(others, np.maximum(_time_of(P, l, c, local[c] - w, hosted[c] - 1),
-                                                _time_of(P, l, r, local[r] + w, hosted[r] + 1)))
-            if new.min() >= t.max() * (1 - 1e-12):
-                break
-            u = int(cand[int(np.argmin(new))])
-            x.owner[u] = r
-            local[[c, r]] += (-x.load[u], x.load[u])
-            hosted[[c, r]] += (-1, 1)
-            chunk -= 1
-            moves += 1
-        if moves and P.shape[0] > 1:
-            return moves  # bubbles changed: re-accumulate before the next chunk
+def _chunk(owner_l, p_l, attention, experts, per_rank, room, n1, t) -> list[tuple[int, int]]:
+    """Up to ``n1`` experts per attention rank, round-robin from the expert ranks (most loaded first), each the
+    giver's heaviest whose time on its receiver fits ``t``; an expert rank keeps one expert."""
+    busy = rank_busy(owner_l, p_l, per_rank)
+    givers = sorted(experts, key=lambda r: -busy[r])
+    left = {r: sorted(np.flatnonzero(owner_l == r), key=lambda e: -p_l[e]) for r in givers}
+    added, got, moves = {a: 0.0 for a in attention}, {a: 0 for a in attention}, []
+    for i in range(n1 * len(attention)):
+        g = givers[i % len(givers)]
+        open_ = [a for a in attention if got[a] < n1 and room[a] > got[a]]
+        if len(left[g]) <= 1 or not open_:
+            continue
+        a = min(open_, key=lambda a: added[a] + busy[a])
+        fits = [e for e in left[g] if added[a] + p_l[e] * per_rank[a] <= t]
+        if fits:
+            e = fits[0]
+            left[g].remove(e)
+            moves.append((int(e), a))
+            added[a] += p_l[e] * per_rank[a]
+            got[a] += 1
     return moves
 
 
-@register_solver("asym_ea")
-def asym_ea(P: PlacementProblem, max_rounds: int | None = None) -> SolverResult:
-    """Gather whole units per layer, then squeeze them into the ranks with the most accumulated bubble."""
-    L, E, R = P.shape
-    slots = np.minimum(P.slots, E).astype(int)
-    n = _units(P)
-    layers = [_Layer(P, l, n[l]) for l in range(L)]
-    for x in layers:
-        _gather(P, x, slots)
-
-    def fractions() -> np.ndarray:
-        return np.stack([x.fractions(E, R, n[x.l]) for x in layers])
-
-    rounds = moves = 0
-    for rounds in range(1, (4 * L * E if max_rounds is None else max_rounds) + 1):
-        T = layer_times(P, fractions())
-        bubble = (T.max(axis=1, keepdims=True) - T).sum(axis=0)  # accumulated over the layers
-        moved = 0
-        for r in np.argsort(-bubble, kind="stable"):
-            if bubble[r] <= 0:
+def squeeze(owner: np.ndarray, p: np.ndarray, attention: list[int], experts: list[int], t_att: np.ndarray,
+            per_rank: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, int]:
+    """Algorithm 1's squeeze on a gathered ``owner [L, E]``; ``t_att[a]``: rank ``a``'s attention seconds per
+    layer. Returns the new owners and the experts moved."""
+    owner = owner.copy()
+    used = np.bincount(owner.ravel(), minlength=len(per_rank))
+    n1 = max(1, len(experts) // len(attention))
+    t, moved = 0.0, 0
+    for l in range(owner.shape[0]):
+        busy = rank_busy(owner[l], p[l], per_rank)
+        t = max(0.0, t + busy[experts].max() - max(t_att[a] + busy[a] for a in attention))
+        while True:
+            room = {a: int(caps[a] - used[a]) for a in attention}
+            moves = _chunk(owner[l], p[l], attention, experts, per_rank, room, n1, t)
+            added = {a: sum(p[l, e] * per_rank[a] for e, b in moves if b == a) for a in attention}
+            t_squeeze = max(added.values(), default=0.0)
+            if not moves or t_squeeze > t:
                 break
-            moved = _squeeze_into(P, layers, slots, int(r), T)
-            if moved:
-                break
-        moves += moved
-        if not moved:
-            break
-    F = fractions()
-    return SolverResult(F, objective(P, F), "ok", 0.0,
-                        {"synchronized_s": synchronized_time(P, F), "rounds": rounds, "moves": moves,
-                         "replicas": [int(k.sum()) - E for k in n]})
+            for e, a in moves:
+                used[owner[l, e]] -= 1
+                owner[l, e] = a
+                used[a] += 1
+            t -= t_squeeze
+            moved += len(moves)
+    return owner, moved
+
+
+def fractions(owner: np.ndarray, p: np.ndarray, ranks: int) -> np.ndarray:
+    """``[L, R]``: each rank's part of each layer's expert pairs under ``owner``."""
+    return np.stack([np.bincount(owner[l], weights=p[l], minlength=ranks) for l in range(len(owner))])

@@ -6,7 +6,7 @@ the simulator predicts fastest (within memory):
 - ``data_centric``: batch shares ``B_r ~ 1/t_r`` (HEXA-MoE; ``t_r`` the rank's time per sample for the
   dense part and its own experts), capped by memory; no token moves;
 - ``expert_parallel``: batch shares by dense speed, experts placed by the chosen solver (``greedy`` =
-  ``waterfill``: fractional water-filling, ``asym_ea``: HeterMoE's gather-and-squeeze, ``eplb``: DeepSeek
+  ``waterfill``: fractional water-filling, ``bubble_squeeze``: whole experts squeezed into per-layer bubbles, ``eplb``: DeepSeek
   EPLB replication, ``ilp``: MoETuner's ILP on HiGHS);
 - ``model_centric``: hidden slices ``f_r ~ expert speed``;
 - ``mixed`` (mode "auto"): each layer in the mode the cost model predicts fastest for it.

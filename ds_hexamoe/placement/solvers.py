@@ -2,8 +2,9 @@
 
 Every solver maps a :class:`~.problem.PlacementProblem` to a fraction matrix ``F[l, e, r]`` scored by the
 same :func:`~.problem.rank_times`. Here: ``waterfill`` (also registered as ``greedy``, its old name: fill
-ranks with load in proportion to speed, splitting experts into token fractions), ``asym_ea`` (HeterMoE's
-asymmetric expert assignment, gather-and-squeeze: :mod:`.asym_ea`) and ``eplb`` (DeepSeek EPLB: replicate
+ranks with load in proportion to speed, splitting experts into token fractions), ``bubble_squeeze`` (a
+colocated expert-parallel heuristic: whole experts gathered by expert speed, then squeezed into the ranks
+with the most accumulated per-layer bubble: :mod:`.squeeze`) and ``eplb`` (DeepSeek EPLB: replicate
 the heaviest experts, pack replicas onto the rank that finishes first); ``ilp`` (MoETuner) registers from
 :mod:`.ilp` (docs/design.md, "Heterogeneous placement").
 """

@@ -7,9 +7,11 @@ backward runs the layers in reverse, the expert half of a layer before its atten
 sides are first-in first-out, one pass over that order gives the event times (per layer, running sums and
 maxima over arrays, :func:`_fifo`). Forward is a third of the work, backward two thirds (as in
 :mod:`.simulator`). Every message (one micro-batch of one attention rank to or from one expert rank) pays
-the link's latency and its bytes. An expert rank's share of the
-expert work is fractional here (proportional to its expert speed); whole-expert rounding and memory are
-not modelled. What the step pays once, at its end (:func:`zebra_advice`): the dense-gradient all-reduce
+the link's latency and its bytes. With routing statistics (the planner's verdict) the expert work is placed
+as the runtime places it: whole experts with their loads, within each rank's memory, by :mod:`.asym_ea`
+(gather onto the expert ranks; HeterMoE's squeeze onto the attention ranks where that is faster), per
+layer; an attention rank's hosted experts add to its queue. Without them (``fraction``) each expert rank
+takes a fraction of the work proportional to its speed. What the step pays once, at its end (:func:`zebra_advice`): the dense-gradient all-reduce
 among attention ranks (none with one attention rank: only it holds the dense parameters; experts have
 one owner each, so their gradients are never reduced) and the step's few small collectives.
 """
@@ -19,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from . import asym_ea
 
 # the runtime's forward dispatch of one micro-batch to one expert rank is three messages (count, tokens with
 # their weights, expert indices); every other transfer is one
@@ -38,53 +42,66 @@ class ZebraEstimate:
     expert_fraction: list[float]
     step_time: float
     splits_tried: int = 0  # splits simulated (of ranks - 1): fewer above EXHAUSTIVE_RANKS ranks
+    owner: list | None = None  # [L][E] each expert's rank per layer (whole experts from routing statistics)
+    asym_ea_moves: int = 0  # experts Asym-EA squeezed onto attention ranks (0: the gathered placement won)
+    gathered_step_time: float | None = None  # the step with experts on expert ranks only
 
 
 def simulate_zebra(att: Sequence[float], exp: Sequence[float], attention: Sequence[int], experts: Sequence[int],
                    shares: Sequence[int], layers: int, micro_batches: int, hop: float = 0.0,
-                   fraction: Sequence[float] | None = None, latency: float = 0.0) -> float:
+                   fraction: Sequence[float] | None = None, latency: float = 0.0, hosted=None) -> float:
     """Seconds of one step. ``att[r]``: a sample's attention half of one layer on rank ``r`` (forward plus
     backward); ``exp[r]``: a sample's whole expert work of one layer on ``r``; ``hop``: seconds to move
     one sample's tokens one way; ``fraction``: each expert rank's part of the expert work (default: by speed);
-    ``latency``: seconds every message pays beside its bytes.
+    ``latency``: seconds every message pays beside its bytes; ``hosted [layers, ranks]``: every rank's part of
+    each layer's expert work instead (attention ranks' parts run in their queue after their attention).
 
     Every queue here (an attention rank over its micro-batches, an expert rank over the messages) is
     first-in first-out, ``t = max(t, arrival) + work``, so one layer's pass is a few array scans
     (:func:`_fifo`) instead of a loop per message."""
     att, exp = np.asarray(att, float), np.asarray(exp, float)
-    ex = np.asarray(experts, int)
-    if fraction is None:
-        speed = 1.0 / exp[ex]
-        fraction = speed / speed.sum()
-    f = np.asarray(fraction, float)
-    c = f * exp[ex]  # an expert rank's seconds per sample of a message
-    if np.ptp(c) <= 1e-12 * np.max(c):  # by speed every expert rank gets the same work: they move as one queue
-        c, f = np.max(c, keepdims=True), np.max(f, keepdims=True)
+    ex, at = np.asarray(experts, int), np.asarray(attention, int)
+    if hosted is None:
+        if fraction is None:
+            speed = 1.0 / exp[ex]
+            fraction = speed / speed.sum()
+        hosted = np.zeros((1, len(att)))
+        hosted[0, ex] = fraction
+    hosted = np.asarray(hosted, float)
     s, m = np.asarray(shares, int)[:, None], np.arange(micro_batches)[None, :]
     n = (s // micro_batches + (m < s % micro_batches)).astype(float)  # [attention, micro-batch]: array_split's sizes
-    ta = att[np.asarray(attention, int)][:, None]
-    a_free, x_free = np.zeros(len(n)), np.zeros(len(c))
+    ta = att[at][:, None]
+    a_free, x_free = np.zeros(len(n)), np.zeros(len(ex))
     ready = np.zeros_like(n)
     for phase, share in ((0, 1.0 / 3.0), (1, 2.0 / 3.0)):
         if phase == 1:  # the head's backward runs once every micro-batch's forward is back
             ready[:] = np.maximum(a_free, ready.max(axis=1))[:, None]
-        for _layer in range(layers):
-            if phase == 0:  # attention, then the experts
-                done = _fifo(a_free, ready, n * ta * share)
-                a_free, sent = done[:, -1], done + DISPATCH_MESSAGES * latency + n * hop
+        for layer in range(layers) if phase == 0 else range(layers - 1, -1, -1):
+            h = hosted[layer % len(hosted)]
+            f, c = h[ex], h[ex] * exp[ex]  # an expert rank's part, and its seconds per sample of a message
+            if len(c) and np.ptp(c) <= 1e-12 * np.max(c):  # equal work on every expert rank: they move as one queue
+                c, f = np.max(c, keepdims=True), np.max(f, keepdims=True)
+            # an attention rank's hosted experts, on every attention rank's tokens of the micro-batch
+            hw = (h[at] * exp[at])[:, None] * n.sum(axis=0)[None, :] * share
+            if phase == 0:  # attention, then its own experts, while the other hosts compute theirs
+                done = _fifo(a_free, ready, n * ta * share + hw)
+                a_free, sent = done[:, -1], done - hw + DISPATCH_MESSAGES * latency + n * hop
             else:  # experts' backward first, on the gradients the attention rank sent
                 sent = ready + latency + n * hop
             # the expert ranks serve messages in (micro-batch, attention rank) order
             order = sent.T.ravel()
             nt = n.T.ravel()
-            xs = _fifo(x_free, order[None, :], nt[None, :] * c[:, None] * share)
-            x_free = xs[:, -1] if xs.shape[1] else x_free
+            xs = _fifo(x_free if len(c) == len(x_free) else np.full(len(c), x_free.max()), order[None, :],
+                       nt[None, :] * c[:, None] * share)
+            x_free = (xs[:, -1] if xs.shape[1] else x_free.max(keepdims=True)).repeat(len(ex) // len(c))
             back = np.maximum(order, (xs + latency + nt[None, :] * f[:, None] * hop).max(axis=0))
             back = back.reshape(n.shape[1], n.shape[0]).T
             if phase == 0:
+                if hw.any():  # the attention hosts' outputs of micro-batch j are needed by every attention rank
+                    back = np.maximum(back, np.where(hw > 0, done, 0.0).max(axis=0)[None, :])
                 ready = back
             else:
-                ready = _fifo(a_free, back, n * ta * share)
+                ready = _fifo(a_free, back, n * ta * share + hw)
                 a_free = ready[:, -1]
     return float(max(a_free.max(initial=0.0), x_free.max(initial=0.0)))
 
@@ -107,19 +124,23 @@ EXHAUSTIVE_RANKS, GRID_SPLITS = 256, 64
 
 
 def best_zebra(att: Sequence[float], exp: Sequence[float], batch: int, layers: int, micro_batches: int = 4,
-               hop: float = 0.0, latency: float = 0.0, sync=None) -> ZebraEstimate | None:
+               hop: float = 0.0, latency: float = 0.0, sync=None, loads=None, caps=None) -> ZebraEstimate | None:
     """The fastest disaggregation: ranks sorted by how much slower they are at attention than at experts
     (comparative advantage), every split point tried (above ``EXHAUSTIVE_RANKS`` ranks a grid refined around
     its best point: ``ZebraEstimate.splits_tried``); attention shares by attention speed. None when no split
     leaves each attention rank at least ``micro_batches`` samples. ``sync(attention)``: seconds the step pays
-    at its end with those attention ranks (added to each split's time; default none)."""
+    at its end with those attention ranks (added to each split's time; default none). ``loads [layers, E]``:
+    routing statistics (pairs per expert): experts are then placed whole, per layer, within ``caps[r]`` (whole
+    experts over all layers a rank's memory holds, or a function of the attention ranks and their shares;
+    default unbounded), with and without Asym-EA, and a split
+    with more expert ranks than experts (which the runtime refuses) is not tried."""
     att, exp = np.asarray(att, float), np.asarray(exp, float)
     order = sorted(range(len(att)), key=lambda r: (att[r] / exp[r], r))
     tried: dict[int, ZebraEstimate | None] = {}
 
     def split(k: int) -> ZebraEstimate | None:
         if k not in tried:
-            tried[k] = _split(att, exp, order, k, batch, layers, micro_batches, hop, latency, sync)
+            tried[k] = _split(att, exp, order, k, batch, layers, micro_batches, hop, latency, sync, loads, caps)
         return tried[k]
 
     splits = range(1, len(att))
@@ -138,9 +159,10 @@ def best_zebra(att: Sequence[float], exp: Sequence[float], batch: int, layers: i
     return best
 
 
-def _split(att, exp, order, k, batch, layers, micro_batches, hop, latency, sync) -> ZebraEstimate | None:
+def _split(att, exp, order, k, batch, layers, micro_batches, hop, latency, sync, loads=None,
+           caps=None) -> ZebraEstimate | None:
     """The first ``k`` ranks of ``order`` attend, shares by attention speed; None when a share is under
-    ``micro_batches`` samples."""
+    ``micro_batches`` samples, or (with ``loads``) the experts do not fit or are fewer than the expert ranks."""
     attention, experts = sorted(order[:k]), sorted(order[k:])
     w = 1.0 / att[attention]
     raw = w / w.sum() * batch
@@ -149,11 +171,44 @@ def _split(att, exp, order, k, batch, layers, micro_batches, hop, latency, sync)
         shares[i] += 1
     if shares.min() < micro_batches:
         return None
+    t_sync = sync(attention) if sync is not None else 0.0
+    if loads is not None:
+        return _whole_experts(att, exp, attention, experts, shares.tolist(), layers, micro_batches, hop, latency,
+                              t_sync, np.asarray(loads, float), caps)
     speed = 1.0 / exp[experts]
     frac = speed / speed.sum()
     t = simulate_zebra(att, exp, attention, experts, shares.tolist(), layers, micro_batches, hop, frac, latency)
-    t += sync(attention) if sync is not None else 0.0
-    return ZebraEstimate(attention, experts, shares.tolist(), frac.tolist(), t)
+    return ZebraEstimate(attention, experts, shares.tolist(), frac.tolist(), t + t_sync)
+
+
+def _whole_experts(att, exp, attention, experts, shares, layers, micro_batches, hop, latency, t_sync, loads,
+                   caps) -> ZebraEstimate | None:
+    """A split with whole experts placed from routing statistics: gathered on the expert ranks, and squeezed
+    by Asym-EA onto the attention ranks when the simulator finds that faster."""
+    E = loads.shape[1]
+    if len(experts) > E:
+        return None
+    p = loads / np.maximum(loads.sum(axis=1, keepdims=True), 1e-300)
+    per_rank = exp * sum(shares)  # a rank's seconds for a whole layer's expert work
+    caps = np.full(len(att), layers * E) if caps is None else np.asarray(caps(attention, shares) if callable(caps) else caps)
+    owner = asym_ea.gather(p, experts, per_rank, caps, spill=attention)
+    if owner is None:
+        return None
+
+    def step(o):
+        hosted = asym_ea.fractions(o, p, len(att))
+        return simulate_zebra(att, exp, attention, experts, shares, layers, micro_batches, hop,
+                              latency=latency, hosted=hosted) + t_sync
+
+    t_att = np.zeros(len(att))
+    t_att[attention] = np.asarray(shares) * att[attention]
+    squeezed, moves = asym_ea.squeeze(owner, p, attention, experts, t_att, per_rank, caps)
+    gathered_t = step(owner)
+    squeezed_t = step(squeezed) if moves else np.inf
+    best, t = (squeezed, squeezed_t) if squeezed_t < gathered_t else (owner, gathered_t)
+    frac = asym_ea.fractions(best, p, len(att)).mean(axis=0)[experts]
+    return ZebraEstimate(attention, experts, shares, frac.tolist(), t, owner=best.tolist(),
+                         asym_ea_moves=moves if best is squeezed else 0, gathered_step_time=gathered_t)
 
 
 def zebra_advice(cost, best_step: float, micro_batches: Sequence[int] = (1, 2, 4, 8)) -> dict | None:
@@ -167,8 +222,8 @@ def zebra_advice(cost, best_step: float, micro_batches: Sequence[int] = (1, 2, 4
     exp = cost.seq * float(np.mean(cost.k)) * cost.pair_cost  # one layer's expert pairs of a sample
     hop = cost.seq * float(np.max(cost.hop_cost)) / 2.0  # one way, the slowest link
     tried = [(e, m) for m in micro_batches
-             if (e := best_zebra(att, exp, cost.G, cost.L, m, hop, cost.latency, lambda a: zebra_sync(cost, a)))
-             is not None]
+             if (e := best_zebra(att, exp, cost.G, cost.L, m, hop, cost.latency, lambda a: zebra_sync(cost, a),
+                                 cost.loads, lambda a, s: zebra_caps(cost, a, s))) is not None]
     if not tried:
         return None
     est, micro_batches = min(tried, key=lambda t: t[0].step_time)
@@ -176,7 +231,21 @@ def zebra_advice(cost, best_step: float, micro_batches: Sequence[int] = (1, 2, 4
     step = est.step_time + float(np.max(cost.fixed))
     return {"step_time": step, "sync_time": sync, "attention_ranks": est.attention, "expert_ranks": est.experts,
             "shares": est.shares, "expert_fraction": est.expert_fraction, "micro_batches": micro_batches,
-            "speedup_over_plan": best_step / step, "wins": step < best_step, "split_search": _searched(est, cost.R)}
+            "speedup_over_plan": best_step / step, "wins": step < best_step, "split_search": _searched(est, cost.R),
+            "expert_owner": est.owner, "asym_ea_moves": est.asym_ea_moves,
+            "gathered_step_time": est.gathered_step_time + float(np.max(cost.fixed))}
+
+
+def zebra_caps(cost, attention: Sequence[int], shares: Sequence[int]) -> np.ndarray:
+    """Whole experts (parameters, gradients, optimizer state; over all layers) each rank's memory holds in a
+    zebra split: what is left after the dense state and activations on attention ranks, all of it on expert
+    ranks."""
+    m = cost.model
+    room = np.array(cost.mem, dtype=float)
+    room[list(attention)] -= (m.dense_params * (m.param_bytes + m.grad_bytes + m.optimizer_bytes)
+                              + np.asarray(shares, float) * cost.act_per_sample)
+    unit = m.expert_params * (m.param_bytes + m.grad_bytes + m.optimizer_bytes)
+    return np.floor(np.maximum(room, 0.0) / unit).astype(int)
 
 
 def _searched(est: ZebraEstimate, ranks: int) -> str:

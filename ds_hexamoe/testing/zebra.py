@@ -176,3 +176,79 @@ class ColocatedStep:
         dist.all_reduce(flat)
         torch.nn.utils.vector_to_parameters(flat, grads)
         return float(loss.detach())
+
+
+def one_process(model: ZebraModel, inputs: torch.Tensor, routes: list | None = None) -> torch.Tensor:
+    """The stack's last hidden state in one process, every expert here; each layer's ``top_k_index`` is
+    appended to ``routes`` when given."""
+    z = model.embed(inputs)
+    for layer in range(model.c.layers):
+        h, x, idx, w = model.attention_segment(layer, z)
+        if routes is not None:
+            routes.append(idx)
+        z = h + model.expert_segment(layer, list(range(model.c.experts)), x, idx, w).view_as(h)
+    return z
+
+
+def one_process_loss(model: ZebraModel, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss whose gradients a pipeline must reproduce."""
+    return model.head_loss(one_process(model, inputs), target, model.loss_count(target))
+
+
+# scripts/gpu_check.py's zebra section: the stack, batch and placements it runs on 2 ranks (rank 0 attends;
+# the second placement is Asym-EA's, rank 0 hosting experts 0 in layer 0 and 1, 3 in layer 1)
+DEVICE_CHECK = {"config": ZebraModelConfig(layers=2, d=32, heads=4, seq=16, experts=4, ffn=48, top_k=2), "batch": 8,
+                "owners": [(1, 1, 1, 1), ((0, 1, 1, 1), (1, 0, 1, 0))]}
+
+
+def device_check_rank(rank: int, world: int, device_type: str = "cuda") -> list[dict]:
+    """One rank of the GPU zebra check: one pipeline step per placement of ``DEVICE_CHECK`` with the model on
+    ``cuda:rank`` (modulo the GPUs present), so the pipeline's groups are NCCL (``device_type="cpu"``: the same
+    on CPU and gloo); loss, gradients (on the CPU), backend and hosted experts per placement."""
+    from ..parallel.zebra import ZebraLayout, ZebraPipeline
+
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 compared at 1e-4
+        dev = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device_type)
+    c, batch = DEVICE_CHECK["config"], DEVICE_CHECK["batch"]
+    out = []
+    for owner in DEVICE_CHECK["owners"]:
+        model = ZebraModel(c).to(dev)
+        layout = ZebraLayout((0,), (batch,), owner, micro_batches=2)
+        pipe = ZebraPipeline(model, layout, batch)
+        x, t = (v.to(dev) for v in make_batch(c, batch))
+        loss = pipe.step(x, t) if rank == 0 else pipe.step()
+        out.append({"loss": loss, "backend": pipe.wire.backend, "device": str(dev),
+                    "grads": {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None},
+                    "hosted": [layout.hosted(rank, l) for l in range(c.layers)]})
+    return out
+
+
+def device_check_errors(ranks: list[list[dict]], device_type: str = "cuda") -> dict:
+    """Per placement of ``DEVICE_CHECK``: the largest relative error of the ranks' loss and gradients (each
+    expert's on its host) against :func:`one_process_loss` on ``device_type``, the backend and devices."""
+    c, batch = DEVICE_CHECK["config"], DEVICE_CHECK["batch"]
+    ref = ZebraModel(c).to(device_type)
+    x, t = (v.to(device_type) for v in make_batch(c, batch))
+    loss = one_process_loss(ref, x, t)
+    loss.backward()
+    want = {n: p.grad.cpu() for n, p in ref.named_parameters()}
+
+    def rel(a, b):
+        return float((a - b).abs().max()) / (float(b.abs().max()) or 1.0)
+
+    out = {}
+    for i, owner in enumerate(DEVICE_CHECK["owners"]):
+        errs = {"loss": abs(ranks[0][i]["loss"] - float(loss)) / abs(float(loss))}
+        for r, res in enumerate(ranks):
+            for n, g in res[i]["grads"].items():
+                if n in ("w1", "w2"):  # each expert's gradient on its host only
+                    errs |= {f"{n}[{l}] rank {r}": rel(g[l, h], want[n][l, h]) for l, h in enumerate(res[i]["hosted"]) if h}
+                elif r == 0:
+                    errs[n] = rel(g, want[n])
+        out[str(owner)] = {"max_rel_err": max(errs.values()), "compared": len(errs),
+                           "backend": ranks[0][i]["backend"], "devices": [res[i]["device"] for res in ranks]}
+    return out

@@ -1,5 +1,6 @@
-"""Asym-EA (gather-and-squeeze): whole experts within memory, never worse than its own gather step,
-close to the brute-force optimum of the per-layer synchronized time, and selectable in the planner."""
+"""bubble_squeeze (the colocated gather-and-squeeze heuristic, once "asym_ea"): whole experts within memory,
+never worse than its own gather step, close to the brute-force optimum of the per-layer synchronized time,
+selectable in the planner; the old name is an error that names the new one."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ds_hexamoe.placement import asym_ea as A
+from ds_hexamoe.placement import squeeze as A
 from ds_hexamoe.placement import solvers as S
 from ds_hexamoe.placement.problem import layer_times, rank_times
 
@@ -46,12 +47,12 @@ def test_layer_times_sum_to_rank_times():
 
 @pytest.mark.parametrize("seed,L,E,R,slots", [(0, 2, 5, 2, None), (1, 2, 6, 3, None), (2, 3, 5, 3, [2, 2, 3]),
                                                (3, 1, 7, 2, [4, 4])])
-def test_asym_ea_whole_experts_near_optimum(seed, L, E, R, slots):
+def test_bubble_squeeze_whole_experts_near_optimum(seed, L, E, R, slots):
     P = _problem(seed, L, E, R, slots)
-    res = S.solve("asym_ea", P)
+    res = S.solve("bubble_squeeze", P)
     assert set(np.unique(res.F)) <= {0.0, 1.0}  # whole experts only
     assert ((res.F > 0).sum(axis=1) <= P.slots[None]).all()
-    gathered = A.asym_ea(P, max_rounds=0)
+    gathered = A.bubble_squeeze(P, max_rounds=0)
     sync = res.meta["synchronized_s"]
     assert sync <= A.synchronized_time(P, gathered.F) * (1 + 1e-12)  # squeezing never makes it worse
     assert sync <= 1.1 * _best_whole(P)
@@ -63,12 +64,12 @@ def test_squeeze_fills_the_bubbles_gather_leaves():
     improved = 0
     for seed in range(12):
         P = _problem(seed, 3, 6, 3)
-        res = A.asym_ea(P)
-        improved += res.meta["synchronized_s"] < A.synchronized_time(P, A.asym_ea(P, max_rounds=0).F) * (1 - 1e-9)
+        res = A.bubble_squeeze(P)
+        improved += res.meta["synchronized_s"] < A.synchronized_time(P, A.bubble_squeeze(P, max_rounds=0).F) * (1 - 1e-9)
     assert improved >= 1
 
 
-def test_planner_takes_asym_ea():
+def test_planner_takes_bubble_squeeze():
     from ds_hexamoe.experts.stats import synthetic_stats
     from ds_hexamoe.placement.planner import plan
     from ds_hexamoe.placement.profiles import load_profiles
@@ -77,8 +78,8 @@ def test_planner_takes_asym_ea():
     shape = ModelShape(hidden=1024, expert_ffn=2048, num_experts=8, top_k=2, num_moe_layers=4, seq_len=1024,
                        num_heads=16, vocab_size=8192)
     p = plan(load_profiles(["A40", "V100-32GB"]), synthetic_stats(4, 8, 500, 2, seed=0), global_batch=16,
-             model_shape=shape, solver="asym_ea", mode="expert_parallel")
-    assert p.solver == "asym_ea"
+             model_shape=shape, solver="bubble_squeeze", mode="expert_parallel")
+    assert p.solver == "bubble_squeeze"
     assert all(len(ranks) == 1 for l in p.layers for ranks in p.placement[l].values())
 
 
@@ -88,13 +89,20 @@ def test_replica_units_when_ranks_outnumber_experts():
     without experts and is slower."""
     P = _problem(4, 2, 3, 8, hop=False)
     P.host_cost[:] = 0.0
-    rep = S.solve("asym_ea", P)
+    rep = S.solve("bubble_squeeze", P)
     assert rep.meta["replicas"] == [5, 5] and ((rep.F > 0).sum(axis=(1, 2)) == 8).all()
     for l in range(2):
         for e in range(3):
             nz = rep.F[l, e][rep.F[l, e] > 0]
             assert np.allclose(nz, 1.0 / len(nz))  # whole replicas, each on its own rank
     P.replicas = 0
-    whole = S.solve("asym_ea", P)
+    whole = S.solve("bubble_squeeze", P)
     assert set(np.unique(whole.F)) <= {0.0, 1.0}
     assert rep.meta["synchronized_s"] < whole.meta["synchronized_s"]
+
+
+def test_old_solver_name_is_an_error_naming_the_rename():
+    from ds_hexamoe.config import ConfigError, HexaMoEConfig
+
+    with pytest.raises(ConfigError, match=r"placement\.solver: 'asym_ea' was renamed 'bubble_squeeze'"):
+        HexaMoEConfig.from_dict({"placement": {"solver": "asym_ea"}})
