@@ -65,7 +65,6 @@ class Setup:
         self.G = ps.SAMPLES_PER_GPU * ranks
         self.owners = np.arange(self.E) % ranks
         self.shares = integer_shares(np.ones(ranks), self.G)
-        self.pairs = self.G * self.model.seq_len * self.model.top_k
 
     def cost(self, loads: np.ndarray, kind=CostModel, **options) -> CostModel:
         opts = PlanOptions(ranks_per_node=ps.GPUS_PER_NODE, **options)
@@ -137,7 +136,7 @@ def check_runtime_configs() -> None:
 
 def run_setup(s: Setup, p: Protocol) -> dict:
     """Mean step per contender over the scored iterations, and whether every step fit in memory."""
-    trace = drifting_zipf(p, s.model.num_moe_layers, s.E, s.pairs)
+    trace = drifting_zipf(p, s.model.num_moe_layers, s.E, s.model.top_k)
     steps, fits = {}, {}
     for name, (decide, score, current) in contenders(s).items():
         got = honest_protocol(trace, p.window, decide, score, sees_current=current)

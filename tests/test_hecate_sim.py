@@ -127,7 +127,7 @@ def test_protocol_decisions_never_see_the_scored_iteration(paper):
     differ (the scored loads are the changed ones)."""
     p = Protocol(iterations=7, window=5, drift_every=2)
     s = paper.Setup("16xV100-100G", "S")
-    a = drifting_zipf(p, s.model.num_moe_layers, s.E, s.pairs)
+    a = drifting_zipf(p, s.model.num_moe_layers, s.E, s.model.top_k)
     b = a.copy()
     b[-1] = 0.0
     b[-1, :, 0] = a[-1].sum(axis=1)  # every pair of the scored iteration on expert 0

@@ -41,24 +41,28 @@ class Protocol:
                               "and skew >= 0")
 
     def describe(self, trace: str = "synthetic") -> str:
-        src = (f"synthetic Zipf (skew {self.skew}) whose hot set moves by one expert every {self.drift_every} "
-               "iterations" if trace == "synthetic" else f"routing trace {trace}")
+        src = (f"synthetic Zipf top-k router (skew {self.skew}) whose hot set moves by one expert every "
+               f"{self.drift_every} iterations" if trace == "synthetic" else f"routing trace {trace}")
         return (f"honest: {src}; decided from the {self.window} iterations before, scored on the next; "
                 f"mean over {self.iterations - self.window} scored iterations")
 
 
-def drifting_zipf(p: Protocol, layers: int, experts: int, pairs: int) -> np.ndarray:
+def drifting_zipf(p: Protocol, layers: int, experts: int, top_k: int, tokens: int = 8192) -> np.ndarray:
     """``loads[I, L, E]``: per layer a fixed permutation of Zipf popularities, rolled by one expert every
-    ``drift_every`` iterations, ``pairs`` (token, expert) pairs drawn from it each iteration."""
+    ``drift_every`` iterations; each iteration ``tokens`` tokens pick ``top_k`` distinct experts from it (Gumbel
+    top-k, as :func:`~ds_hexamoe.experts.stats.synthetic_stats` routes), their pairs counted per expert."""
     p.check()
     rng = np.random.default_rng(p.seed)
+    k = min(top_k, experts)
     zipf = np.arange(1, experts + 1, dtype=float) ** (-p.skew)
     base = np.stack([zipf[rng.permutation(experts)] for _ in range(layers)])
     out = np.zeros((p.iterations, layers, experts))
     for i in range(p.iterations):
         pop = np.roll(base, i // p.drift_every, axis=1)
         for l in range(layers):
-            out[i, l] = rng.multinomial(pairs, pop[l] / pop[l].sum())
+            g = np.log(pop[l] / pop[l].sum())[None, :] - np.log(-np.log(rng.random((tokens, experts))))
+            choice = np.argpartition(-g, k - 1, axis=1)[:, :k]
+            out[i, l] = np.bincount(choice.reshape(-1), minlength=experts)
     return out
 
 
