@@ -152,3 +152,19 @@ def test_honest_protocol_hands_only_earlier_iterations():
                     ([4.0, 5.0, 6.0], 7.0)]
     cur = honest_protocol(trace, 3, lambda h: h[:, 0, 0].tolist(), lambda d, x: d, sees_current=True)
     assert cur == [[3.0], [4.0], [5.0], [6.0], [7.0]]
+
+
+def test_budget_follows_fssdp_budget():
+    from ds_hexamoe.placement.dynamic import budget_t
+
+    load = np.array([9.0, 1, 1, 1])
+    window, bw = np.array([0.010, 0.004]), np.array([1e9, 1e9])
+    assert budget_t(3, load, window, bw, 1e6, np.array([2, 2])) == 3  # an integer is t
+    assert budget_t(None, load, window, bw, 1e6, np.array([2, 2])) == 1  # the experts above the mean load
+    # "auto": what each rank's ahead window hides at its link, at most its free slots; the smallest rank's
+    assert budget_t("auto", load, window, bw, 1e6, np.array([100, 100])) == 4
+    assert budget_t("auto", load, window, bw, 1e6, np.array([100, 3])) == 3
+    cost, model = _cost(budget="auto")
+    shares = np.full(cost.R, 4.0)
+    t = budget_t("auto", cost.loads[1], cost.ahead_window(shares, 1), cost.bw, model.expert_bytes, np.full(cost.R, 14))
+    assert t == int(cost.ahead_window(shares, 1).min() * cost.bw.min() / model.expert_bytes)

@@ -58,13 +58,15 @@ def _ownership(owners: Sequence[int], R: int) -> LayerOwnership:
 
 
 def budget_t(budget, load: np.ndarray, window: np.ndarray, bandwidth: np.ndarray, expert_bytes: float,
-             free: int) -> int:
+             free: np.ndarray) -> int:
     """Algorithm 1's ``t`` as the runtime sets it from ``fssdp.budget`` (module docstring); under ``"auto"``
-    the smallest rank's budget, as every rank takes the minimum of the exchanged ones."""
+    the smallest of the ranks' budgets (each at most its ``free[r]`` slots), as every rank takes the minimum
+    of the exchanged ones."""
     if isinstance(budget, int) and not isinstance(budget, bool):
         return budget
     if budget == "auto":
-        return min(auto_budget(float(w), float(b), int(expert_bytes), free) for w, b in zip(window, bandwidth))
+        return min(auto_budget(float(w), float(b), int(expert_bytes), int(f))
+                   for w, b, f in zip(window, bandwidth, free))
     return hot_count([float(v) for v in load])
 
 
@@ -121,7 +123,7 @@ def hecate_fractions(cost, window_loads: np.ndarray, owners: Sequence[int], shar
     shares = np.asarray(shares, dtype=float)
     home = shares / shares.sum()
     R = cost.R
-    free = int(cost.E - owned_counts(owners, R).max())
+    free = cost.E - owned_counts(owners, R)  # the cache's slots beside a rank's own experts
     out = np.zeros((cost.L, cost.E, R))
     for l in range(cost.L):
         t = budget_t(budget, window_loads[l], cost.ahead_window(shares, l), cost.bw, cost.model.expert_bytes, free)
