@@ -1,8 +1,9 @@
 """The papers' setups, simulated, beside the papers' reported numbers: HeterMoE's A40+V100 clusters (the
 planner's predicted step per solver and mode against the uniform plan, at 4K-32K tokens per sample, and
 the zebra estimate against uniform expert parallelism), Hecate's V100 and A100 clusters (its mode and
-FSSDP against expert parallelism, under the honest protocol: scripts/paper_hecate.py) and MoETuner's Mixtral-8x7B placement (ILP against contiguous/round-robin/EPLB; see
-scripts/paper_setups.py). Prints tables and writes JSON.
+FSSDP against expert parallelism under the honest protocol: scripts/paper_hecate.py) and MoETuner's
+Mixtral-8x7B placement (ILP against contiguous/round-robin/EPLB; see scripts/paper_setups.py). Prints
+tables and writes JSON.
 
     python scripts/bench_papers.py [--only hecate|moetuner|hetermoe] [--seqs 4096 8192 16384 32768]
                                    [--tokens 65536] [--skew 1.0] [--out|--json bench_papers.json]
