@@ -19,8 +19,8 @@ from .jsonfile import read_json
 
 
 # how an MoE layer runs (docs/design.md, "Execution modes"); "auto" lets the planner choose per layer
-MODES = ("data_centric", "expert_parallel", "model_centric")  # the modes the planner chooses between
-EXEC_MODES = MODES + ("hecate",)  # every mode an FSSDP layer runs in
+MODES = ("data_centric", "expert_parallel", "model_centric")  # modes with a placement a plan fixes
+EXEC_MODES = MODES + ("hecate",)  # every mode an FSSDP layer runs in, and the planner chooses between
 
 
 @dataclass
@@ -178,8 +178,8 @@ class HexaMoEConfig:
                    f'"fssdp" when "mode" is {self.mode!r} (experts are materialized from FSSDP shards)')
         if self.mode == "hecate":
             _check(self.profile == "uniform", f"{path}.profile", self.profile,
-                   '"uniform" with "mode": "hecate" (it places experts itself every iteration; the heterogeneity '
-                   'planner does not model it yet: use "mode": "auto" or "expert_parallel" with device profiles)')
+                   '"uniform" with "mode": "hecate" (it places experts itself every iteration; with device profiles '
+                   'use "mode": "auto", whose planner puts a layer in the "hecate" mode where it predicts it fastest)')
 
     @property
     def replans_fssdp(self) -> bool:

@@ -1,11 +1,13 @@
 """The papers' setups, simulated, beside the papers' reported numbers: HeterMoE's A40+V100 clusters (the
 planner's predicted step per solver and mode against the uniform plan, at 4K-32K tokens per sample, and
-the zebra estimate against uniform expert parallelism), Hecate's V100 and A100 clusters (FSSDP against
-expert parallelism) and MoETuner's Mixtral-8x7B placement (ILP against contiguous/round-robin/EPLB; see
-scripts/paper_setups.py). Prints tables and writes JSON.
+the zebra estimate against uniform expert parallelism), Hecate's V100 and A100 clusters (its mode and
+FSSDP against expert parallelism under the honest protocol: scripts/paper_hecate.py) and MoETuner's
+Mixtral-8x7B placement (ILP against contiguous/round-robin/EPLB; see scripts/paper_setups.py). Prints
+tables and writes JSON.
 
     python scripts/bench_papers.py [--only hecate|moetuner|hetermoe] [--seqs 4096 8192 16384 32768]
-                                   [--tokens 65536] [--skew 1.0] [--out bench_papers.json]
+                                   [--tokens 65536] [--skew 1.0] [--out|--json bench_papers.json]
+                                   [--drift-every 5 2 10] [--iterations 12] [--window 5]
 
 The model is Mixtral-like (Mixtral 8x7B's block: hidden 4096, 8 experts of 14336, top-2, GQA 32/8) with
 8 blocks: the full 32-block model with its Adam state (~750 GB) does not fit on 6+6 A40/V100 (480 GB).
@@ -27,10 +29,12 @@ from ds_hexamoe.experts.stats import synthetic_stats
 from ds_hexamoe.placement.planner import plan
 from ds_hexamoe.placement.profiles import load_profiles
 from ds_hexamoe.placement.costs import PlanOptions
+from ds_hexamoe.placement.protocol import Protocol
 from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_setups as ps  # noqa: E402  (a sibling script, not a package module)
+import paper_hecate as ph  # noqa: E402  (a sibling script too)
 from bench_common import Col, Laps, Table, uptime, write_json  # noqa: E402  (a sibling script too)
 
 SETUPS = {"6xA40+6xV100": (6, 6), "4xA40+8xV100": (4, 8), "6xA40+3xV100": (6, 3)}
@@ -178,19 +182,6 @@ def print_hetermoe(rows: list[dict], summary: list[dict]) -> None:
               "smaller at 4K)")
 
 
-def print_hecate(rows: list[dict]) -> None:
-    t = Table(Col("cluster", "<16"), Col("GPUs", ">5"), Col("model", ">11"), Col("GB/s", ">6.1f"), Col("EP s", ">8.3f"),
-              Col("FSSDP-dc s", ">11.3f"), Col("hecate s", ">9.3f"), Col("FSSDP+rep s", ">12.3f"), Col("EP/dc", ">7.2f"),
-              Col("EP/hec", ">7.2f"), Col("EP/rep", ">7.2f"), Col("paper EP->Hecate", ">18"),
-              Col("why they differ", sep="  "))
-    print(f"\nHecate: expert parallelism against FSSDP ({ps.HECATE}, Sec. 5.2)\n{t.rule()}")
-    for r in rows:
-        print(t.row(f"{r['cluster']}: {r['gpu']}", r["ranks"], r["model"], r["effective_gbytes_per_s"], r["ep_s"],
-                    r["fssdp_dc_s"], r["fssdp_hecate_s"], r["fssdp_replicas_s"], r["ep_over_fssdp_dc"],
-                    r["ep_over_fssdp_hecate"], r["ep_over_fssdp_replicas"],
-                    _f(r["paper_ep_over_hecate"], "{:.2f}-{:.2f}x"), r["why"]))
-
-
 def print_moetuner(rows: list[dict]) -> None:
     t = Table(Col("setup", "<9"), Col("EP x TP", ">8"), Col("GB/s", ">7.0f"), Col("contig s", ">9.3f"), Col("rr s", ">7.3f"),
               Col("EPLB s", ">8.3f"), Col("ILP s", ">7.3f"), Col("contig/ILP", ">11.3f"), Col("EPLB/ILP", ">9.3f"),
@@ -208,7 +199,16 @@ def run_hetermoe(args) -> tuple[list[dict], list[dict]]:
     return rows, hetermoe_summary(rows, args.tokens, args.skew)
 
 
-HECATE_RUNS = [("A", 16, "S"), ("A", 32, "S"), ("A", 16, "L"), ("A", 32, "L"), ("B", 32, "S"), ("B", 32, "L")]
+def run_hecate(args) -> list[dict]:
+    """Hecate's setups under the honest protocol, one row per setup, model and drift (the first drift is the
+    headline), each with its oracle row (an upper bound)."""
+    ph.check_runtime_configs()
+    rows = []
+    for drift in args.drift_every:
+        p = Protocol(iterations=args.iterations, window=args.window, drift_every=drift, skew=args.skew)
+        p.check()
+        rows += [r for setup in args.hecate_setups for size in args.hecate_models for r in ph.hecate_rows(setup, size, p)]
+    return rows
 
 
 def main(argv=None) -> int:
@@ -218,10 +218,19 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per step (global batch = tokens / seq)")
     ap.add_argument("--skew", type=float, default=1.0, help="Zipf skew of the synthetic routing (0: uniform)")
     ap.add_argument("--ilp-time", type=float, default=20.0, help="seconds for MoETuner's ILP, per setup")
-    ap.add_argument("--out", default="bench_papers.json")
+    ap.add_argument("--hecate-setups", nargs="+", choices=list(ph.SETUPS), default=list(ph.SETUPS))
+    ap.add_argument("--hecate-models", nargs="+", choices=ph.MODELS, default=list(ph.MODELS), help="GPT-MoE sizes")
+    ap.add_argument("--drift-every", type=int, nargs="+", default=[5, 2, 10],
+                    help="Hecate's protocol: iterations between moves of the hot set (the first is the headline)")
+    ap.add_argument("--iterations", type=int, default=12, help="Hecate's protocol: iterations in the trace")
+    ap.add_argument("--window", type=int, default=5, help="Hecate's protocol: iterations a decision sees")
+    ap.add_argument("--out", "--json", dest="out", default="bench_papers.json")
     args = ap.parse_args(argv)
     if args.skew < 0:
         ap.error(f"--skew: got {args.skew}; expected a number >= 0 (0: uniform routing)")
+    if min(args.drift_every) < 1 or not 1 <= args.window < args.iterations:
+        ap.error(f"--drift-every {args.drift_every}, --window {args.window}, --iterations {args.iterations}: expected "
+                 "drift >= 1 and 1 <= window < iterations (at least one iteration to score)")
     load = uptime()
     print(f"uptime: {load}")
     out = {"host": platform.node(), "uptime": load, "args": vars(args), "rows": [], "hetermoe": [],
@@ -241,8 +250,8 @@ def _run_papers(args, out: dict) -> None:
         out["rows"], out["hetermoe"] = run_hetermoe(args)
         print_hetermoe(out["rows"], out["hetermoe"])
     if args.only in (None, "hecate"):
-        out["hecate"] = [ps.hecate_row(c, n, m, args.skew) for c, n, m in HECATE_RUNS]
-        print_hecate(out["hecate"])
+        out["hecate"] = run_hecate(args)
+        ph.print_rows(out["hecate"])
     if args.only in (None, "moetuner"):
         out["moetuner"] = [ps.moetuner_row(s, args.skew, args.tokens, args.ilp_time) for s in ps.MOETUNER_SETUPS]
         print_moetuner(out["moetuner"])

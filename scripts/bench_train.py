@@ -9,7 +9,8 @@ Contenders (each in its own set of spawned ranks, same model weights, data and o
   hecate           the "hecate" mode: expert parallel with a placement decided every iteration from the load
                    window (hot experts copied to every rank), gathered ahead, tokens dispatched local first
   autoep           DeepSpeed AutoEP; it needs transformers 5.17.0, so it runs in a side virtual environment
-                   (built on first use: ~/.cache/ds-hexamoe/autoep-venv, --system-site-packages)
+                   (built on first use: ~/.cache/ds-hexamoe/autoep-venv, from the base interpreter with its
+                   packages and, when the bench runs in a venv, that venv's packages through a .pth file)
   zero3_leaf       ZeRO-3 with the MoE block as a leaf module (deepspeed.utils.set_z3_leaf_modules)
   zero2            ZeRO-2, every rank holds every expert
 
@@ -18,7 +19,8 @@ collectives; measured for the FSSDP-managed contenders only, whose token all-to-
 mode and DeepSpeed's dense collectives are not included), bytes_per_step (DeepSpeed's comms logger plus
 FSSDP's payload), expert_state_bytes_per_rank (expert parameters, gradients and optimizer state held per
 rank: measured for FSSDP, from the parameter count for the others), peak_expert_cache_bytes (FSSDP's
-materialized experts). ``--routing skewed`` biases every router toward a few experts through the weights
+materialized experts), straggler (the slowest rank's MoE time over the ranks' mean: CPU seconds of the
+training thread in the MoE blocks' forward, waits in collectives excluded). ``--routing skewed`` biases every router toward a few experts through the weights
 (so every contender sees the same skew); ``natural`` keeps the random router; ``drift`` is ``skewed`` with
 the hot set moving: every 2 steps the router's choices shift by one expert (a hook on Hugging Face's
 router, so AutoEP, which replaces the MoE block, sees the static skew only). Prints a table of ratios to
@@ -38,6 +40,7 @@ import time
 import torch
 
 from bench_common import Col, Laps, Table, uptime, write_json
+from side_env import side_env
 
 PRESETS = {"hecate": dict(hidden=256, ffn=512, experts=16, top_k=2, layers=4, seq=256, batch=2, vocab=1024,
                           steps=4, warmup=2)}
@@ -147,6 +150,23 @@ def _build(args, mode: str, model, ds):
     return engine, manager
 
 
+class _MoETimer:
+    """CPU seconds of the training thread inside the MoE blocks' forward (``time.thread_time``: a wait in a
+    collective is not work, so a rank kept waiting by a slow one does not count the wait)."""
+
+    def __init__(self, model):
+        self.seconds, self._t0 = 0.0, {}
+        for layer in model.model.layers:  # AutoEP's block too: it replaces ``mlp`` in place
+            layer.mlp.register_forward_pre_hook(self._start)
+            layer.mlp.register_forward_hook(self._stop)
+
+    def _start(self, module, args) -> None:
+        self._t0[id(module)] = time.thread_time()
+
+    def _stop(self, module, args, out) -> None:
+        self.seconds += time.thread_time() - self._t0.pop(id(module))
+
+
 def _expert_numel(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".experts" in n.rsplit(".", 1)[0])
 
@@ -165,6 +185,7 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
         engine, manager = _build(args, mode, model, _ds_config(args, mode))
     except Exception as e:
         return {"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    moe = _MoETimer(engine.module)
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.warmup + args.steps)]
     fssdp_bytes = fssdp_exposed = 0.0
@@ -176,6 +197,7 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
             log = _ds_log()
             if log is not None:
                 log.comms_dict.clear()
+            moe.seconds = 0.0
             torch.distributed.barrier()
             t0 = time.perf_counter()
         loss = engine(input_ids=x, labels=x).loss
@@ -196,7 +218,8 @@ def _worker(rank: int, world: int, mode: str, args) -> dict:
     out = {"mode": mode, "tokens_per_s": n * args.batch * args.seq / dt, "step_s": dt / n,
            "bytes_per_step": (ds_bytes + fssdp_bytes) / n, "ds_logger_comm_s": ds_s / n, "loss": float(loss.detach()),
            # FSSDP's own blocked time; DeepSpeed's logger latencies exceed the step time on gloo: not comparable
-           "exposed_comm_s": fssdp_exposed / n if manager is not None else None, "exposed_by": exposed_by}
+           "exposed_comm_s": fssdp_exposed / n if manager is not None else None, "exposed_by": exposed_by,
+           "moe_cpu_s": moe.seconds / n}
     if manager is not None:  # layer calls per step whose loads were exchanged off the critical path, calibrations
         out.update({k: v / n for k, v in sched.items()})
     # fp32 parameter + gradient + two Adam moments per expert element, unless measured
@@ -258,12 +281,10 @@ def _launch(mode: str, args) -> list[dict]:
 
 def _venv_python() -> str:
     """The side environment's python with transformers 5.17.0 (built on first use)."""
-    py = os.path.join(VENV, "bin", "python")
-    probe = [py, "-c", "import transformers; print(transformers.__version__)"]
-    if os.path.exists(py) and subprocess.run(probe, capture_output=True, text=True).stdout.strip() == AUTOEP_TRANSFORMERS:
-        return py
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", VENV], check=True)
-    subprocess.run([py, "-m", "pip", "install", "-q", f"transformers=={AUTOEP_TRANSFORMERS}"], check=True)
+    py = side_env(VENV)
+    probe = [py, "-c", "import torch, transformers; print(transformers.__version__)"]
+    if subprocess.run(probe, capture_output=True, text=True).stdout.strip() != AUTOEP_TRANSFORMERS:
+        subprocess.run([py, "-m", "pip", "install", "-q", f"transformers=={AUTOEP_TRANSFORMERS}"], check=True)
     return py
 
 
@@ -296,7 +317,9 @@ def _table(results: dict) -> list[dict]:
     base = results.get("fssdp", {}).get("ranks") or []
     rows = []
     for mode, res in results.items():
-        row = {"mode": mode, "error": res["error"]}
+        moe = [r["moe_cpu_s"] for r in res["ranks"] if r.get("moe_cpu_s")]
+        # the slowest rank's MoE time over the mean (1.0: balanced)
+        row = {"mode": mode, "error": res["error"], "straggler": max(moe) / (sum(moe) / len(moe)) if moe else None}
         for m in metrics:
             v, b = avg(res["ranks"], m), avg(base, m)
             row[m], row[f"{m}_vs_fssdp"] = v, ((v / b) if (v is not None and b) else None)
@@ -307,13 +330,15 @@ def _table(results: dict) -> list[dict]:
 def _print(rows: list[dict]) -> None:
     t = Table(Col("contender", "<16"), Col("tokens/s", ">10.1f"), Col("x", ">7.2f"), Col("exposed s", ">11.4f"),
               Col("x", ">7.2f"), Col("bytes/step", ">13.0f"), Col("x", ">7.2f"), Col("expert B/rank", ">15.0f"),
-              Col("x", ">7.2f"), Col("note", sep="  "))
+              Col("x", ">7.2f"), Col("straggler", ">10.2f"), Col("note", sep="  "))
     print(t.header())
     for r in rows:
         print(t.row(r["mode"], r["tokens_per_s"], r["tokens_per_s_vs_fssdp"], r["exposed_comm_s"],
                     r["exposed_comm_s_vs_fssdp"], r["bytes_per_step"], r["bytes_per_step_vs_fssdp"],
-                    r["expert_state_bytes_per_rank"], r["expert_state_bytes_per_rank_vs_fssdp"], r["error"] or ""))
-    print("x: ratio to fssdp (tokens/s above 1 is faster; the others above 1 are more)")
+                    r["expert_state_bytes_per_rank"], r["expert_state_bytes_per_rank_vs_fssdp"], r["straggler"],
+                    r["error"] or ""))
+    print("x: ratio to fssdp (tokens/s above 1 is faster; the others above 1 are more); straggler: the slowest "
+          "rank's CPU seconds in the MoE blocks' forward over the ranks' mean")
 
 
 def _parse(argv):

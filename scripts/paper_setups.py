@@ -3,10 +3,8 @@ scripts/bench_papers.py).
 
 - Hecate (Qing et al., arXiv 2502.02581): GPT-MoE-S/L (Table 1: d_model 768/1536, seq 2048, 12 layers, 64
   experts, d_ffn = 2 d_model, GShard top-2) on Cluster A (4 nodes of 8 V100-32GB, NVLink inside a node,
-  100 Gbps between nodes) and Cluster B (4 nodes of 8 A100-40GB, NVSwitch, 400 Gbps). Expert
-  parallelism (experts resident, spread evenly) against FSSDP: data-centric (every rank gathers the
-  experts its tokens use) and FSSDP-materialized replicas of hot experts with token dispatch (EPLB
-  packing, the closest this planner has to Hecate's sparse materialization).
+  100 Gbps between nodes) and Cluster B (4 nodes of 8 A100-40GB, NVSwitch, 400 Gbps): the clusters and
+  the paper's numbers; the simulation under the honest protocol is scripts/paper_hecate.py.
 - MoETuner (Go and Mahajan, arXiv 2502.06643): Mixtral-8x7B, expert parallelism of 4 over tensor-parallel
   groups (8 H100 in one node: EP4 x TP2; 16 H200 in two nodes: EP4 x TP4). Placements: Megatron's
   contiguous default (the paper's baseline), round-robin, EPLB and the ILP, same batch shares.
@@ -109,59 +107,6 @@ def hecate_profiles(cluster: str, ranks: int) -> tuple[list, TwoTierNetwork]:
     return load_profiles([{"name": gpu, "count": ranks, "bandwidth_gbps": bw}]), net
 
 
-def _best_replicated(profiles, stats, model, G, R) -> tuple[dict, int]:
-    """FSSDP-materialized replicas (EPLB packing) with the best of a few replica budgets per layer."""
-    best = None
-    for extra in (R // 4, R // 2, R, 2 * R):
-        cost = CostModel(profiles, stats, model, G, PlanOptions(replicas=extra))
-        shares = integer_shares(np.ones(R), G)
-        F = solve("eplb", cost.ep_problem(shares, cost.shard_weights())).F
-        r = step(cost, F, "expert_parallel", "eplb")
-        if r["memory_ok"] and (best is None or r["step_s"] < best[0]["step_s"]):
-            best = (r, extra)
-    return best if best is not None else ({"step_s": float("nan"), "memory_ok": False}, 0)
-
-
-def hecate_row(cluster: str, ranks: int, size: str, skew: float) -> dict:
-    """EP against FSSDP on one Hecate cluster (weak scaling: 2 experts per GPU, as the paper's 32/64)."""
-    t0 = time.perf_counter()
-    E = 2 * ranks
-    model = gpt_moe(size, E)
-    profiles, net = hecate_profiles(cluster, ranks)
-    stats = synthetic_stats(model.num_moe_layers, E, 8192, 2, skew=skew, seed=0)
-    G = SAMPLES_PER_GPU * ranks
-    ep_cost = ResidentCost(profiles, stats, model, G, PlanOptions())
-    ep = step(ep_cost, owner_fractions(model.num_moe_layers, E, ranks, np.arange(E) % ranks), "expert_parallel", "ep")
-    dc_cost = CostModel(profiles, stats, model, G, PlanOptions())
-    dc = step(dc_cost, owner_fractions(model.num_moe_layers, E, ranks, np.arange(E) % ranks), "data_centric", "fssdp")
-    hc_cost = CostModel(profiles, stats, model, G, PlanOptions(schedule="hecate"))
-    hc = step(hc_cost, owner_fractions(model.num_moe_layers, E, ranks, np.arange(E) % ranks), "data_centric", "fssdp")
-    rep, extra = _best_replicated(profiles, stats, model, G, ranks)
-    (lo, hi), cite = REPORTED_HECATE.get((cluster, ranks), ((None, None), "not found"))
-    return {"paper": "hecate", "cluster": cluster, "gpu": profiles[0].name, "ranks": ranks,
-            "model": f"GPT-MoE-{size}", "experts": E, "global_batch": G, "skew": skew,
-            "network": net.to_dict(), "effective_gbytes_per_s": profiles[0].bandwidth_gbps,
-            "ep_s": ep["step_s"], "fssdp_dc_s": dc["step_s"], "fssdp_replicas_s": rep["step_s"],
-            "replicas_per_layer": extra, "memory_ok": bool(ep["memory_ok"] and dc["memory_ok"] and rep["memory_ok"]),
-            "fssdp_hecate_s": hc["step_s"], "ep_over_fssdp_hecate": ep["step_s"] / hc["step_s"],
-            "ep_over_fssdp_dc": ep["step_s"] / dc["step_s"], "ep_over_fssdp_replicas": ep["step_s"] / rep["step_s"],
-            "paper_ep_over_hecate": None if lo is None else [lo, hi], "paper_cite": cite,
-            "why": why_hecate(ep["step_s"] / dc["step_s"], ep["step_s"] / rep["step_s"], cluster),
-            "wall_s": time.perf_counter() - t0}
-
-
-def why_hecate(dc: float, rep: float, cluster: str) -> str:
-    out = []
-    if dc < 1:
-        out.append("FSSDP-dc (sync) gathers every used expert after the router, exposed; with the hecate schedule "
-                   "the window's experts are gathered under dense compute, and hot replicas (FSSDP+rep) take the rest")
-    out.append("synthetic Zipf loads, not the paper's; one blended link per rank, no topology-aware dispatch")
-    if cluster == "B":
-        out.append("the simulated gain is load balance, alike on both clusters; the paper's larger gain on "
-                   "Cluster A is all-to-all stragglers at 100 Gbps")
-    return "; ".join(out)
-
-
 MOETUNER_SETUPS = {  # EP ranks are tensor-parallel groups (setups as a secondary summary of the paper gives them)
     "8xH100": {"gpu": "H100-SXM", "tp": 2, "ep": 4, "nodes": 1, "nic_gbits": 400.0},
     "16xH200": {"gpu": "H200", "tp": 4, "ep": 4, "nodes": 2, "nic_gbits": 800.0},
@@ -222,5 +167,5 @@ def why_moetuner(sim: float, paper: float) -> str:
 
 
 __all__ = ["HECATE_CLUSTERS", "MOETUNER_SETUPS", "REPORTED_HECATE", "REPORTED_HETERMOE_VS_EP",
-           "REPORTED_HETERMOE_VS_IDEAL", "REPORTED_MOETUNER", "ResidentCost", "gpt_moe", "hecate_row",
+           "REPORTED_HETERMOE_VS_IDEAL", "REPORTED_MOETUNER", "ResidentCost", "gpt_moe", "hecate_profiles",
            "make_plan", "moetuner_row", "owner_fractions", "step"]

@@ -68,20 +68,37 @@ def test_hetermoe_table_rows_and_paper_numbers(scripts, tmp_path, capsys):
     assert "tokens/s" in text and "paper HeterMoE/EP" in text and "not found" in text
 
 
-def test_hecate_ep_against_fssdp(scripts):
-    _, ps = scripts
-    r = ps.hecate_row("A", 16, "S", skew=1.0)
-    assert (r["ranks"], r["experts"], r["global_batch"]) == (16, 32, 64) and r["memory_ok"]
-    assert r["effective_gbytes_per_s"] == pytest.approx(TwoTierNetwork(8, 150.0, 100.0).effective_gbytes_per_s(16))
-    assert r["ep_over_fssdp_dc"] == pytest.approx(r["ep_s"] / r["fssdp_dc_s"])
-    assert r["fssdp_hecate_s"] < r["fssdp_dc_s"]  # the predicted gather hides under dense compute
-    assert r["paper_ep_over_hecate"] == [1.40, 1.58] and "Fig. 9" in r["paper_cite"]
-    # skewed loads: replicas materialized from FSSDP shards beat experts pinned by expert parallelism
-    assert r["ep_over_fssdp_replicas"] > 1.2
-    flat = ps.hecate_row("A", 16, "S", skew=0.0)
-    assert flat["ep_over_fssdp_replicas"] < r["ep_over_fssdp_replicas"]  # less imbalance, less to win
-    # a cluster the paper does not report is "not found", never a number
-    assert ps.hecate_row("B", 16, "S", skew=1.0)["paper_ep_over_hecate"] is None
+def test_hecate_rows_under_the_honest_protocol(scripts, tmp_path, capsys):
+    """The acceptance JSON at a tiny size: one setup, one model, one drift, two scored iterations."""
+    bench, ps = scripts
+    out = tmp_path / "h.json"
+    assert bench.main(["--only", "hecate", "--hecate-setups", "16xV100-100G", "--hecate-models", "S",
+                       "--drift-every", "5", "--iterations", "7", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"] == data["hetermoe"] == data["moetuner"] == [] and "uptime" in data
+    honest, oracle = data["hecate"]
+    for r in (honest, oracle):
+        assert r["setup"] == "16xV100-100G" and r["ranks"] == 16 and r["model"] == "GPT-MoE-S"
+        assert r["paper_over_ep"] == [1.40, 1.58] and "Fig. 9" in r["paper_cite"]
+        assert r["simulated_over_ep"] > 0
+    assert honest["oracle"] is False and oracle["oracle"] is True
+    assert "decided from the 5 iterations before, scored on the next" in honest["protocol"]
+    assert "upper bound" in oracle["protocol"]
+    steps = honest["steps_s"]
+    assert set(steps) == {"ep", "hecate", "hecate_auto", "fssdp_dc", "fssdp_rep", "fastermoe"}
+    assert honest["simulated_over_ep"] == pytest.approx(steps["ep"] / steps["hecate"])
+    assert honest["memory_ok"] and honest["why"]
+    # every contender but the modelled FasterMoE is a configuration the runtime accepts
+    assert honest["runtime_config"]["fastermoe"] is None
+    assert honest["runtime_config"]["hecate"]["mode"] == "hecate"
+    text = capsys.readouterr().out
+    assert "protocol (the first is the headline)" in text and "upper bound" in text and "1.40-1.58x" in text
+
+
+def test_hecate_protocol_rejects_a_window_that_leaves_nothing_to_score(scripts):
+    bench, _ = scripts
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "hecate", "--iterations", "5", "--window", "5"])
 
 
 def test_resident_experts_pay_no_materialization(scripts):

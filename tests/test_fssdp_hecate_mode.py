@@ -76,3 +76,33 @@ def test_hecate_mode_needs_fssdp_and_uniform_profile():
     with pytest.raises(ConfigError, match=r"hexamoe\.profile"):
         HexaMoEConfig.from_dict({"mode": "hecate", "sharding": "fssdp", "profile": "declared",
                                  "devices": [{"name": "cpu"}]}).validate()
+
+
+def _auto_worker(rank: int, world: int, case: dict) -> dict:
+    """``"mode": "auto"`` with a plan that puts layer 0 in the "hecate" mode and layer 1 expert-parallel on the
+    owners (what the planner's per-layer choice hands FSSDP)."""
+    import deepspeed
+
+    from test_fssdp import build_engine, quiet, train_steps
+
+    quiet()
+    deepspeed.init_distributed("gloo")
+    engine, manager = build_engine(case)
+    manager.set_modes({0: "hecate", 1: "expert_parallel"})
+    out = train_steps(engine, manager, case, rank, world, range(case["steps"]))
+    out["state"] = manager.full_state_dict()
+    out["modes"] = manager.modes()
+    out["gathered"] = [c["gather_bytes"] for c in out["comm"]]
+    return out
+
+
+def test_auto_runs_a_plan_with_hecate_layers_exactly():
+    """The planner's "auto" may choose "hecate" for a layer: FSSDP then issues that layer's placement ahead
+    (copies of the window's hot experts) and the parameters still equal one process. The synchronous
+    schedule: the ahead gathers come from the "hecate" layer alone (expert parallel on owners gathers nothing)."""
+    case = dict(world=2, experts=8, top_k=2, micro=2, gas=1, global_rows=4, lr=3e-3, clip=0.3, steps=5, remat=True,
+                prefetch=True, mode="auto", schedule="sync", budget=2, routing={0: ("switch", 1, 6, 3)})
+    results = run_distributed(_auto_worker, 2, case, init_process_group=False, timeout=500)
+    _check_equivalence(case, results)
+    assert sorted(set(results[0]["modes"].values())) == ["expert_parallel", "hecate"]
+    assert any(g > 0 for res in results for g in res["gathered"][1:])

@@ -53,7 +53,8 @@ CASES = {
 
 # recorded from the planner before the zebra simulation was vectorized (per-message loops, every split):
 # candidate, batch shares, predicted and uniform step, and a digest of the whole plan but zebra's advice and
-# wall times (mixtral-asym-24's digest re-recorded when its solver was renamed bubble_squeeze: the same plan).
+# wall times (mixtral-asym-24's digest re-recorded when its solver was renamed bubble_squeeze: the same plan;
+# every digest re-recorded 2026-12-06 when the planner gained the "hecate" candidate: only its meta entries).
 # zebra's (step, attention ranks, shares, micro-batches, verdict) re-recorded 2026-12-06 with whole experts
 # and memory: None for Mixtral-8x7B, whose dense state (25.7 GB with Adam) replicated on every attention rank
 # leaves no split of at most 8 expert ranks that holds the 256 experts; the tiny model's 4 experts allow at
@@ -62,27 +63,27 @@ EXPECTED = {
     "tiny-dc-16": {"candidate": "data_centric", "batch_shares": [11] * 8 + [5] * 8,
         "step_time": 0.07896197986909091, "uniform_step_time": 0.11429065012363639,
         "zebra": (0.19884488630857147, list(range(14)), [12] * 4 + [11] * 4 + [6] * 6, 4, False),
-        "digest": "08f7df74eaa2b7e2"},
+        "digest": "8993038a280ea150"},
     "tiny-dc-48": {"candidate": "data_centric", "batch_shares": [11] * 24 + [5] * 24,
         "step_time": 0.07894003659636363, "uniform_step_time": 0.11425679121454548,
         "zebra": (0.5853941497018174, list(range(44)), [11] * 24 + [6] * 20, 4, False),
-        "digest": "a4adf9103183fd92"},
+        "digest": "103b5bfab95a87a2"},
     "tiny-auto-24": {"candidate": "data_centric", "batch_shares": [11] * 12 + [5] * 12,
         "step_time": 0.07895100823272727, "uniform_step_time": 0.11427372066909092,
         "zebra": (0.2954826214400003, list(range(20)), [12] * 12 + [6] * 8, 4, False),
-        "digest": "6518a95c110226a4"},
+        "digest": "10ce87b0752f2739"},
     "mixtral-greedy-16": {"candidate": "model_centric", "batch_shares": [3] * 8 + [2] * 4 + [0] * 4,
         "step_time": 2.7413801812294656, "uniform_step_time": 10.32947320692708,
         "zebra": None,
-        "digest": "63259457e2c9b69d"},
+        "digest": "4ed5cb428ff32143"},
     "mixtral-asym-24": {"candidate": "expert_parallel", "batch_shares": [4] * 6 + [1] * 12 + [2] * 6,
         "step_time": 5.077903243080827, "uniform_step_time": 13.034472971149485,
         "zebra": None,
-        "digest": "5a4c63e280fb4ed1"},
+        "digest": "6805e19bfc4f5153"},
     "qwen-eplb-16": {"candidate": "data_centric", "batch_shares": [13] * 8 + [5] * 4 + [1] * 4,
         "step_time": 3.4850761731890643, "uniform_step_time": 24.794407783672145,
         "zebra": (3.6060876143949456, [0, 1, 2, 3, 8, 9, 10, 11], [22] * 4 + [10] * 4, 8, False),
-        "digest": "2ef4f2983bd84e6c"},
+        "digest": "faa563e83c406273"},
 }
 
 

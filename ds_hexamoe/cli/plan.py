@@ -58,7 +58,7 @@ def _plan_parser() -> argparse.ArgumentParser:
     f.add_argument("--global-batch", type=int, default=None, help="samples per step (default: 8 per rank)")
     f.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the model shape's)")
     f.add_argument("--solver", help=f"greedy (= waterfill) | bubble_squeeze | eplb | ilp (default: {d.solver})")
-    f.add_argument("--mode", help=f"auto | data_centric | expert_parallel | model_centric (default: {d.mode})")
+    f.add_argument("--mode", help=f"auto | data_centric | expert_parallel | model_centric | hecate (default: {d.mode})")
     f.add_argument("--replicas", type=int, default=None, help="extra expert replicas per layer (eplb/ilp)")
     f.add_argument("--time-limit", type=float, help=f"ILP time limit in seconds (default: {d.time_limit})")
     f.add_argument("--memory-fraction", type=float,

@@ -47,7 +47,7 @@ class FSSDPManager:
         self.materializer = Materializer(self.store, self.telemetry, rematerialize=cfg.rematerialize,
                                          prefetch=cfg.prefetch, fanout=cfg.fssdp.fanout, num_slots=2 if two else 1)
         self.gathers = GatherSchedule(cfg.fssdp, model, self.store, self.materializer, self.telemetry,
-                                      lambda index: self.mode_table.mode(index), placements_ahead=cfg.mode == "hecate")
+                                      lambda index: self.mode_table.mode(index), placements_ahead=cfg.mode in ("hecate", "auto"))
         self.mode_table = ModeTable(cfg, self.store, self.materializer, self.telemetry, self.gathers, speeds=speeds)
         self.binding = EngineBinding()
         self.last_reown: dict | None = None  # summary of the last load-aware re-ownership

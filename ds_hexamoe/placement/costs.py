@@ -43,7 +43,8 @@ from .shapes import ModelShape
 # plus replica materialization and gradient return; model-centric: token all-gather and output
 # reduce-scatter, forward and backward
 DENSE_COLLECTIVES = 4
-LAYER_COLLECTIVES = {"data_centric": 3, "expert_parallel": 6, "model_centric": 4}
+# "hecate": expert parallel's six plus the load exchange its placement is computed from
+LAYER_COLLECTIVES = {"data_centric": 3, "expert_parallel": 6, "model_centric": 4, "hecate": 7}
 
 
 def integer_shares(weights, total: int, caps=None, what: str = "global_batch") -> list[int]:
@@ -159,6 +160,7 @@ class CostModel:
         self.cache_unit = float(model.expert_bytes + model.expert_grad_bytes)  # a materialized expert + its grad
         self.buffers = 2 if self.options.prefetch else 1
         self.act_per_sample = self.seq * model.activation_bytes()
+        self.window_p: np.ndarray | None = None  # [L, E]: the load window's routing, if not the scored one
 
     # -- memory -------------------------------------------------------------------------------------
     def dense_state(self) -> np.ndarray:
@@ -214,7 +216,7 @@ class CostModel:
             return np.full(self.R, self.E * unit)
         if mode == "model_centric":
             return self.E * unit * slices / self.model.expert_ffn
-        return hosted * unit
+        return hosted * unit  # expert parallel and "hecate": the hosted experts
 
     def batch_caps(self, sw: np.ndarray, reserve: np.ndarray) -> np.ndarray:
         room = self.mem - self.fixed_bytes(sw) - reserve
@@ -234,6 +236,16 @@ class CostModel:
     def overlap(self, shares) -> np.ndarray:
         """Dense seconds per MoE layer, under which weight movement of the next layer can hide."""
         return self.dense_time(shares) / self.L if self.options.prefetch else np.zeros(self.R)
+
+    def ahead_window(self, shares, l: int = 1) -> np.ndarray:
+        """Seconds a gather issued ahead of layer ``l`` hides under (the ``"hecate"`` mode issues it when the
+        previous layer's experts run, layer 0's at the forward's start): layer ``l``'s forward dense work
+        and, for ``l > 0``, the previous layer's expert forward (an even share of the pairs at this rank)."""
+        shares = np.asarray(shares, dtype=float)
+        window = (self.dense_time(shares) + self.fixed) / self.L / 3.0
+        if l > 0:
+            window = window + shares * self.seq * self.k[l - 1] * self.pair_cost / 3.0
+        return window
 
     def dc_parts(self, l: int, shares, sw) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """A data-centric layer per rank: (compute, forward gather, backward traffic left exposed, backward
@@ -256,13 +268,15 @@ class CostModel:
         exposed (the router decides what to gather). ``"hecate"``: the experts used in the last ``history``
         calls are gathered ahead, under the dense compute and the previous layer's experts (approximated by
         this layer's); what the router then picks beyond them is a calibration gather, exposed. Calls are
-        taken as independent draws of the layer's routing distribution."""
+        taken as independent draws of the layer's routing distribution: the scored one, or the window's
+        (:attr:`window_p`) where the caller separates the two (the honest protocol, :mod:`.protocol`)."""
         n = np.asarray(shares, dtype=float) * self.seq * self.k[l]
         per_expert = (1.0 - sw) * self.model.expert_bytes / self.bw  # seconds to fetch one expert
         used = 1.0 - np.exp(-np.outer(n, self.p[l]))
         if self.options.schedule == "sync":
             return used.sum(axis=1) * per_expert, np.zeros(self.R)
-        window = 1.0 - np.exp(-self.options.history * np.outer(n, self.p[l]))
+        p_window = self.p[l] if self.window_p is None else self.window_p[l]
+        window = 1.0 - np.exp(-self.options.history * np.outer(n, p_window))
         ahead = window.sum(axis=1) * per_expert
         calibrate = (used * (1.0 - window)).sum(axis=1) * per_expert
         room = self.overlap(shares) + (compute / 3.0 if l > 0 else 0.0)

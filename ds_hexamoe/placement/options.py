@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MODES, ConfigError, HexaMoEConfig
+from ..config import EXEC_MODES, ConfigError, HexaMoEConfig
 
 SHARD_BY = ("memory", "speed")
 SCHEDULES = ("sync", "hecate")
@@ -24,7 +24,7 @@ class PlanOptions:
     ``mode`` forces one mode for every layer ("auto": the fastest candidate, per layer); ``shard_by`` sizes
     the FSSDP shards by free memory or by expert speed within memory (:meth:`CostModel.shard_weights`);
     ``schedule``/``history`` are FSSDP's forward schedule, which the cost of data-centric layers depends
-    on (:meth:`CostModel.dc_forward`); ``replicas`` extra expert replicas per layer for ``eplb``/``ilp``
+    on (:meth:`CostModel.dc_forward`); ``budget`` the ``"hecate"`` mode's Algorithm 1 budget (:mod:`.dynamic`); ``replicas`` extra expert replicas per layer for ``eplb``/``ilp``
     (None: enough for every rank to host one); ``time_limit`` bounds the ILP (seconds)."""
 
     solver: str = "greedy"
@@ -41,6 +41,10 @@ class PlanOptions:
     # hidden under dense compute, and calibrates the rest
     schedule: str = "sync"
     history: int = 5
+    # the "hecate" mode's Algorithm 1 budget t (hexamoe.fssdp.budget): an integer, "auto" (what the ahead
+    # window hides at the link's bandwidth) or None (the experts above the window's mean load)
+    budget: int | str | None = None
+    ranks_per_node: int | None = None  # for the "hecate" mode's topology-aware dispatch; None: one node
 
     @classmethod
     def from_config(cls, cfg: HexaMoEConfig) -> PlanOptions:
@@ -51,7 +55,8 @@ class PlanOptions:
         return cls(solver=p.solver, mode=cfg.mode, rematerialize=cfg.rematerialize, prefetch=cfg.prefetch,
                    use_affinity=p.use_affinity, replicas=p.replicas or None, time_limit=p.ilp_time_limit,
                    shard_by="speed", schedule=cfg.fssdp.schedule if fssdp else cls.schedule,
-                   history=cfg.fssdp.history if fssdp else cls.history)
+                   history=cfg.fssdp.history if fssdp else cls.history,
+                   budget=cfg.fssdp.budget if fssdp else cls.budget)
 
     def replace(self, **changes: Any) -> PlanOptions:
         """A copy with ``changes``; an unknown name is a :class:`ConfigError` naming the allowed ones."""
@@ -81,5 +86,11 @@ class PlanOptions:
             raise ConfigError(f"schedule: got {self.schedule!r}; expected \"sync\" or \"hecate\" (hexamoe.fssdp.schedule)")
         if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 1:
             raise ConfigError(f"history: got {self.history!r}; expected an integer >= 1 (hexamoe.fssdp.history)")
-        if self.mode not in MODES + ("auto",):
-            raise ConfigError(f"mode: got {self.mode!r}; expected one of {list(MODES) + ['auto']}")
+        n = self.ranks_per_node
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"ranks_per_node: got {n!r}; expected an integer >= 1 or None (one node)")
+        b = self.budget
+        if not (b is None or b == "auto" or (isinstance(b, int) and not isinstance(b, bool) and b >= 0)):
+            raise ConfigError(f"budget: got {b!r}; expected an integer >= 0, \"auto\" or None (hexamoe.fssdp.budget)")
+        if self.mode not in EXEC_MODES + ("auto",):
+            raise ConfigError(f"mode: got {self.mode!r}; expected one of {list(EXEC_MODES) + ['auto']}")

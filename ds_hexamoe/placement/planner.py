@@ -9,6 +9,9 @@ the simulator predicts fastest (within memory):
   ``waterfill``: fractional water-filling, ``bubble_squeeze``: whole experts squeezed into per-layer bubbles, ``eplb``: DeepSeek
   EPLB replication, ``ilp``: MoETuner's ILP on HiGHS);
 - ``model_centric``: hidden slices ``f_r ~ expert speed``;
+- ``hecate``: FSSDP's ``"hecate"`` mode (:mod:`.dynamic`): the owners plus Algorithm 1's copies of the
+  statistics' hot experts (the runtime renews them every iteration from its load window), tokens
+  dispatched local first;
 - ``mixed`` (mode "auto"): each layer in the mode the cost model predicts fastest for it.
 
 Infeasible inputs (a model state larger than the cluster's memory, an expert larger than any device, a
@@ -26,6 +29,7 @@ from ..config import MODES, ConfigError
 from ..devices import DeviceProfile
 from ..experts.stats import RoutingStats
 from .costs import CostModel, integer_shares
+from .dynamic import hecate_fractions, layer_time, owned_counts
 from .options import PlanOptions
 from .plan import Plan
 from .problem import PlacementProblem, rank_times
@@ -104,10 +108,24 @@ class _Candidates:
         shares = _shares(c, self.sw, c.dense_per_sample, c.cache_bytes("model_centric", slices=slices))
         return _make_plan(c, shares, self.sw, ["model_centric"] * c.L, ownership(self.sw, c.E, c.L), "model_centric")
 
-    def expert_parallel(self) -> Plan:
+    def _ep_shares(self) -> list[int]:
         c = self.cost
         fair = -(-c.E // c.R)  # leave room to host a fair share of each layer's experts
-        shares = _shares(c, self.sw, c.dense_per_sample, np.full(c.R, fair * c.cache_unit * c.buffers))
+        return _shares(c, self.sw, c.dense_per_sample, np.full(c.R, fair * c.cache_unit * c.buffers))
+
+    def hecate_F(self, shares) -> np.ndarray:
+        """The ``"hecate"`` mode's fractions: Algorithm 1 on the statistics' loads (the runtime's window)."""
+        c = self.cost
+        owners = ownership(self.sw, c.E, 1)[0].argmax(axis=1)
+        return hecate_fractions(c, c.loads, owners, shares, c.options.ranks_per_node or c.R, c.options.budget)
+
+    def hecate(self) -> Plan:
+        shares = self._ep_shares()
+        return _make_plan(self.cost, shares, self.sw, ["hecate"] * self.cost.L, self.hecate_F(shares), "hecate")
+
+    def expert_parallel(self) -> Plan:
+        c = self.cost
+        shares = self._ep_shares()
         res = solve(self.solver, c.ep_problem(shares, self.sw))
         self.solver_result = res
         return _make_plan(c, shares, self.sw, ["expert_parallel"] * c.L, res.F, self.solver)
@@ -118,13 +136,19 @@ class _Candidates:
         F = ep.fractions(c.E)
         shares = np.asarray(ep.batch_shares, dtype=float)
         slices = np.array(c.hidden_slices(), dtype=float)
+        Fh = self.hecate_F(shares)
+        P = c.ep_problem(shares, self.sw, true_affinity=True, base=np.zeros(c.R))
+        owned = owned_counts(ownership(self.sw, c.E, 1)[0].argmax(axis=1), c.R)
         modes = []
         for l in range(c.L):
             P1 = c.ep_problem(shares, self.sw, range(l, l + 1), base=np.zeros(c.R))
             t = {"expert_parallel": rank_times(P1, F[l:l + 1]).max(),
                  "data_centric": c.dc_layer(l, shares, self.sw).max(),
-                 "model_centric": c.mc_layer(l, shares, slices).max()}
-            modes.append(min(t, key=t.get))
+                 "model_centric": c.mc_layer(l, shares, slices).max(),
+                 "hecate": layer_time(c, P, l, Fh, owned, shares)}
+            modes.append(min(t, key=t.get))  # a tie keeps the earlier mode: "hecate" only where it is faster
+            if modes[-1] == "hecate":
+                F[l] = Fh[l]
         if len(set(modes)) == 1:
             raise ConfigError(f"mixed: every layer prefers {modes[0]} (same as that candidate)")
         dc = [l for l, m in enumerate(modes) if m == "data_centric"]
@@ -133,7 +157,7 @@ class _Candidates:
             reserve = np.maximum(reserve, c.cache_bytes("data_centric"))
         if "model_centric" in modes:
             reserve = np.maximum(reserve, c.cache_bytes("model_centric", slices=slices))
-        if "expert_parallel" in modes:
+        if "expert_parallel" in modes or "hecate" in modes:
             reserve = np.maximum(reserve, c.cache_bytes("expert_parallel", hosted=(F > 1e-12).sum(axis=1).max(axis=0)))
         new = _shares(c, self.sw, c.dense_per_sample + _expert_time_per_sample(c, dc), reserve)
         return _make_plan(c, new, self.sw, modes, F, f"mixed+{self.solver}")
@@ -188,7 +212,7 @@ def plan(profiles: Any, stats: Any, *, global_batch: int, model_shape: str | dic
     sw = cost.shard_weights(options.shard_by)
     cost.check_expert_fits(sw)
     cands = _Candidates(cost, sw, solver)
-    for m in (MODES if mode == "auto" else (mode,)):
+    for m in (MODES + ("hecate",) if mode == "auto" else (mode,)):
         cands.add(m, getattr(cands, m))
     if mode == "auto" and "expert_parallel" in cands.plans:
         cands.add("mixed", lambda: cands.mixed(cands.plans["expert_parallel"]))

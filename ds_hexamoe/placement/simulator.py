@@ -9,6 +9,8 @@ data-centric: SparseAllGather and, where not hidden, its backward gather and gra
 model-centric: token all-gather and output reduce-scatter), so a rank that is slow at one layer makes the
 others wait at that layer, even when the sums over the step balance. Traffic the runtime issues ahead
 (prefetch, replica materialization up to what dense compute hides) runs on the communication stream.
+A ``"hecate"`` layer places its experts by the plan's fractions (decided from earlier iterations' loads)
+and is charged as :mod:`.dynamic` says: the copies' gathers hidden up to the ahead window, no calibration.
 Forward is a third of a layer's FLOPs and backward two thirds; traffic splits evenly over the four
 collectives of a layer. What every rank then pays once (per-collective latency, dense-gradient sync;
 :meth:`CostModel.sync_time`) is added at the end: ``step = end of the last rank + sync``. ``busy`` is a
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .costs import CostModel, integer_shares
+from .dynamic import dispatch_fractions, dynamic_layer
 from .plan import Plan
 from .problem import EPS, layer_hops
 from .timeline import Timeline
@@ -76,9 +79,14 @@ class _Layer:
 def _layers(plan: Plan, cost: CostModel, shares, sw, slices, F) -> list[_Layer]:
     P = cost.ep_problem(shares, sw, range(0, cost.L), true_affinity=True, base=np.zeros(cost.R))
     zero = np.zeros(cost.R)
+    owned = np.array(integer_shares(sw, cost.E, what="experts"), dtype=float)  # FSSDP owners hold theirs
     out = []
     for l, mode in enumerate(plan.modes[x] for x in plan.layers):
-        if mode == "expert_parallel":
+        if mode == "hecate":  # the runtime's dispatch to the plan's holders from the shares in effect
+            holders = [plan.placement[plan.layers[l]][e] for e in range(cost.E)]
+            F[l] = dispatch_fractions(holders, shares / shares.sum(), cost.options.ranks_per_node or cost.R)
+            out.append(_Layer(mode, *dynamic_layer(cost, P, l, F, owned, shares)))
+        elif mode == "expert_parallel":
             compute = P.pair_cost * (P.loads[l] @ F[l])
             hosted = (F[l] > EPS).sum(axis=0)
             mat = hosted * P.host_cost
