@@ -137,13 +137,17 @@ class RouterControl:
 
     @torch.no_grad()
     def _count(self, i: int, logits: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Adds this call's figures to the step's and the window's sums, on the logits' device (no host sync)."""
         e, f = self.experts[i], logits.float()
-        counts = (torch.bincount(idx.reshape(-1), minlength=e).to(torch.float64).cpu() if idx is not None
-                  else torch.zeros(e, dtype=torch.float64))
+        if self._step[i].device != f.device:
+            self._step = [s.to(f.device) for s in self._step]
+            self._window = [w.to(f.device) for w in self._window]
+        counts = (torch.bincount(idx.reshape(-1), minlength=e).to(self._step[i]) if idx is not None
+                  else torch.zeros_like(self._step[i]))
         logp = torch.log_softmax(f, dim=-1)
         lse = torch.logsumexp(f, dim=-1)
-        tail = torch.stack([-(logp.exp() * logp).sum(), lse.pow(2).sum(), torch.tensor(float(f.size(0)))])
-        self._window[i] += torch.cat([counts, logp.exp().sum(0).double().cpu(), tail.double().cpu()])
+        tail = torch.stack([-(logp.exp() * logp).sum(), lse.pow(2).sum(), lse.new_tensor(float(f.size(0)))])
+        self._window[i] += torch.cat([counts, logp.exp().sum(0).double(), tail.double()])
         self._step[i] += counts
 
     def add_z_loss(self, loss: torch.Tensor, batch: dict, share: float | None = None):
@@ -155,17 +159,17 @@ class RouterControl:
             return loss, None
         mask = batch.get("attention_mask")
         total = loss.new_zeros((), dtype=torch.float32)
-        rows = torch.zeros((), dtype=torch.float64)
+        rows = loss.new_zeros((), dtype=torch.float64)
         for logits in self._logits:
             lse2 = torch.logsumexp(logits.float(), dim=-1).pow(2)
             if mask is not None and mask.numel() == lse2.numel():
                 w = mask.reshape(-1).to(lse2)
-                total, rows = total + (lse2 * w).sum(), rows + float(w.sum())
+                total, rows = total + (lse2 * w).sum(), rows + w.sum().double()
             else:
                 total, rows = total + lse2.sum(), rows + lse2.numel()
         self._logits.clear()
         per_rows = rows if share is None else host_all_reduce(rows.reshape(1).clone())[0] * share
-        z = self.cfg.z_loss_coef * total / max(float(per_rows), 1e-30)
+        z = self.cfg.z_loss_coef * total / per_rows.clamp_min(1e-30).to(total)
         return loss + z.to(loss.dtype), z
 
     @torch.no_grad()
@@ -186,7 +190,7 @@ class RouterControl:
         ``z_loss`` (``z_loss_coef * mean(logsumexp^2)``); ``z_loss`` over all layers pooled beside them."""
         if not self.routers:
             return {}
-        total = host_all_reduce(torch.cat(self._window))
+        total = host_all_reduce(torch.cat(self._window)).cpu()
         self._window = [torch.zeros_like(w) for w in self._window]
         layers, lse2, rows = {}, 0.0, 0.0
         for name, e, w in zip(self.names, self.experts, torch.split(total, [2 * e + 3 for e in self.experts])):
