@@ -76,3 +76,30 @@ def test_logging_and_generate_errors_before_launch(tmp_path):
         load_recipe({**data, "training": {**data["training"], "eval_every": 1, "generate": {"prompts": []}}})
     with pytest.raises(ConfigError, match=r"logging\.tensorbord: unknown key \(did you mean 'tensorboard'\?\)"):
         load_recipe({**data, "logging": {"tensorbord": True}})
+
+
+def test_wandb_offline_run_records_the_row_tags(tmp_path, monkeypatch):
+    """A real W&B run in offline mode (no network) gets the same tags as TensorBoard; skipped without wandb."""
+    pytest.importorskip("wandb")
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.worker.monitor import RunMonitor, scalar_tags
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    path = cli_tiny.tiny_recipe(str(tmp_path))
+    data = json.load(open(path))
+    data["logging"] = {"wandb": True, "wandb_mode": "offline", "wandb_project": "t"}
+    json.dump(data, open(path, "w"))
+    recipe = load_recipe(path)
+    layer = {"tokens": [1.0, 2.0, 3.0, 6.0], "imbalance": 2.0, "entropy": 1.2, "aux_loss": 1.1, "z_loss": 0.01}
+    rows = [{"step": s, "loss": 3.0 - s, "lr": 1e-3, "aux_loss": 0.5, "router": {"z_loss": 0.01, "layers": {LAYERS[0]: layer}},
+             "generations": [{"prompt": "a", "completion": "b"}]} for s in (1, 2)]
+    monitor = RunMonitor(recipe, is_main=True)
+    for rec in rows:
+        monitor.log(rec)
+    summary = dict(monitor.wandb.summary)  # step 1 is committed once step 2 is logged
+    for tag, value in scalar_tags(rows[0]).items():
+        assert summary[tag] == pytest.approx(value), tag
+    assert summary["eval/generations"] == "**'a'** -> 'b'"
+    monitor.close()
+    assert glob.glob(os.path.join(recipe.training.output_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert RunMonitor(recipe, is_main=False).wandb is None  # only rank 0 writes
