@@ -77,8 +77,9 @@ def set_aux_coef(model: nn.Module, coef: float | None) -> None:
         return
     model.config.router_aux_loss_coef = coef
     model.config.output_router_logits = coef > 0
-    if hasattr(model, "router_aux_loss_coef"):  # the ForCausalLM copies it at construction
-        model.router_aux_loss_coef = coef
+    for m in model.modules():  # the ForCausalLM copies it at construction (under a wrapper too, e.g. PEFT's)
+        if "router_aux_loss_coef" in vars(m):
+            m.router_aux_loss_coef = coef
 
 
 def _indices(out) -> torch.Tensor | None:
