@@ -92,6 +92,46 @@ def test_z_loss_and_figures_equal_hand_computation():
     assert rc.figures() == {}  # the window was reset
 
 
+def _z_rank(rank: int, world: int) -> dict:
+    """Rank ``rank``'s rows of one padded global batch (3 + 5 rows on 2 ranks): its z-loss weighted by its share of
+    the units, summed over ranks, and the router gradients of that sum."""
+    import torch.distributed as dist
+
+    shares = {1: [8], 2: [3, 5]}[world]
+    lo, n = sum(shares[:rank]), shares[rank]
+    g = _batch(seed=7, rows=8, pad=True)
+    g["attention_mask"][3:, 6:] = 0  # ragged rows: the ranks' shares of tokens differ from their shares of rows
+    batch = {k: v[lo:lo + n] for k, v in g.items()}
+    model = _mixtral()
+    rc = RouterControl(model, RouterConfig(z_loss_coef=0.05))
+    from ds_hexamoe.hetero import count_tokens
+
+    # the worker's units: label tokens after the shift (not the router rows: the weighting must still be exact)
+    units = torch.tensor([float(count_tokens(batch["labels"]))], dtype=torch.float64)
+    total = units.clone()
+    dist.all_reduce(total)
+    share = float(units / total)
+    out = model(**batch)
+    _, z = rc.add_z_loss(out.loss, batch, share)
+    (z * share).backward()
+    _, own = RouterControl(model, RouterConfig(z_loss_coef=0.05)).add_z_loss(model(**batch).loss, batch)
+    value = torch.tensor([float(z) * share, float(own) * share], dtype=torch.float64)  # own: this rank's mean
+    dist.all_reduce(value)
+    grads = [l.mlp.gate.weight.grad.clone() for l in model.model.layers]
+    for gr in grads:
+        dist.all_reduce(gr)
+    return {"z": value[0].item(), "own": value[1].item(), "grads": grads}
+
+
+def test_z_loss_over_uneven_shares_is_one_process_value_and_gradient():
+    one = run_distributed(_z_rank, 1)[0]
+    for r in run_distributed(_z_rank, 2):
+        assert abs(r["own"] - one["z"]) > 1e-4 * one["z"]  # per-rank means, share-weighted, are not the global z
+        assert r["z"] == pytest.approx(one["z"], rel=1e-6)
+        for a, b in zip(r["grads"], one["grads"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
 def test_aux_loss_is_transformers_formula_and_coef_zero_gives_plain_lm_loss():
     from ds_hexamoe.integrations.transformers import global_balance
 
