@@ -38,7 +38,7 @@ def test_sft_trainer_hexamoe_equals_eager_in_one_process(tmp_path):
         assert main(["--output_dir", out, "--experts", experts, "--max_steps", str(STEPS)]) == 0
         runs[experts] = _losses(out)
     assert len(runs["hexamoe"]) == STEPS
-    assert runs["hexamoe"] == pytest.approx(runs["eager"], rel=1e-4)
+    assert runs["hexamoe"] == pytest.approx(runs["eager"], rel=1e-5)  # fp32: 1.3e-7 measured over 8 steps
     assert runs["hexamoe"][-1] < runs["hexamoe"][0]  # it trains
     logs = [h for h in _history(str(tmp_path / "hexamoe")) if "moe/balance" in h]
     assert len(logs) == STEPS and all(h["moe/balance"] >= 1.0 and h["moe/aux_loss"] > 0 for h in logs)
