@@ -25,21 +25,35 @@ EXEC_MODES = MODES + ("hecate",)  # every mode an FSSDP layer runs in, and the p
 
 @dataclass
 class RouterConfig:
-    """Router settings for MoE blocks that ds-hexamoe builds itself (Swin-MoE, converted layers)."""
+    """Router settings. ``top_k``, ``score_func``, ``norm_topk_prob`` and ``jitter`` shape the MoE blocks that
+    ds-hexamoe builds itself (Swin-MoE, converted layers); ``aux_loss_coef``, ``z_loss_coef``,
+    ``bias_update_rate`` and ``freeze`` also control a Hugging Face checkpoint's routers
+    (:mod:`ds_hexamoe.integrations.router_control`)."""
 
     top_k: int = 2
     score_func: Literal["softmax", "sigmoid"] = "softmax"
     norm_topk_prob: bool = True
-    aux_loss_coef: float = 0.01
+    # null: the model's own (a checkpoint's router_aux_loss_coef; DEFAULT_AUX_COEF for blocks built here)
+    aux_loss_coef: float | None = None
     z_loss_coef: float = 0.0
     # aux-loss-free balancing (DeepSeek-V3): per-expert bias added for selection only, nudged by this rate
     bias_update_rate: float = 0.0
     jitter: float = 0.0
+    freeze: bool = False  # router weights get no gradient and no optimizer state
+
+    DEFAULT_AUX_COEF = 0.01  # class constant, not a key
 
     def validate(self, path: str) -> None:
         _check(self.top_k >= 1, f"{path}.top_k", self.top_k, "an integer >= 1")
-        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "jitter"):
+        _check(self.aux_loss_coef is None or self.aux_loss_coef >= 0, f"{path}.aux_loss_coef", self.aux_loss_coef,
+               "a number >= 0 (0: off) or null (the model's own)")
+        for name in ("z_loss_coef", "bias_update_rate", "jitter"):
             _check(getattr(self, name) >= 0, f"{path}.{name}", getattr(self, name), "a number >= 0")
+
+    @property
+    def aux_coef(self) -> float:
+        """The auxiliary-loss coefficient of a block built here (null: :attr:`DEFAULT_AUX_COEF`)."""
+        return self.DEFAULT_AUX_COEF if self.aux_loss_coef is None else self.aux_loss_coef
 
 
 @dataclass

@@ -73,6 +73,9 @@ A model passes when logits and every parameter gradient agree within {hf_tiny.RE
 zeroed routers (every token on the same k experts, the others empty). Where fp32 rounding alone
 exceeds that, the same comparison is repeated in fp64 and must agree within {hf_tiny.FP64_TOL:.0e}.
 "not tested" means the tiny build or the eager reference itself failed (the reason is shown).
+Router control (`hexamoe.router`: `aux_loss_coef`, `z_loss_coef`, `freeze`, and `bias_update_rate` where the
+router has DeepSeek-V3's `e_score_correction_bias`) and the per-layer router figures apply to every family
+whose routers transformers records as `router_logits` (docs/recipes.md, "Routers of a checkpoint").
 
 Summary: {n['pass']} pass, {n['fail']} fail, {n['not tested']} not tested.
 

@@ -44,6 +44,34 @@ def default_ds_config(replan_every: int, sharding: str = "none") -> dict:
     }
 
 
+def shared_ds_config(output_dir: str, config: dict) -> str:
+    """``OUTPUT_DIR/ds_config.json`` holding ``config``: rank 0 writes it, the other ranks wait for the file (no
+    process group exists yet)."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "ds_config.json")
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(path + ".tmp", "w") as fh:
+            json.dump(config, fh, indent=2)
+        os.replace(path + ".tmp", path)
+    else:
+        import time
+
+        for _ in range(600):
+            if os.path.exists(path):
+                break
+            time.sleep(0.1)
+    return path
+
+
+def end_process_groups() -> None:
+    """An orderly end, as the training worker's: every rank past its collectives, then the groups (FSSDP keeps
+    three) shut down before the interpreter does (a gloo group torn down at interpreter exit once ended a rank
+    with "terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output_dir", required=True)
@@ -66,20 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from ds_hexamoe.integrations.trainer import HexaMoECallback
 
     os.makedirs(args.output_dir, exist_ok=True)
-    ds_path = args.deepspeed
-    if ds_path is None:
-        ds_path = os.path.join(args.output_dir, "ds_config.json")
-        if int(os.environ.get("RANK", "0")) == 0:
-            with open(ds_path + ".tmp", "w") as fh:
-                json.dump(default_ds_config(args.replan_every, args.sharding), fh, indent=2)
-            os.replace(ds_path + ".tmp", ds_path)
-        else:  # the other ranks wait for rank 0's file (no process group exists yet)
-            import time
-
-            for _ in range(600):
-                if os.path.exists(ds_path):
-                    break
-                time.sleep(0.1)
+    ds_path = args.deepspeed or shared_ds_config(args.output_dir, default_ds_config(args.replan_every, args.sharding))
     torch.manual_seed(0)
     vocab = 64
     cfg = MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -111,12 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             h = last[-1]
             print(f"[hf-trainer] step {h.get('step')}: loss {h.get('loss')}, moe/balance {h['moe/balance']:.3f}, "
                   f"moe/aux_loss {h.get('moe/aux_loss')}, replans {callback.replans}", flush=True)
-    if torch.distributed.is_initialized():
-        # an orderly end, as the training worker's: every rank past its collectives, then the groups (FSSDP
-        # keeps three) shut down before the interpreter does (a gloo group torn down at interpreter exit
-        # once ended a rank with "terminate called without an active exception")
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    end_process_groups()
     return 0
 
 

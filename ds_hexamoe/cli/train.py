@@ -13,6 +13,7 @@ from ..distributed import free_port
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from .jobs import OutputLock, earlier_outputs, overwrite_plan, remove_outputs, run_job
 from .options import add_recipe_args, overrides_of
+from .router_check import check_recipe_routers
 
 # the by-path entry DeepSpeed's launcher runs (ds_hexamoe/train.py)
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -104,6 +105,7 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, overrides=overrides)
     if recipe.source is None:
         raise ConfigError("recipe: train needs a recipe file")
+    check_recipe_routers(recipe)
     cmd = launch_command(recipe, overrides, args.resume, reshape_schedule=getattr(args, "reshape_schedule", False))
     if args.dry_run:
         print(" ".join(cmd))

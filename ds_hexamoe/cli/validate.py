@@ -8,6 +8,7 @@ from ..config import ConfigError
 from ..recipes import load_recipe, recipe_json, resolve_data_files
 from ..recipes.paths import placeholders
 from .options import add_recipe_args, overrides_of
+from .router_check import check_recipe_routers
 
 
 def cmd_validate(args) -> int:
@@ -15,6 +16,7 @@ def cmd_validate(args) -> int:
     if args.print:
         _print_resolved(args.recipe, overrides)
     recipe = load_recipe(args.recipe, overrides=overrides)
+    check_recipe_routers(recipe)
     data = "see task_options"
     if recipe.data.train_files:
         files = resolve_data_files(recipe)

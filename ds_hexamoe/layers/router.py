@@ -28,7 +28,7 @@ class TopKRouter(nn.Module):
     * ``score_func="softmax"``: Mixtral/Qwen style, weights are softmax probabilities of the chosen experts.
     * ``score_func="sigmoid"``: DeepSeek-V3 style, independent sigmoid scores.
     * ``norm_topk_prob``: renormalize the chosen weights to sum to one.
-    * ``aux_loss_coef > 0``: the Switch/Mixtral balancing loss in training, its expert fractions over all ranks
+    * ``aux_loss_coef > 0`` (null: 0.01): the Switch/Mixtral balancing loss in training, its expert fractions over all ranks
       (:mod:`.balance`, one all-reduce per forward): weighted by their rows, the ranks' losses are one process's.
     * ``bias_update_rate > 0``: aux-loss-free balancing; a per-expert bias shifts *selection* only (never
       the weights) and moves by ``rate * sign(mean_load - load)`` after each training forward.
@@ -44,6 +44,7 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.register_buffer("expert_bias", torch.zeros(num_experts), persistent=True)
         nn.init.normal_(self.weight, std=0.02)
+        self.weight.requires_grad_(not self.config.freeze)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         cfg = self.config
@@ -65,11 +66,11 @@ class TopKRouter(nn.Module):
 
         zero = logits_TE.new_zeros(())
         aux = zero
-        if cfg.aux_loss_coef > 0 and self.training:
+        if cfg.aux_coef > 0 and self.training:
             # Switch/Mixtral balance loss: E * sum_e (fraction of assignments to e) * (mean router prob of e),
             # the fractions over the global batch (.balance: the loss then does not depend on the split)
             probs_TE = scores_TE if cfg.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-            aux = cfg.aux_loss_coef * balance_loss(counts_E, top_k_index.numel(), probs_TE.sum(0), probs_TE.size(0))
+            aux = cfg.aux_coef * balance_loss(counts_E, top_k_index.numel(), probs_TE.sum(0), probs_TE.size(0))
         z = zero
         if cfg.z_loss_coef > 0 and self.training:
             z = cfg.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).pow(2).mean()

@@ -195,6 +195,20 @@ def check_zebra(r: Recipe, auto: bool = False) -> None:
                           "set it to 0")
 
 
+# hexamoe.router keys that shape only the blocks ds-hexamoe builds; a checkpoint's config decides them itself
+_BUILT_ROUTER_KEYS = {"top_k": "num_experts_per_tok", "score_func": "scoring_func", "norm_topk_prob": "norm_topk_prob",
+                      "jitter": "router_jitter_noise"}
+
+
+def check_router_section(r: Recipe) -> None:
+    """A causal-LM recipe (a Hugging Face model) may not set ``hexamoe.router`` keys its routers never read."""
+    router = (r.hexamoe or {}).get("router") if r.task == "causal-lm" else None
+    for key in sorted(set(router or {}) & set(_BUILT_ROUTER_KEYS)):
+        raise ConfigError(f"hexamoe.router.{key}: got {router[key]!r}; a Hugging Face checkpoint's routers take it "
+                          f"from the model's own config: set model.config.{_BUILT_ROUTER_KEYS[key]} instead "
+                          "(hexamoe.router controls aux_loss_coef, z_loss_coef, bias_update_rate and freeze there)")
+
+
 def check_task(r: Recipe) -> None:
     """A registered task name, or an import the recipe trusts (``trust_task_import``) and that resolves."""
     if r.task in TASKS:

@@ -19,7 +19,8 @@ from typing import Any
 
 from ..config import Collector, ConfigError, HexaMoEConfig, _coerce
 from ..jsonfile import read_json
-from .checks import check_task
+from .checks import check_router_section, check_task
+from .logging_spec import check_generate
 from .ds_config import check_ds_config
 from .files import check_recipe_files
 from .paths import is_placeholder, resolve_path
@@ -96,6 +97,8 @@ def load_recipe(
     _resolve_paths(recipe, found)
     found.raise_all()  # every later check reads the resolved paths
     recipe.hexamoe_config = found.run(_validate_hexamoe, recipe)
+    found.run(check_router_section, recipe)
+    found.run(check_generate, recipe)
     if check_files:
         found.run(check_recipe_files, recipe, check_data)
     found.run(check_ds_config, recipe)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from ..config import Collector, ConfigError, _check
 from .ds_config import build_ds_config
 from .instruct import check_instruct_spec
+from .logging_spec import GenerateSpec, LoggingSpec
 
 # Training tasks: name -> "module:function" building a :class:`ds_hexamoe.tasks.TaskParts`. A recipe
 # may also name an importable "package.module:function" in its "task" key, but only together with
@@ -134,6 +135,7 @@ class TrainingSpec:
     export_hf: bool = True
     gradient_checkpointing: bool = False
     num_threads: int | None = None
+    generate: GenerateSpec | None = None  # greedy samples at evaluation steps
 
     def validate(self, path: str) -> None:
         found = Collector()  # independent checks: every bad value is reported at once
@@ -194,6 +196,7 @@ class Recipe:
     deepspeed: Any = field(default_factory=dict)  # an inline dict or a path to a JSON file
     hexamoe: dict | None = None
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)  # TensorBoard / Weights & Biases
 
     # Set by load_recipe (not recipe keys): where the recipe came from and its parsed pieces.
     source = None  # the recipe file (absolute) or None for a dict

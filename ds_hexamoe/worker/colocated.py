@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from ..hetero import global_token_count, loss_scale
+from ..integrations.router_control import router_control
 from ..integrations.transformers import global_balance
 from ..recipes import Recipe, lr_lambda
 from ..tasks.base import TaskParts, WorkerContext
@@ -28,6 +29,8 @@ class ColocatedStep:
         t = recipe.training
         self.recipe, self.ctx, self.parts, self.info = recipe, ctx, parts, info
         ds_config = recipe.ds_config(ctx.world_size, accel)
+        # before DeepSpeed builds the optimizer: a frozen router must have no optimizer state
+        self.router = router_control(parts.model, getattr(recipe.hexamoe_config, "router", None))
         scheduler = None if "scheduler" in ds_config else (
             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)))
         self.engine, _, _, _ = _initialize_fn()(model=parts.model, config=ds_config, lr_scheduler=scheduler)
@@ -47,6 +50,8 @@ class ColocatedStep:
 
     def step(self, batches: Iterator[dict], step: int) -> StepResult:
         step_loss, step_aux, units = self._micro_steps(batches)
+        if self.router is not None:
+            self.router.after_step()  # the aux-loss-free bias update (DeepSeek-V3), once per optimizer step
         if callable(getattr(self.runtime, "after_step", None)):
             self.runtime.after_step(step)
         loss, aux_loss, all_units = all_sum([step_loss, step_aux, float(units)], self.device)
@@ -70,6 +75,8 @@ class ColocatedStep:
             out = engine(**batch)
             # the router's balancing loss over the global micro-batch (already inside the loss)
             loss, aux = global_balance(self.module, out, batch, scale / world)
+            if self.router is not None:
+                loss, _ = self.router.add_z_loss(loss, batch, scale / world)
             engine.backward(loss * scale)
             engine.step()
             share = scale / world / ga
@@ -80,7 +87,8 @@ class ColocatedStep:
     def row_metrics(self) -> tuple[float | None, dict, dict]:
         rtm = runtime_metrics(self.engine)
         bal = rtm.get("balance") if self.tracker is None else self.tracker.balance()
-        return bal, rtm, {}
+        figures = self.router.figures() if self.router is not None else {}
+        return bal, rtm, {"router": figures} if figures else {}
 
     def forward(self, batch: dict):
         return self.engine(**batch)
@@ -109,7 +117,8 @@ class ColocatedStep:
         return run_report(self.engine, self.ctx.world_size, metrics_path, train_s, steps, hf_dir)
 
     def close(self) -> None:
-        pass
+        if self.router is not None:
+            self.router.close()
 
 
 def _initialize_fn():

@@ -40,3 +40,20 @@ def evaluate(strategy, parts: TaskParts, ctx: WorkerContext, micro_batch_size: i
     if metric is not None:
         figures[f"val_{metric.name}"] = float(total[2] / total[3]) if total[3] > 0 else None
     return figures
+
+
+def generate_samples(strategy, tokenizer, spec) -> list[dict[str, str]]:
+    """Greedy continuations (``max_new_tokens``) of ``spec.prompts``: ``[{"prompt", "completion"}]``. Every rank
+    runs the same prompts (sharded experts gather collectively); the outputs agree."""
+    model = strategy.module
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    strategy.set_training(False)
+    with torch.no_grad():
+        for prompt in spec.prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(strategy.device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=spec.max_new_tokens, pad_token_id=pad)
+            out.append({"prompt": prompt, "completion": tokenizer.decode(gen[0, ids.size(1):], skip_special_tokens=True)})
+    strategy.set_training(True)
+    return out

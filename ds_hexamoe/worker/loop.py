@@ -24,8 +24,9 @@ from .batches import BatchPlan
 from .checkpoints import check_resume_compatible, loop_state, read_latest, remove_unpublished, trim_metrics
 from .checkpoints.store import disk_of
 from .colocated import ColocatedStep
-from .evaluation import evaluate
+from .evaluation import evaluate, generate_samples
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
+from .monitor import RunMonitor
 from .strategy import StepStrategy
 from .summary import SUMMARY_FILE, report_lines
 
@@ -41,6 +42,7 @@ class _Run:
     metrics_path: str
     last_eval: dict = field(default_factory=dict)  # the latest validation figures, for the summary
     schedule_steps: int | None = None  # the steps the learning-rate schedule spans (a resume may keep an older one)
+    monitor: RunMonitor | None = None  # TensorBoard / W&B writers (rank 0)
 
 
 def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) -> dict:
@@ -59,8 +61,10 @@ def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) ->
     seed_all(t.seed)
     parts = task_builder(recipe)(recipe, ctx)
     strategy = _strategy(recipe, ctx, accel, parts, resume, zebra)
+    r = None
     try:
         r = _Run(recipe, ctx, parts, strategy, os.path.join(t.output_dir, METRICS_FILE))
+        r.monitor = RunMonitor(recipe, ctx.is_main)
         step = _resume_or_seed(r, reshape_schedule)
         start_step = step
         shares, index = strategy.data_shares()
@@ -87,6 +91,8 @@ def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) ->
         return _finish(r, start_step, first_loss, last_loss, times, resume)
     finally:
         strategy.close()
+        if r is not None and r.monitor is not None:
+            r.monitor.close()
 
 
 def _strategy(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts, resume: bool,
@@ -209,8 +215,13 @@ def _log(r: _Run, step: int, loss: float, aux_loss: float, lr: float | None, win
         figures = evaluate(r.strategy, r.parts, r.ctx, r.recipe.training.micro_batch_size)
         rec.update(figures)
         r.last_eval = {"eval_step": step, **figures}
+        if r.recipe.training.generate is not None:  # collective: every rank generates
+            rec["generations"] = generate_samples(r.strategy, r.parts.processor, r.recipe.training.generate)
     if r.ctx.is_main:
         append_row(r.metrics_path, rec)
+        r.monitor.log(rec)
+        for g in rec.get("generations", []):
+            bar.write(f"[ds-hexamoe] step {step} generate: {g['prompt']!r} -> {g['completion']!r}")
         bar.set_postfix(progress_postfix(rec, r.parts.unit), refresh=False)
 
 
