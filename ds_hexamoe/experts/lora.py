@@ -92,6 +92,12 @@ def attach_lora(model: torch.nn.Module) -> list[str]:
     return done
 
 
+def has_lora(module) -> bool:
+    """True when PEFT LoRA wrappers of ``module`` were attached (:func:`attach_lora`)."""
+    binding = state_of(module).lora
+    return binding is not None and bool(binding.wrappers)
+
+
 def _note_active(key: str, module):
     @contextlib.contextmanager
     def activate(wrapper, active_adapters):

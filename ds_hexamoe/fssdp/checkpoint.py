@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..atomic import atomic_write, atomic_write_with
 from ..distributed import failures_everywhere
+from .lora import fill_peft_keys
 
 FORMAT = 2
 INDEX = "fssdp_index.json"
@@ -227,11 +228,13 @@ def wrap_checkpointing(mgr, engine) -> None:
 
 
 def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Dense state dict plus full ``[E, ...]`` experts, assembled on rank 0 (or everywhere)."""
+    """Dense state dict plus full ``[E, ...]`` experts, assembled on rank 0 (or everywhere); experts' LoRA
+    factors under PEFT's keys and layout (:func:`~.lora.fill_peft_keys`)."""
     mgr.synchronize()
     group, world = mgr.group, mgr.world_size
     out = {k: v.detach().clone() for k, v in mgr.model.state_dict().items()} if (mgr.rank == 0 or not rank0_only) else {}
     for layer in mgr.layers:
+        adapters = {}
         counts = [layer.ownership.count(r) for r in range(world)]
         ids = torch.tensor([e for r in range(world) for e in layer.ownership.owned(r)], dtype=torch.long)
         cap = max(counts)
@@ -245,5 +248,10 @@ def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
                 rows = torch.cat([b[:c] for b, c in zip(bufs, counts)], dim=0)
                 full = torch.empty_like(rows).index_copy_(0, ids.to(rows.device), rows)
                 prefix = f"{layer.name}." if layer.name else ""
-                out[prefix + n] = full
+                if n in layer.adapter_names:  # LoRA factors go under PEFT's own keys, in its layout
+                    adapters[n] = full
+                else:
+                    out[prefix + n] = full
+        if adapters:
+            fill_peft_keys(mgr, layer, adapters, out)
     return out

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..distributed import world_and_rank
+from ..experts.lora import has_lora
 from ..experts.protocol import closed_form
 from ..parallel.accounting import CommStats, blocked
 from ..parallel.weights import ExpertSpec, ExpertWeights
@@ -39,6 +40,8 @@ from .layer import ExpertLayer
 def check_parallel_module(name: str, m) -> str:
     """The activation name of an experts module the parallel modes can run; a ConfigError otherwise."""
     act, why = closed_form(m)
+    if why is None and has_lora(m):
+        why = "it carries LoRA adapters (PEFT target_parameters), which run in data-centric mode only"
     if why is not None:
         raise ConfigError(f'hexamoe.mode: experts module {name!r} cannot run "expert_parallel"/"model_centric" '
                           f'({why}); use "mode": "data_centric" for this model')
@@ -279,7 +282,7 @@ class MaterializeSlices(torch.autograd.Function):
                 add(sp.unpack(recv[off:off + c].view(n_own, sp.width[q]), q), q)
                 off += c
             scale = 1.0 / world  # DeepSpeed averages dense gradients over data-parallel ranks
-            for n in sp.names:
+            for n in layer.grad_names:  # a frozen shard has no gradient buffer
                 store.grads[(layer.index, n)].add_(acc[n], alpha=scale)
         return (None, None, None, None) + (None,) * len(sp.names)
 

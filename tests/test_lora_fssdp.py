@@ -1,0 +1,152 @@
+"""PEFT LoRA on FSSDP-sharded experts, on real gloo ranks under DeepSpeed ZeRO-2.
+
+A tiny Mixtral with LoRA on its experts (``target_parameters``) and attention (``target_modules``) trains through
+``ds_hexamoe.initialize`` with ``"sharding": "fssdp"``; after several AdamW steps the adapters gathered with
+``peft_adapter_state_dict`` must equal one plain process training PEFT with ``"eager"`` on the union of the
+ranks' batches (``get_peft_model_state_dict``), and an adapter saved from them must load with
+``PeftModel.from_pretrained`` on a fresh base model and give the reference's logits. Base experts stay frozen:
+no gradient buffer, no optimizer state, no reduce bytes for them. Modes that cannot run LoRA are refused.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ds_hexamoe.testing import run_distributed
+from test_fssdp import PHASE, batch, ds_config, quiet, train_steps
+from test_lora_experts import lora_config, mixtral, randomize_adapters
+
+peft = pytest.importorskip("peft")
+
+TOL = 2e-5  # fp32, a few AdamW steps: rounding only
+BASE = dict(experts=4, top_k=2, micro=2, lr=3e-3, clip=0.3, stage=2, gas=2, global_rows=4, steps=4)
+
+
+def lora_model(impl: str):
+    model = peft.get_peft_model(mixtral(impl), lora_config())
+    randomize_adapters(model)
+    return model
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def reference(case: dict) -> dict:
+    """One process, PEFT on ``"eager"``, the union of every rank's batches (DeepSpeed's loss averaging)."""
+    from deepspeed.runtime.lr_schedules import WarmupLR
+
+    model = lora_model("eager")
+    p = ds_config(case)["optimizer"]["params"]
+    opt = torch.optim.AdamW(trainable(model), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                            weight_decay=p["weight_decay"])
+    sched = WarmupLR(opt, warmup_min_lr=case["lr"] / 4, warmup_max_lr=case["lr"], warmup_num_steps=3,
+                     warmup_type="linear")
+    world, gas = case["world"], case["gas"]
+    rows = case["global_rows"] // world
+    out = {"loss": [], "norm": []}
+    for s in range(case["steps"]):
+        PHASE["step"] = s
+        total = 0.0
+        for m in range(gas):
+            x = batch(s, m, case["global_rows"])
+            for r in range(world):
+                xr = x[r * rows:(r + 1) * rows]
+                loss = model(input_ids=xr, labels=xr).loss
+                (loss / (world * gas)).backward()
+                total += loss.item()
+        out["loss"].append(total / (world * gas))
+        out["norm"].append(float(torch.nn.utils.clip_grad_norm_(trainable(model), case["clip"])))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    out["adapter"] = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+    out["model"] = model
+    return out
+
+
+def _worker(rank: int, world: int, case: dict) -> dict:
+    quiet()
+    import deepspeed
+
+    import ds_hexamoe
+    from ds_hexamoe.fssdp import peft_adapter_state_dict
+
+    deepspeed.init_distributed("gloo")
+    model = lora_model("hexamoe")
+    cfg = ds_config(case)
+    cfg["hexamoe"] = dict({"sharding": "fssdp"}, **case["hexamoe"])
+    engine, _, _, _ = ds_hexamoe.initialize(model=model, model_parameters=trainable(model), config=cfg)
+    manager = engine.hexamoe.fssdp
+    out = train_steps(engine, manager, case, rank, world, range(case["steps"]))
+    out["adapter"] = peft_adapter_state_dict(model)
+    out["grad_buffers"] = {f"{k[0]}:{k[1]}": g.numel() for k, g in manager.grads.items()}
+    out["stepped"] = sorted(f"{e.key[0]}:{e.key[1]}" for e in manager.optimizer.stepped)
+    out["reduce_bytes"] = [c.get("reduce_bytes", 0) for c in out["comm"]]
+    if rank == 0 and case.get("save"):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in out["adapter"].items()},
+                  os.path.join(case["save"], "adapter_model.safetensors"))
+        model.peft_config["default"].save_pretrained(case["save"])
+    return out
+
+
+def _check(case: dict, results: list[dict]) -> dict:
+    ref = reference(case)
+    r0 = results[0]
+    assert r0["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
+    assert r0["norm"] == pytest.approx(ref["norm"], rel=1e-4)
+    assert all(r["adapter"] == {} for r in results[1:])  # rank 0 gets the tensors
+    got, want = r0["adapter"], ref["adapter"]
+    assert set(got) == set(want) and any(".experts." in k for k in want)
+    init = peft.get_peft_model_state_dict(lora_model("eager"))
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        assert float((got[k] - want[k]).abs().max()) < TOL, k
+        assert float((want[k] - init[k]).abs().max()) > 50 * TOL, f"{k} barely trained: the check could not fail"
+    for r in results:  # frozen base experts: no fp32 gradient buffer and no optimizer state
+        assert all(n == 0 for k, n in r["grad_buffers"].items() if k.endswith(("gate_up_proj", "down_proj")))
+        assert r["stepped"] and all("_lora_" in k for k in r["stepped"])
+    return ref
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,schedule", [(2, "sync"), (3, "hecate")])
+def test_lora_fssdp_data_centric_equals_peft_eager(world, schedule, tmp_path):
+    case = dict(BASE, world=world, hexamoe={"mode": "data_centric", "fssdp": {"schedule": schedule}},
+                save=str(tmp_path) if world == 2 else None)
+    results = run_distributed(_worker, world, case, timeout=280, init_process_group=False)
+    ref = _check(case, results)
+    if world == 2:  # gradients of the adapters only travel: tiny next to the expert weights
+        assert sum(results[0]["reduce_bytes"]) > 0
+        loaded = peft.PeftModel.from_pretrained(mixtral("eager"), str(tmp_path))
+        ids = batch(99, 0, 3)
+        with torch.no_grad():
+            want, got = ref["model"](input_ids=ids).logits, loaded(input_ids=ids).logits
+        assert float((got - want).abs().max()) < 1e-4
+
+
+def _refused(rank: int, world: int, mode: str) -> str:
+    quiet()
+    import deepspeed
+
+    import ds_hexamoe
+
+    deepspeed.init_distributed("gloo")
+    model = lora_model("hexamoe")
+    cfg = ds_config(dict(BASE, world=world))
+    cfg["hexamoe"] = {"sharding": "fssdp", "mode": mode}
+    try:
+        ds_hexamoe.initialize(model=model, model_parameters=trainable(model), config=cfg)
+    except Exception as exc:  # noqa: BLE001  (the message is what is checked)
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
+@pytest.mark.timeout(120)
+def test_lora_fssdp_parallel_modes_refused():
+    msgs = run_distributed(_refused, 2, "model_centric", timeout=100, init_process_group=False)
+    assert all("LoRA" in m and "data_centric" in m for m in msgs), msgs
