@@ -9,7 +9,7 @@ import torch
 
 from ..ops import build_expert_index, expert_mlp
 from ..ops.activations import activation_name
-from .lora import active_lora, lora_linear
+from .lora import active_lora, lora_linear, lora_mlp
 from .protocol import default_gate, expert_weights, flag, state_of
 
 
@@ -65,12 +65,14 @@ def hexamoe_experts_forward(
         return out.to(hidden_states.dtype)
     # A model-specific gate (clamped SwiGLU, ...), a post-expert norm or LoRA adapters: the expert linears
     # still run on the operators; the element-wise part in between is differentiated by autograd.
+    def activate(h):
+        return _gate(self, h) if gated else self.act_fn(h)
+
+    if not post_norm:
+        return lora_mlp(hidden_states, w["w1"], w["w2"], index, lora, activate, b1=w["b1"], b2=w["b2"],
+                        row_scale=row_scale)
     h = lora_linear(hidden_states, w["w1"], index, lora.get("w1"), gather_div=index.k, bias=w["b1"])
-    a = _gate(self, h) if gated else self.act_fn(h)
-    if post_norm:
-        y = lora_linear(a, w["w2"], index, lora.get("w2"), scatter=True, bias=w["b2"])
-        y = self.post_expert_norm(y) * row_scale.unsqueeze(-1).to(y.dtype)
-    else:
-        y = lora_linear(a, w["w2"], index, lora.get("w2"), scatter=True, bias=w["b2"], row_scale=row_scale)
+    y = lora_linear(activate(h), w["w2"], index, lora.get("w2"), scatter=True, bias=w["b2"])
+    y = self.post_expert_norm(y) * row_scale.unsqueeze(-1).to(y.dtype)
     k = index.k
     return y.view(-1, k, y.size(-1)).sum(1, dtype=torch.float32).to(hidden_states.dtype)

@@ -162,3 +162,11 @@ def lora_linear(x, w, index, lora: LoraFactors | None, *, gather_div=None, scatt
     # PEFT's B view has the expert axis innermost, which grouped matmuls reject; B is tiny, so copy it
     u = expert_linear(t, lora.b.contiguous(), index, scatter=scatter, row_scale=row_scale)
     return y + u * lora.scale
+
+
+def lora_mlp(x, w1, w2, index, lora: dict, activate, *, b1=None, b2=None, row_scale=None) -> torch.Tensor:
+    """Token-order ``x[T, d]`` through the expert MLP with adapters (``{weight key: LoraFactors}``, possibly
+    empty): :func:`lora_linear` for both linears, ``activate(h)`` between (autograd), fp32 sum over the choices."""
+    h = lora_linear(x, w1, index, lora.get("w1"), gather_div=index.k, bias=b1)
+    y = lora_linear(activate(h), w2, index, lora.get("w2"), scatter=True, bias=b2, row_scale=row_scale)
+    return y.view(-1, index.k, y.size(-1)).sum(1, dtype=torch.float32).to(x.dtype)

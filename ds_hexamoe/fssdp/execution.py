@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..distributed import world_and_rank
-from ..experts.lora import has_lora
+from ..experts.lora import active_lora, has_lora
 from ..experts.protocol import closed_form
 from ..parallel.accounting import CommStats, blocked
 from ..parallel.weights import ExpertSpec, ExpertWeights
@@ -37,11 +37,15 @@ from .layer import ExpertLayer
 
 
 # ------------------------------------------------------------------------------------------ layer spec
-def check_parallel_module(name: str, m) -> str:
-    """The activation name of an experts module the parallel modes can run; a ConfigError otherwise."""
+def check_parallel_module(name: str, m, mode: str | None = None) -> str:
+    """The activation name of an experts module the parallel modes can run (``mode`` among them); a ConfigError
+    otherwise."""
     act, why = closed_form(m)
-    if why is None and has_lora(m):
-        why = "it carries LoRA adapters (PEFT target_parameters), which run in data-centric mode only"
+    if why is None and mode == "model_centric" and has_lora(m):
+        # a hidden slice of B_e is a slice of the update, but every slice needs all of A_e and its gradient
+        # would be a sum over ranks: not the scatter of disjoint slices model-centric runs
+        raise ConfigError(f'hexamoe.mode: experts module {name!r} carries LoRA adapters, which "model_centric" '
+                          'cannot slice; use "data_centric", "expert_parallel" or "hecate"')
     if why is not None:
         raise ConfigError(f'hexamoe.mode: experts module {name!r} cannot run "expert_parallel"/"model_centric" '
                           f'({why}); use "mode": "data_centric" for this model')
@@ -68,7 +72,8 @@ def to_compute(layer: ExpertLayer, full: dict[str, torch.Tensor], b2_default: to
     b2 = (full.get(names["b2"]) if "b2" in names else None)
     if "b2" in names and b2_default is not None:
         b2 = b2_default
-    return ExpertWeights(w1, w2, b1, b2)
+    lora = active_lora(m, dict({k: full[n] for k, n in names.items() if n in full}, w1=w1))
+    return ExpertWeights(w1, w2, b1, b2, lora=lora or None)
 
 
 # ------------------------------------------------------------------------------------ expert parallel
