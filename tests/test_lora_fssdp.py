@@ -25,9 +25,9 @@ TOL = 2e-5  # fp32, a few AdamW steps: rounding only
 BASE = dict(experts=4, top_k=2, micro=2, lr=3e-3, clip=0.3, stage=2, gas=2, global_rows=4, steps=4)
 
 
-def lora_model(impl: str):
+def lora_model(impl: str, seed: int = 1):
     model = peft.get_peft_model(mixtral(impl), lora_config())
-    randomize_adapters(model)
+    randomize_adapters(model, seed=seed)
     return model
 
 
@@ -68,19 +68,24 @@ def reference(case: dict) -> dict:
     return out
 
 
+def _engine(case: dict, seed: int = 1):
+    import ds_hexamoe
+
+    model = lora_model("hexamoe", seed=seed)
+    cfg = ds_config(case)
+    cfg["hexamoe"] = dict({"sharding": "fssdp"}, **case["hexamoe"])
+    engine, _, _, _ = ds_hexamoe.initialize(model=model, model_parameters=trainable(model), config=cfg)
+    return model, engine, engine.hexamoe.fssdp
+
+
 def _worker(rank: int, world: int, case: dict) -> dict:
     quiet()
     import deepspeed
 
-    import ds_hexamoe
     from ds_hexamoe.fssdp import peft_adapter_state_dict
 
     deepspeed.init_distributed("gloo")
-    model = lora_model("hexamoe")
-    cfg = ds_config(case)
-    cfg["hexamoe"] = dict({"sharding": "fssdp"}, **case["hexamoe"])
-    engine, _, _, _ = ds_hexamoe.initialize(model=model, model_parameters=trainable(model), config=cfg)
-    manager = engine.hexamoe.fssdp
+    model, engine, manager = _engine(case)
     moves = case.get("placements", {})
     out = train_steps(engine, manager, case, rank, world, range(case["steps"]),
                       before_step=lambda s, _: manager.set_placement(0, moves[s]) if s in moves else None)
@@ -164,3 +169,38 @@ def _refused(rank: int, world: int, mode: str) -> str:
 def test_lora_fssdp_parallel_modes_refused():
     msgs = run_distributed(_refused, 2, "model_centric", timeout=100, init_process_group=False)
     assert all("LoRA" in m and "model_centric" in m and "ConfigError" in m for m in msgs), msgs
+
+
+def _resume_worker(rank: int, world: int, case: dict, ckpt: str) -> dict:
+    quiet()
+    import deepspeed
+
+    from ds_hexamoe.fssdp import peft_adapter_state_dict
+
+    deepspeed.init_distributed("gloo")
+    model, engine, manager = _engine(case)
+    train_steps(engine, manager, case, rank, world, range(2))
+    engine.save_checkpoint(ckpt, tag="s2")
+    saved = peft_adapter_state_dict(model)
+    cont = train_steps(engine, manager, case, rank, world, range(2, 4))
+    # a model with other adapters resumes: the expert adapters come from FSSDP's files, attention's from DeepSpeed's
+    model2, engine2, manager2 = _engine(case, seed=7)
+    engine2.load_checkpoint(ckpt, tag="s2")
+    loaded = peft_adapter_state_dict(model2)
+    resumed = train_steps(engine2, manager2, case, rank, world, range(2, 4))
+    return {"saved": saved, "loaded": loaded, "cont": cont["loss"], "resumed": resumed["loss"],
+            "final": peft_adapter_state_dict(model), "final2": peft_adapter_state_dict(model2),
+            "files": sorted(os.listdir(os.path.join(ckpt, "s2")))}
+
+
+@pytest.mark.timeout(300)
+def test_lora_fssdp_checkpoint_resumes_adapters(tmp_path):
+    case = dict(BASE, world=2, hexamoe={"mode": "data_centric"})
+    r0 = run_distributed(_resume_worker, 2, case, str(tmp_path), timeout=280, init_process_group=False)[0]
+    assert any(f.startswith("fssdp_rank") for f in r0["files"])
+    assert set(r0["loaded"]) == set(r0["saved"]) and any(".experts." in k for k in r0["saved"])
+    for k in r0["saved"]:
+        assert torch.equal(r0["loaded"][k], r0["saved"][k]), k
+    assert r0["resumed"] == pytest.approx(r0["cont"], rel=1e-6)
+    for k in r0["final"]:
+        assert float((r0["final2"][k] - r0["final"][k]).abs().max()) < 1e-6, k
