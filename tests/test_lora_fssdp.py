@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, case: dict) -> dict:
 
     from ds_hexamoe.experts import experts_modules
     from ds_hexamoe.experts.lora import has_lora
-    from ds_hexamoe.fssdp import peft_adapter_state_dict
+    from ds_hexamoe.fssdp import peft_adapter_state_dict, save_peft_adapter
 
     deepspeed.init_distributed("gloo")
     model, engine, manager = _engine(case)
@@ -113,12 +113,8 @@ def _worker(rank: int, world: int, case: dict) -> dict:
         out["grad_buffers"] = {f"{k[0]}:{k[1]}": g.numel() for k, g in manager.grads.items()}
         out["stepped"] = sorted(f"{e.key[0]}:{e.key[1]}" for e in manager.optimizer.stepped)
         out["reduce_bytes"] = [c.get("reduce_bytes", 0) for c in out["comm"]]
-    if rank == 0 and case.get("save"):
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in out["adapter"].items()},
-                  os.path.join(case["save"], "adapter_model.safetensors"))
-        model.peft_config["default"].save_pretrained(case["save"])
+    if case.get("save"):  # a collective: rank 0 writes
+        out["wrote"] = save_peft_adapter(model, case["save"])
     return out
 
 
@@ -157,7 +153,7 @@ MODES = {
 def test_lora_fssdp_equals_peft_eager(name, tmp_path):
     world, hexamoe = MODES[name]
     save = name == "data_centric_sync"
-    case = dict(BASE, world=world, hexamoe=hexamoe, save=str(tmp_path) if save else None)
+    case = dict(BASE, world=world, hexamoe=hexamoe, save=str(tmp_path / "adapter") if save else None)
     if name == "data_centric_hecate_schedule":
         case["reown_at"] = 2
     if name == "expert_parallel":  # rank 0 owns experts 0-1, rank 1 experts 2-3
@@ -169,7 +165,8 @@ def test_lora_fssdp_equals_peft_eager(name, tmp_path):
     if hexamoe.get("sharding") != "none":
         assert sum(results[0]["reduce_bytes"]) > 0  # adapter gradients went to their owners
     if save:
-        loaded = peft.PeftModel.from_pretrained(mixtral("eager"), str(tmp_path))
+        assert [r["wrote"] for r in results] == [True] + [False] * (world - 1)
+        loaded = peft.PeftModel.from_pretrained(mixtral("eager"), case["save"])
         ids = batch(99, 0, 3)
         with torch.no_grad():
             want, got = ref["model"](input_ids=ids).logits, loaded(input_ids=ids).logits

@@ -10,10 +10,13 @@ gradients are reduced to the owner, re-ownership and checkpoints carry them like
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_save_dir
 from ..config import ConfigError
 from ..experts import factors_from_peft, factors_to_peft, state_of
 from ..experts.lora import LORA_KEYS
@@ -81,6 +84,28 @@ def peft_adapter_state_dict(model: nn.Module, manager=None, adapter_name: str = 
     if dist.get_rank(mgr.group) != 0:
         return {}
     return get_peft_model_state_dict(model, state_dict=full, adapter_name=adapter_name)
+
+
+def save_peft_adapter(model: nn.Module, directory: str, manager=None, adapter_name: str = "default") -> bool:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of ``adapter_name`` into ``directory``
+    (replaced whole, atomically), as ``PeftModel.save_pretrained`` does for an unsharded model, so
+    ``PeftModel.from_pretrained(base, directory)`` loads it. A collective under FSSDP (every rank calls it);
+    rank 0 writes. Returns True on the rank that wrote."""
+    from safetensors.torch import save_file
+
+    sd = peft_adapter_state_dict(model, manager=manager, adapter_name=adapter_name)
+    mgr = manager if manager is not None else _manager_of(model)
+    group = mgr.group if mgr is not None else None
+    if dist.is_initialized() and dist.get_rank(group) != 0:
+        return False
+
+    def write(tmp: str) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                  os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        model.peft_config[adapter_name].save_pretrained(tmp)
+
+    atomic_save_dir(write, directory)
+    return True
 
 
 def _manager_of(model: nn.Module):
