@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..distributed import world_and_rank
-from ..experts.lora import active_lora, has_lora
+from ..experts.lora import active_lora
 from ..experts.protocol import closed_form
 from ..parallel.accounting import CommStats, blocked
 from ..parallel.weights import ExpertSpec, ExpertWeights
@@ -37,15 +37,9 @@ from .layer import ExpertLayer
 
 
 # ------------------------------------------------------------------------------------------ layer spec
-def check_parallel_module(name: str, m, mode: str | None = None) -> str:
-    """The activation name of an experts module the parallel modes can run (``mode`` among them); a ConfigError
-    otherwise."""
+def check_parallel_module(name: str, m) -> str:
+    """The activation name of an experts module the parallel modes can run; a ConfigError otherwise."""
     act, why = closed_form(m)
-    if why is None and mode == "model_centric" and has_lora(m):
-        # a hidden slice of B_e is a slice of the update, but every slice needs all of A_e and its gradient
-        # would be a sum over ranks: not the scatter of disjoint slices model-centric runs
-        raise ConfigError(f'hexamoe.mode: experts module {name!r} carries LoRA adapters, which "model_centric" '
-                          'cannot slice; use "data_centric", "expert_parallel" or "hecate"')
     if why is not None:
         raise ConfigError(f'hexamoe.mode: experts module {name!r} cannot run "expert_parallel"/"model_centric" '
                           f'({why}); use "mode": "data_centric" for this model')
@@ -133,6 +127,10 @@ class SlicePlan:
             self.axis[names["b1"]] = 1
         if "b2" in names:
             self.axis[names["b2"]] = 1
+        # LoRA factors A[E, in, r], B[E, r, out]: B1 and A2 follow the hidden slice; A1 and B2 go whole to every
+        # rank (their gradients then sum over ranks: backward adds slices with index_add)
+        lora = [k for k in ("w1_lora_a", "w1_lora_b", "w2_lora_a", "w2_lora_b") if k in names]
+        self.axis.update({names[k]: (1 if k.endswith("_a") else 2) for k in lora})
         self.index: list[dict[str, torch.Tensor]] = []
         for q in range(world):
             lo, hi = starts[q], starts[q + 1]
@@ -143,6 +141,9 @@ class SlicePlan:
             if "b2" in names:  # the output bias lives on one rank
                 d = layer.expert_shapes[names["b2"]][0]
                 idx[names["b2"]] = torch.arange(d) if q == self.bias_rank else torch.arange(0)
+            for k in lora:
+                whole = torch.arange(layer.expert_shapes[names[k]][self.axis[names[k]] - 1])
+                idx[names[k]] = {"w1_lora_b": cols, "w2_lora_a": torch.arange(lo, hi)}.get(k, whole)
             self.index.append(idx)
         self.names = layer.param_names
         self.shapes = [{n: self._shape(n, q) for n in self.names} for q in range(world)]
@@ -238,6 +239,7 @@ class MaterializeSlices(torch.autograd.Function):
             for n, t in sp.unpack(rows, rank).items():
                 out[n].index_copy_(0, ids, t)
             off += c
+        ctx.mark_non_differentiable(*(out[n] for n in sp.names if not layer.shards[n].requires_grad))
         return tuple(out[n] for n in sp.names)
 
     @staticmethod

@@ -11,8 +11,8 @@ import torch
 
 from ..config import EXEC_MODES, HexaMoEConfig
 from ..experts.forward import record_routing
-from .execution import (PlacedMaterializer, SliceMaterializer, SlicePlan, agree, check_parallel_module,
-                        default_placement, expert_spec, normalize_placement, placement_transfer)
+from .execution import (PlacedMaterializer, SliceMaterializer, SlicePlan, agree, default_placement, expert_spec,
+                        normalize_placement, placement_transfer)
 from .layer import ExpertLayer
 from .materializer import Materializer
 from .schedule import GatherSchedule
@@ -123,7 +123,6 @@ class ModeTable:
             if mode not in EXEC_MODES:
                 raise ValueError(f"set_modes[{layer.name!r}]: got {mode!r}; expected one of {list(EXEC_MODES)}")
             if mode != "data_centric":
-                check_parallel_module(layer.name, layer.module, mode)
                 expert_spec(layer)
             new[layer.index] = mode
         if check:

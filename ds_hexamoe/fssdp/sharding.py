@@ -105,7 +105,7 @@ def shard_layers(model: nn.Module, cfg: HexaMoEConfig, group=None):
         _check_module(name, m)
         adapter_tensors(name, m, dict(weight_names(m)))
         if cfg.mode in ("expert_parallel", "model_centric", "hecate"):
-            check_parallel_module(name, m, cfg.mode)
+            check_parallel_module(name, m)
     # a dedicated group keeps FSSDP's (possibly asynchronous) collectives apart from DeepSpeed's
     group = group if group is not None else dist.new_group(list(range(world)))
     rank = dist.get_rank(group)
