@@ -5,7 +5,8 @@ A tiny Mixtral with LoRA on its experts (``target_parameters``) and attention (`
 ``peft_adapter_state_dict`` must equal one plain process training PEFT with ``"eager"`` on the union of the
 ranks' batches (``get_peft_model_state_dict``), and an adapter saved from them must load with
 ``PeftModel.from_pretrained`` on a fresh base model and give the reference's logits. Base experts stay frozen:
-no gradient buffer, no optimizer state, no reduce bytes for them. Data-centric (both schedules), expert-parallel, model-centric and the "hecate" mode.
+no gradient buffer, no optimizer state, no reduce bytes for them. Data-centric (both schedules),
+expert-parallel, model-centric and the "hecate" mode.
 """
 from __future__ import annotations
 

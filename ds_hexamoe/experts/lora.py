@@ -12,8 +12,8 @@ because the wrapper's own ``forward`` still decides whether ``_activate_lora`` r
 PEFT's layouts (``ParamWrapper.get_delta_factors``), with ``in``/``out`` the expert linear's true input
 and output: ``lora_A.weight`` is ``[r*E, in]`` (rows expert-major), ``lora_B.weight`` is ``[out, r*E]``
 (columns expert-minor). :func:`factors_from_peft` gives them as ``A[E, in, r]``, ``B[E, r, out]`` views,
-the orientation :func:`~ds_hexamoe.experts.expert_weights` returns weights in (docs/modes.md, "LoRA on
-experts").
+the orientation :func:`~ds_hexamoe.experts.expert_weights` returns weights in (docs/fssdp.md, "LoRA on
+experts (PEFT)").
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """LoRA adapters on FSSDP experts: each expert's factors ``A_e``, ``B_e`` live with the expert (docs/fssdp.md,
-"LoRA on experts").
+"LoRA on experts (PEFT)").
 
 At sharding, an experts module with PEFT LoRA wrappers attached (:func:`ds_hexamoe.experts.attach_lora`) gets
 its adapter factors as four more per-expert tensors of its :class:`~.layer.ExpertLayer` (``A[E, in, r]``,

@@ -96,7 +96,8 @@ class ShardedOptimizer:
         entries = []
         for key, p in shards.items():
             # a frozen shard (LoRA's base) is never stepped: no fp32 master either
-            master = p if p.dtype == torch.float32 or not p.requires_grad else nn.Parameter(p.detach().float().clone(), requires_grad=False)
+            keep = p.dtype == torch.float32 or not p.requires_grad
+            master = p if keep else nn.Parameter(p.detach().float().clone(), requires_grad=False)
             entries.append(ShardEntry(key=key, param=p, master=master, grad=grads[key]))
         return cls(entries, spec)
 
