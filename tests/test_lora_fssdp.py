@@ -113,6 +113,8 @@ def _worker(rank: int, world: int, case: dict) -> dict:
         out["grad_buffers"] = {f"{k[0]}:{k[1]}": g.numel() for k, g in manager.grads.items()}
         out["stepped"] = sorted(f"{e.key[0]}:{e.key[1]}" for e in manager.optimizer.stepped)
         out["reduce_bytes"] = [c.get("reduce_bytes", 0) for c in out["comm"]]
+        out["gather_bytes"] = [c.get("gather_bytes", 0) for c in out["comm"]]
+        out["widths"] = [(layer.grad_numel_per_expert, layer.numel_per_expert) for layer in manager.layers]
     if case.get("save"):  # a collective: rank 0 writes
         out["wrote"] = save_peft_adapter(model, case["save"])
     return out
@@ -165,6 +167,11 @@ def test_lora_fssdp_equals_peft_eager(name, tmp_path):
         assert results[0]["reown"]["moved_experts"] > 0
     if hexamoe.get("sharding") != "none":
         assert sum(results[0]["reduce_bytes"]) > 0  # adapter gradients went to their owners
+    if name == "data_centric_sync":  # gradients travel back along the gathers' routes, adapters only
+        (grad_w, full_w), = set(results[0]["widths"])
+        assert grad_w < full_w / 4
+        sent = [sum(sum(r[kind]) for r in results) for kind in ("reduce_bytes", "gather_bytes")]  # all ranks
+        assert sent[0] * full_w == sent[1] * grad_w > 0
     if save:
         assert [r["wrote"] for r in results] == [True] + [False] * (world - 1)
         loaded = peft.PeftModel.from_pretrained(mixtral("eager"), case["save"])
