@@ -18,6 +18,7 @@ experts (PEFT)").
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from dataclasses import dataclass, field
 
@@ -49,10 +50,10 @@ class LoraBinding:
 
 
 def _param_wrapper_cls():
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except ImportError:  # PEFT is optional: without it no model carries its wrappers
+    if "peft" not in sys.modules:  # a model carrying PEFT's wrappers was built with PEFT imported: don't import it
         return None
+    from peft.tuners.lora.layer import ParamWrapper
+
     return ParamWrapper
 
 
