@@ -37,6 +37,7 @@ class ExpertsState:
         fssdp_layer: FSSDP's ``ExpertLayer`` bookkeeping for this module.
         load_prefix: prefix of this module in the last ``load_state_dict`` (FSSDP's load hooks).
         runtime: the :class:`~ds_hexamoe.runtime.HexaMoERuntime` driving this module, if any.
+        lora: PEFT's LoRA wrappers of the module and the adapters active now (:mod:`.lora`), if attached.
     """
 
     name: str | None = None
@@ -46,6 +47,7 @@ class ExpertsState:
     fssdp_layer: Any = None
     load_prefix: str = ""
     runtime: Any = None
+    lora: Any = None
 
 
 def state_of(module: torch.nn.Module) -> ExpertsState:

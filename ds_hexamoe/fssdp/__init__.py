@@ -8,10 +8,12 @@ optional re-materialization in backward; a sharded AdamW/Adam/SGD for the shards
 engine; checkpoints that re-shard.
 """
 from ..parallel.accounting import CommStats
+from .lora import peft_adapter_state_dict, save_peft_adapter
 from .manager import FSSDPManager
 from .optim import OptimizerSpec, ShardedOptimizer
 from .ownership import LayerOwnership, normalized_weights, split_experts
 from .sharding import is_shard, shard_experts, shard_range
 
 __all__ = ["FSSDPManager", "CommStats", "OptimizerSpec", "ShardedOptimizer", "LayerOwnership",
-           "normalized_weights", "split_experts", "is_shard", "shard_experts", "shard_range"]
+           "normalized_weights", "split_experts", "is_shard", "shard_experts", "shard_range", "peft_adapter_state_dict",
+           "save_peft_adapter"]

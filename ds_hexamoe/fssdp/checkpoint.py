@@ -10,6 +10,7 @@ its current experts. Either way a rank reads only the files holding experts it o
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 from ..atomic import atomic_write, atomic_write_with
 from ..distributed import failures_everywhere
+from .lora import fill_peft_keys
 
 FORMAT = 2
 INDEX = "fssdp_index.json"
@@ -196,6 +198,21 @@ def _tag_dir(engine, root: str, tag) -> str | None:
     return os.path.join(root, str(tag))
 
 
+@contextlib.contextmanager
+def _frozen_shards_marked_trainable(mgr):
+    """DeepSpeed saves the parameters its optimizer does not own ("frozen") from rank 0's model and copies them
+    into every rank's on load; frozen expert shards (LoRA's base) differ per rank, so they pass as trainable while
+    DeepSpeed saves or loads (FSSDP's own files carry them)."""
+    frozen = [p for p in mgr.store.shard_parameters() if not p.requires_grad and p.numel()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def wrap_checkpointing(mgr, engine) -> None:
     inner_save, inner_load = engine.save_checkpoint, engine.load_checkpoint
 
@@ -203,7 +220,8 @@ def wrap_checkpointing(mgr, engine) -> None:
     def save_checkpoint(save_dir, tag=None, *args, **kwargs):
         mgr.synchronize()
         tag = f"global_step{engine.global_steps}" if tag is None else tag  # DeepSpeed's default tag
-        out = inner_save(save_dir, tag, *args, **kwargs)
+        with _frozen_shards_marked_trainable(mgr):
+            out = inner_save(save_dir, tag, *args, **kwargs)
         save_shards(mgr, os.path.join(save_dir, str(tag)))
         return out
 
@@ -213,7 +231,8 @@ def wrap_checkpointing(mgr, engine) -> None:
         ``load_optimizer_states``) restores the experts' optimizer state even where DeepSpeed cannot re-partition
         the dense one (a different world size needs ``load_optimizer_states=False`` on DeepSpeed's side)."""
         mgr.synchronize()
-        out = inner_load(load_dir, tag, *args, **kwargs)
+        with _frozen_shards_marked_trainable(mgr):
+            out = inner_load(load_dir, tag, *args, **kwargs)
         load_path = out[0] if isinstance(out, tuple) else out
         if load_path is None:
             return out
@@ -227,11 +246,13 @@ def wrap_checkpointing(mgr, engine) -> None:
 
 
 def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-    """Dense state dict plus full ``[E, ...]`` experts, assembled on rank 0 (or everywhere)."""
+    """Dense state dict plus full ``[E, ...]`` experts, assembled on rank 0 (or everywhere); experts' LoRA
+    factors under PEFT's keys and layout (:func:`~.lora.fill_peft_keys`)."""
     mgr.synchronize()
     group, world = mgr.group, mgr.world_size
     out = {k: v.detach().clone() for k, v in mgr.model.state_dict().items()} if (mgr.rank == 0 or not rank0_only) else {}
     for layer in mgr.layers:
+        adapters = {}
         counts = [layer.ownership.count(r) for r in range(world)]
         ids = torch.tensor([e for r in range(world) for e in layer.ownership.owned(r)], dtype=torch.long)
         cap = max(counts)
@@ -245,5 +266,10 @@ def full_state_dict(mgr, rank0_only: bool = True) -> dict[str, torch.Tensor]:
                 rows = torch.cat([b[:c] for b, c in zip(bufs, counts)], dim=0)
                 full = torch.empty_like(rows).index_copy_(0, ids.to(rows.device), rows)
                 prefix = f"{layer.name}." if layer.name else ""
-                out[prefix + n] = full
+                if n in layer.adapter_names:  # LoRA factors go under PEFT's own keys, in its layout
+                    adapters[n] = full
+                else:
+                    out[prefix + n] = full
+        if adapters:
+            fill_peft_keys(mgr, layer, adapters, out)
     return out

@@ -136,7 +136,7 @@ def sparse_reduce_scatter(
     advance_trees(group)
     if transfer.moves and use_tree(fanout, transfer.widest):
         return tree_reduce_scatter(layer, transfer.masks, grads, group, stats, async_op=async_op, acc_dtype=acc_dtype)
-    width = layer.numel_per_expert
+    width = layer.grad_numel_per_expert
     ref = next((g for g in grads.values() if g is not None), None)
     wire = ref.dtype if ref is not None else layer.dtype
     device = layer.device
@@ -173,6 +173,6 @@ def sparse_reduce_scatter(
                     block = recv[off:off + len(experts) * width].view(len(experts), width).to(acc_dtype)
                     acc.index_add_(0, layer.local_rows(experts), block)
                     off += len(experts) * width
-        return layer.split_rows(acc)
+        return layer.split_grad_rows(acc)
 
     return Pending(work if async_op else None, finish, stats, "reduce")

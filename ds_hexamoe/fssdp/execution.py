@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from ..config import ConfigError
 from ..distributed import world_and_rank
+from ..experts.lora import active_lora
 from ..experts.protocol import closed_form
 from ..parallel.accounting import CommStats, blocked
 from ..parallel.weights import ExpertSpec, ExpertWeights
@@ -65,7 +66,8 @@ def to_compute(layer: ExpertLayer, full: dict[str, torch.Tensor], b2_default: to
     b2 = (full.get(names["b2"]) if "b2" in names else None)
     if "b2" in names and b2_default is not None:
         b2 = b2_default
-    return ExpertWeights(w1, w2, b1, b2)
+    lora = active_lora(m, dict({k: full[n] for k, n in names.items() if n in full}, w1=w1))
+    return ExpertWeights(w1, w2, b1, b2, lora=lora or None)
 
 
 # ------------------------------------------------------------------------------------ expert parallel
@@ -125,6 +127,10 @@ class SlicePlan:
             self.axis[names["b1"]] = 1
         if "b2" in names:
             self.axis[names["b2"]] = 1
+        # LoRA factors A[E, in, r], B[E, r, out]: B1 and A2 follow the hidden slice; A1 and B2 go whole to every
+        # rank (their gradients then sum over ranks: backward adds slices with index_add)
+        lora = [k for k in ("w1_lora_a", "w1_lora_b", "w2_lora_a", "w2_lora_b") if k in names]
+        self.axis.update({names[k]: (1 if k.endswith("_a") else 2) for k in lora})
         self.index: list[dict[str, torch.Tensor]] = []
         for q in range(world):
             lo, hi = starts[q], starts[q + 1]
@@ -135,6 +141,9 @@ class SlicePlan:
             if "b2" in names:  # the output bias lives on one rank
                 d = layer.expert_shapes[names["b2"]][0]
                 idx[names["b2"]] = torch.arange(d) if q == self.bias_rank else torch.arange(0)
+            for k in lora:
+                whole = torch.arange(layer.expert_shapes[names[k]][self.axis[names[k]] - 1])
+                idx[names[k]] = {"w1_lora_b": cols, "w2_lora_a": torch.arange(lo, hi)}.get(k, whole)
             self.index.append(idx)
         self.names = layer.param_names
         self.shapes = [{n: self._shape(n, q) for n in self.names} for q in range(world)]
@@ -230,6 +239,7 @@ class MaterializeSlices(torch.autograd.Function):
             for n, t in sp.unpack(rows, rank).items():
                 out[n].index_copy_(0, ids, t)
             off += c
+        ctx.mark_non_differentiable(*(out[n] for n in sp.names if not layer.shards[n].requires_grad))
         return tuple(out[n] for n in sp.names)
 
     @staticmethod
@@ -279,7 +289,7 @@ class MaterializeSlices(torch.autograd.Function):
                 add(sp.unpack(recv[off:off + c].view(n_own, sp.width[q]), q), q)
                 off += c
             scale = 1.0 / world  # DeepSpeed averages dense gradients over data-parallel ranks
-            for n in sp.names:
+            for n in layer.grad_names:  # a frozen shard has no gradient buffer
                 store.grads[(layer.index, n)].add_(acc[n], alpha=scale)
         return (None, None, None, None) + (None,) * len(sp.names)
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from .ownership import LayerOwnership
 
-# provider key -> attribute, in the order experts are packed for communication
-WEIGHT_KEYS = ("w1", "w2", "b1", "b2")
+# provider key -> attribute, in the order experts are packed for communication; the LoRA factors of an
+# adapter on the experts (``A[E, in, r]``, ``B[E, r, out]``: ds_hexamoe.experts.lora) live with their expert
+WEIGHT_KEYS = ("w1", "w2", "b1", "b2", "w1_lora_a", "w1_lora_b", "w2_lora_a", "w2_lora_b")
 
 
 @dataclass
@@ -62,6 +63,20 @@ class ExpertLayer:
         return sum(self.expert_numel(n) for n in self.param_names)
 
     @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA factors among :attr:`param_names` (ds_hexamoe.fssdp.lora)."""
+        return [self.names[k] for k in WEIGHT_KEYS[4:] if k in self.names]
+
+    @property
+    def grad_names(self) -> list[str]:
+        """The trainable ones among :attr:`param_names`: frozen experts (LoRA's base) get no gradient to reduce."""
+        return [n for n in self.param_names if self.shards[n].requires_grad]
+
+    @property
+    def grad_numel_per_expert(self) -> int:
+        return sum(self.expert_numel(n) for n in self.grad_names)
+
+    @property
     def full_numel(self) -> int:
         return self.num_experts * self.numel_per_expert
 
@@ -103,10 +118,10 @@ class ExpertLayer:
             off += k
 
     def pack_grads(self, grads: dict[str, torch.Tensor | None], experts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        """Gradients of full-layer tensors at ``experts``, packed like :meth:`pack_local`."""
+        """Gradients of the trainable full-layer tensors (:attr:`grad_names`) at ``experts``, packed in rows."""
         ids = torch.tensor(experts, dtype=torch.long, device=self.device)
         cols = []
-        for n in self.param_names:
+        for n in self.grad_names:
             g = grads.get(n)
             k = self.expert_numel(n)
             if g is None:
@@ -115,10 +130,10 @@ class ExpertLayer:
                 cols.append(g.reshape(self.num_experts, k).index_select(0, ids).to(dtype))
         return torch.cat(cols, dim=1)
 
-    def split_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Packed rows ``[n, numel_per_expert]`` split back into ``{name: [n, ...]}``."""
+    def split_grad_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Packed gradient rows ``[n, grad_numel_per_expert]`` split back into ``{name: [n, ...]}``."""
         out, off = {}, 0
-        for n in self.param_names:
+        for n in self.grad_names:
             k = self.expert_numel(n)
             out[n] = rows[:, off:off + k].reshape(rows.size(0), *self.expert_shapes[n])
             off += k

@@ -35,13 +35,16 @@ class _Materialize(torch.autograd.Function):
         full = layer.full_views(dest)
         fill(full)
         ctx.mat, ctx.layer, ctx.transfer, ctx.record = mat, layer, transfer, record
+        # frozen experts (LoRA's base) are computed with but get no gradient, so no weight-gradient ESTMM runs
+        ctx.mark_non_differentiable(*(full[n] for n in layer.param_names if not layer.shards[n].requires_grad))
         return tuple(full[n] for n in layer.param_names)
 
     @staticmethod
     def backward(ctx, *grads):
         if ctx.record is not None:
             ctx.record.done = True
-        ctx.mat.reduce_grads(ctx.layer, ctx.transfer, dict(zip(ctx.layer.param_names, grads)))
+        by_name = dict(zip(ctx.layer.param_names, grads))
+        ctx.mat.reduce_grads(ctx.layer, ctx.transfer, {n: by_name[n] for n in ctx.layer.grad_names})
         return (None,) * (6 + len(ctx.layer.param_names))
 
 

@@ -95,7 +95,9 @@ class ShardedOptimizer:
                spec: OptimizerSpec) -> ShardedOptimizer:
         entries = []
         for key, p in shards.items():
-            master = p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone(), requires_grad=False)
+            # a frozen shard (LoRA's base) is never stepped: no fp32 master either
+            keep = p.dtype == torch.float32 or not p.requires_grad
+            master = p if keep else nn.Parameter(p.detach().float().clone(), requires_grad=False)
             entries.append(ShardEntry(key=key, param=p, master=master, grad=grads[key]))
         return cls(entries, spec)
 

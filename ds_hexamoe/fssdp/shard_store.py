@@ -31,7 +31,7 @@ class ShardStore:
         for layer in layers:
             _install_state_dict_hooks(layer)
             for n, p in layer.shards.items():
-                self.grads[(layer.index, n)] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                self.grads[(layer.index, n)] = _grad_buffer(p)
 
     def owns(self, p: torch.Tensor) -> bool:
         """True for the expert shard parameters FSSDP steps itself (keep them out of DeepSpeed's optimizer)."""
@@ -113,11 +113,16 @@ class ShardStore:
                 delattr(layer.module, n)
                 layer.module.register_parameter(n, shard)
                 layer.shards[n] = shard
-                self.grads[(layer.index, n)] = torch.zeros(shape, dtype=torch.float32, device=shard.device)
+                self.grads[(layer.index, n)] = _grad_buffer(shard)
         self._reindex()
 
     def _reindex(self) -> None:
         self._ids = {id(p) for layer in self.layers for p in layer.shards.values()}
+
+
+def _grad_buffer(p: nn.Parameter) -> torch.Tensor:
+    """The fp32 gradient buffer of a shard; empty for a frozen one (LoRA's base experts get no gradient)."""
+    return torch.zeros(p.shape if p.requires_grad else (0,), dtype=torch.float32, device=p.device)
 
 
 def _install_state_dict_hooks(layer: ExpertLayer) -> None:

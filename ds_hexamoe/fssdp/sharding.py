@@ -11,9 +11,10 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import ConfigError, HexaMoEConfig
-from ..experts import IMPLEMENTATION, experts_modules, weight_names
+from ..experts import IMPLEMENTATION, attach_lora, experts_modules, weight_names
 from .execution import check_parallel_module
 from .layer import ExpertLayer
+from .lora import adapter_tensors, release_peft_factors
 from .ownership import normalized_weights, split_experts
 
 # shard parameter -> the global expert ids of its rows; weak, so a dropped model leaves nothing behind
@@ -68,6 +69,7 @@ def _check_module(name: str, module: nn.Module) -> None:
 def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list[float]) -> ExpertLayer:
     names = weight_names(module)
     full = {k: getattr(module, n) for k, n in names.items()}
+    full.update(adapter_tensors(name, module, names))  # LoRA factors live with their expert
     num_experts = full["w1"].size(0)
     own = split_experts(num_experts, weights, layer=i)
     layer = ExpertLayer(index=i, name=name, module=module, ownership=own, rank=rank, names=names,
@@ -75,9 +77,11 @@ def _shard_module(i: int, name: str, module: nn.Module, rank: int, weights: list
     ids = torch.tensor(own.owned(rank), dtype=torch.long)
     for k, p in full.items():
         shard = make_shard(p.detach().index_select(0, ids.to(p.device)).clone(), p.requires_grad, own.owned(rank))
-        delattr(module, names[k])
+        if hasattr(module, names[k]):
+            delattr(module, names[k])
         module.register_parameter(names[k], shard)
         layer.shards[names[k]] = shard
+    release_peft_factors(module)
     if getattr(module, "num_experts", None) is None:
         module.num_experts = num_experts
     return layer
@@ -96,8 +100,10 @@ def shard_layers(model: nn.Module, cfg: HexaMoEConfig, group=None):
     if not found:
         raise ConfigError(f"hexamoe.sharding: model {type(model).__name__} has no MoE experts module to shard; "
                           'set "sharding": "none" or pass an MoE model')
+    attach_lora(model)  # PEFT's LoRA on experts: its factors are sharded with the experts below
     for name, m in found:  # every module is checked before any is changed
         _check_module(name, m)
+        adapter_tensors(name, m, dict(weight_names(m)))
         if cfg.mode in ("expert_parallel", "model_centric", "hecate"):
             check_parallel_module(name, m)
     # a dedicated group keeps FSSDP's (possibly asynchronous) collectives apart from DeepSpeed's

@@ -197,7 +197,7 @@ def tree_reduce_scatter(layer: ExpertLayer, masks, grads: dict[str, torch.Tensor
     ranks, the gradients' dtype on the wire). Waits to ``{name: [E_local, ...]}`` like the direct reduce."""
     rank, own = layer.rank, layer.ownership
     rounds = [Round(sends=r.recvs, recvs=r.sends) for r in reversed(broadcast_rounds(own, masks, rank))]
-    width, device = layer.numel_per_expert, layer.device
+    width, device = layer.grad_numel_per_expert, layer.device
     ref = next((g for g in grads.values() if g is not None), None)
     wire = ref.dtype if ref is not None else layer.dtype
     esize = torch.empty(0, dtype=wire).element_size()
@@ -233,7 +233,7 @@ def tree_reduce_scatter(layer: ExpertLayer, masks, grads: dict[str, torch.Tensor
         for e in own.owned(rank):
             if e in partial:
                 acc[own.row(e)] = partial[e]
-        return layer.split_rows(acc)
+        return layer.split_grad_rows(acc)
 
     return _Rounds(issue, len(rounds), result, stats, "reduce", async_op, _link_bytes(rounds, width * esize),
                    group)

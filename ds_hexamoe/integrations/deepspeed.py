@@ -28,7 +28,7 @@ from ..ops.dispatch import set_backend
 from ..runtime import HexaMoERuntime
 from .ds_ops import check_build_locks
 from .shm import release_shm_workspace
-from ..experts import IMPLEMENTATION, experts_modules, state_of
+from ..experts import IMPLEMENTATION, attach_lora, experts_modules, state_of
 
 _ORIGINAL_INITIALIZE = None
 
@@ -65,6 +65,7 @@ def convert_model(model: nn.Module, config: HexaMoEConfig | None = None) -> list
         )
     for name, m in found:
         state_of(m).name = name
+    attach_lora(model)  # PEFT LoRA on experts: the expert-specific path, not a materialized W + A B
     return [n for n, _ in found]
 
 

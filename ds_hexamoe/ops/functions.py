@@ -91,7 +91,8 @@ def _split_gate(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch
     return h[:, :f], h[:, f:]
 
 
-def _activate(h: torch.Tensor, act: str, gated: bool, interleaved: bool) -> torch.Tensor:
+def activate(h: torch.Tensor, act: str, gated: bool, interleaved: bool) -> torch.Tensor:
+    """``act(h)``, or ``act(gate) * up`` of a gated ``h`` (``[gate; up]`` or interleaved); differentiable."""
     fn, _ = get_activation(act)
     if not gated:
         return fn(h)
@@ -163,7 +164,7 @@ def mlp_forward(ops, x, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, r
     """Token-order ``x[T, d]`` -> ``(y[T, d_out], h[P, F1])``; ``h`` (pre-activation) is all backward keeps
     besides ``x``: activation memory ``O(T*k*f)``."""
     h = ops.esmm(x, w1, idx, offs, gather_div=k, bias=b1)
-    a = _activate(h, act, gated, interleaved)
+    a = activate(h, act, gated, interleaved)
     if _bag_combine(a):
         return combine(ops.esmm(a, w2, idx, offs, bias=b2), inverse_index(idx), k, row_scale, x.dtype), h
     y = ops.esmm(a, w2, idx, offs, scatter=True, bias=b2, row_scale=row_scale)
@@ -173,7 +174,7 @@ def mlp_forward(ops, x, w1, w2, idx, offs, k, act, gated, interleaved, b1, b2, r
 def _recompute_activation(h, act, gated, inter):
     """``(a, act(gate))``: act(gate) serves both the recomputed activation and ``du``."""
     if not gated:
-        return _activate(h, act, gated, inter), None
+        return activate(h, act, gated, inter), None
     g, u = _split_gate(h, inter)
     act_g = get_activation(act)[0](g)
     return act_g * u, act_g

@@ -6,7 +6,9 @@ import contextlib
 
 import torch
 
+from ..experts.lora import lora_mlp
 from ..ops import build_expert_index, expert_mlp
+from ..ops.functions import activate
 from ..ops.functions import acc_dtype
 from .weights import ExpertSpec, ExpertWeights
 
@@ -105,10 +107,15 @@ def compute_experts(
     _phase(True)
     index = build_expert_index(experts_idx, n_local)
     rs = None if row_scale is None else row_scale.reshape(-1)
-    out = expert_mlp(
-        x, weights.w1, weights.w2, index, act=spec.act, gated=spec.gated, interleaved=spec.interleaved,
-        b1=weights.b1, b2=weights.b2 if use_b2 else None, row_scale=rs,
-    )
+    if weights.lora:  # adapters on the experts: the linears with their low-rank paths, autograd between
+        out = lora_mlp(x, weights.w1, weights.w2, index, weights.lora,
+                       lambda h: activate(h, spec.act, spec.gated, spec.interleaved),
+                       b1=weights.b1, b2=weights.b2 if use_b2 else None, row_scale=rs)
+    else:
+        out = expert_mlp(
+            x, weights.w1, weights.w2, index, act=spec.act, gated=spec.gated, interleaved=spec.interleaved,
+            b1=weights.b1, b2=weights.b2 if use_b2 else None, row_scale=rs,
+        )
     _phase(False)
     return _PhaseMark.apply(out, True) if marked else out
 

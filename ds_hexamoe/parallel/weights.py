@@ -61,6 +61,8 @@ class ExpertWeights:
     w2: torch.Tensor
     b1: torch.Tensor | None = None
     b2: torch.Tensor | None = None
+    # active LoRA adapters, {"w1"|"w2": ds_hexamoe.experts.lora.LoraFactors} indexed like w1/w2 (None: none)
+    lora: dict | None = None
 
     def check(self, n: int, d: int, f1: int | None, f: int | None, who: str) -> None:
         """Raise naming the tensor when shapes differ from ``n`` experts of model dim ``d``."""
