@@ -11,7 +11,7 @@ import math
 import os
 
 from ..config import ConfigError
-from .schema import TASKS, Recipe
+from .schema import CAUSAL_LM, TASKS, Recipe
 
 # the transformers config keys that hold the number of routed experts and the top-k, across MoE families
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -193,6 +193,23 @@ def check_zebra(r: Recipe, auto: bool = False) -> None:
     if t.eval_every:
         raise ConfigError(f"training.eval_every: got {t.eval_every}; hexamoe.zebra does not evaluate during training: "
                           "set it to 0")
+
+
+def check_peft(r: Recipe) -> None:
+    """What a ``"peft"`` section needs from the rest of the recipe (its targets are checked against the model by
+    :func:`ds_hexamoe.tasks.peft.check_peft_model`, which builds it on the meta device)."""
+    p, cfg = r.peft, r.hexamoe_config
+    if p is None:
+        return
+    if r.task != CAUSAL_LM:
+        raise ConfigError(f'peft: LoRA recipes run the "{CAUSAL_LM}" task (got task {r.task!r}); remove the "peft" '
+                          "section or use a causal-lm recipe")
+    if p.export_merged and not r.training.export_hf:
+        raise ConfigError("peft.export_merged: true needs training.export_hf: true (the final exports write adapter/ "
+                          "and the merged hf/); set training.export_hf to true or peft.export_merged to false")
+    if cfg is not None and cfg.enabled and cfg.zebra.enabled in (True, "auto"):
+        raise ConfigError(f"hexamoe.zebra.enabled: got {cfg.zebra.enabled!r} with a \"peft\" section; LoRA runs on the "
+                          "colocated DeepSpeed step: set hexamoe.zebra.enabled to false")
 
 
 def check_task(r: Recipe) -> None:

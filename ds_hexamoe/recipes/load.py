@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import Collector, ConfigError, HexaMoEConfig, _coerce
 from ..jsonfile import read_json
-from .checks import check_task
+from .checks import check_peft, check_task
 from .ds_config import check_ds_config
 from .files import check_recipe_files
 from .paths import is_placeholder, resolve_path
@@ -96,6 +96,7 @@ def load_recipe(
     _resolve_paths(recipe, found)
     found.raise_all()  # every later check reads the resolved paths
     recipe.hexamoe_config = found.run(_validate_hexamoe, recipe)
+    found.run(check_peft, recipe)
     if check_files:
         found.run(check_recipe_files, recipe, check_data)
     found.run(check_ds_config, recipe)
