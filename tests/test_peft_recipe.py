@@ -186,7 +186,7 @@ def lora_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     args = [LORA_RECIPE, "--steps", str(CLI_STEPS), "--output-dir", str(root / "run"),
             "--set", "training.save_every=4", "--set", "training.eval_every=4", "--set", "training.log_every=1",
-            "--set", "training.num_threads=1", "--set", "training.warmup_steps=1"]
+            "--set", "training.num_threads=1", "--set", "training.warmup_steps=1", "--set", "training.keep_checkpoints=0"]
     proc = cli_tiny.train(args, cwd=root, timeout=420)
     return root, args, str(root / "run"), proc.stdout
 

@@ -120,16 +120,16 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
-def adapter_state(model, cfg: HexaMoEConfig | None) -> dict[str, torch.Tensor]:
+def adapter_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
     """The full adapter tensors of the PEFT ``model`` in PEFT's layout (``get_peft_model_state_dict``'s keys),
-    on every rank; ``cfg``: the run's ``"hexamoe"`` section.
+    on every rank.
 
-    THE FSSDP CALL SITE: with experts sharded (``hexamoe.sharding`` not "none") the adapters of each expert
-    live with its owner; ``ds_hexamoe.fssdp``'s ``peft_adapter_state_dict(model)`` (same keys, gathered from
-    the owners, collective) replaces the error below, and :func:`sharded_experts_error` then returns None."""
+    THE FSSDP CALL SITE: with experts sharded (``hexamoe.sharding`` "fssdp") the adapters of each expert live
+    with its owner; ``ds_hexamoe.fssdp``'s ``peft_adapter_state_dict(model)`` (same keys, gathered from the
+    owners, collective) replaces the error below, and :func:`sharded_experts_error` then returns None."""
     from peft import get_peft_model_state_dict
 
-    if cfg is not None and cfg.enabled and cfg.sharding != "none":
-        raise ConfigError(f"hexamoe.sharding: got {cfg.sharding!r}; gathering LoRA adapters of sharded experts is not "
-                          'wired yet: set hexamoe.sharding to "none"')
+    sharded = sharded_experts_error(recipe.hexamoe_config, recipe.peft)
+    if sharded:
+        raise ConfigError(sharded)
     return get_peft_model_state_dict(model)

@@ -46,7 +46,7 @@ def export_adapter(r, out: str) -> str:
     from ..tasks.peft import adapter_state
 
     module = r.strategy.module
-    state = adapter_state(module, r.recipe.hexamoe_config)  # collective once experts are sharded
+    state = adapter_state(module, r.recipe)  # collective once experts are sharded
 
     def write(tmp):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
