@@ -9,10 +9,10 @@ import math
 import os
 import shutil
 
+import cli_tiny
 import pytest
 import torch
 
-import cli_tiny
 from ds_hexamoe import cli
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.recipes import load_recipe
@@ -43,8 +43,8 @@ def _error(overrides: dict, tmp_path) -> str:
     ({"peft.target_modules": ["q_proj", "qq_proj"]}, ["peft.target_modules: 'qq_proj' matches no module", "'q_proj'"]),
     ({"peft.target_modules": ["experts"]}, ["peft.target_modules: 'experts' matches ['MixtralExperts']",
                                             "peft.target_parameters"]),
-    ({"peft.target_parameters": ["mlp.experts.up_proj"]}, ["peft.target_parameters: 'mlp.experts.up_proj' matches "
-                                                           "no parameter", "mlp.experts.gate_up_proj"]),
+    ({"peft.target_parameters": ["mlp.experts.up_proj"]},
+     ["peft.target_parameters: 'mlp.experts.up_proj' matches no parameter", "mlp.experts.gate_up_proj"]),
     ({"peft.modules_to_save": ["score"]}, ["peft.modules_to_save: 'score' matches no module"]),
     ({"training.export_hf": False}, ["peft.export_merged: true needs training.export_hf: true"]),
     ({"hexamoe.zebra": {"enabled": True, "attention_ranks": [0], "shares": [4], "expert_owner": [1, 1, 1, 1]}},
@@ -212,13 +212,14 @@ def test_lora_recipe_trains_and_exports_adapters_and_merged_model(lora_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    root, _, run, stdout = lora_run
+    _, _, run, stdout = lora_run
     assert "[ds-hexamoe] LoRA r=8:" in stdout and "trainable parameters" in stdout
     rows = cli_tiny.metrics(run)
     assert [r["step"] for r in rows] == list(range(1, CLI_STEPS + 1)) and all(math.isfinite(r["loss"]) for r in rows)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] and val[-1] < val[0], (rows, val)  # the completion loss falls
-    summary = json.load(open(os.path.join(run, "summary.json")))
+    with open(os.path.join(run, "summary.json")) as fh:
+        summary = json.load(fh)
     assert 0 < summary["trainable_params"] < summary["total_params"] / 5
 
     model, saved, recipe = _trained(run, CLI_STEPS)
