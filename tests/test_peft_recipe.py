@@ -276,3 +276,10 @@ def test_resume_refuses_a_checkpoint_of_another_peft_section(tmp_path):
         check_resume_compatible(state, lora, 2, 100)
     check_resume_compatible(loop_state(lora, 4, 2, 100), load_recipe(
         LORA_RECIPE, {"training.output_dir": str(tmp_path / "o"), "peft.export_merged": False}), 2, 100)
+
+
+def test_an_earlier_adapter_export_is_an_output_that_overwrite_removes(tmp_path):
+    from ds_hexamoe.cli.jobs import OUTPUTS, earlier_outputs
+
+    os.makedirs(tmp_path / "adapter")
+    assert earlier_outputs(str(tmp_path)) == ["adapter"] and "adapter" in OUTPUTS
