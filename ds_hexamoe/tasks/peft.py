@@ -13,6 +13,7 @@ from ..recipes import PeftSpec, Recipe
 
 # layers PEFT's LoRA wraps by module (target_modules); fused expert weights go through target_parameters
 _LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+_INIT = {"default": True, "gaussian": "gaussian"}  # the recipe's "init" -> PEFT's init_lora_weights
 
 
 def lora_config(spec: PeftSpec):
@@ -23,9 +24,6 @@ def lora_config(spec: PeftSpec):
                       target_modules=list(spec.target_modules) or None,
                       target_parameters=list(spec.target_parameters) or None,
                       modules_to_save=spec.modules_to_save, init_lora_weights=_INIT[spec.init])
-
-
-_INIT = {"default": True, "gaussian": "gaussian"}
 
 
 def _matches(name: str, key: str) -> bool:
