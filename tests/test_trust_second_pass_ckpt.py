@@ -277,7 +277,7 @@ def test_disk_full_during_the_export_names_it_and_the_intact_checkpoint(tmp_path
     from types import SimpleNamespace
 
     from ds_hexamoe.tasks.base import WorkerContext
-    from ds_hexamoe.worker import loop
+    from ds_hexamoe.worker import export
 
     class Module:
         def state_dict(self):
@@ -298,7 +298,7 @@ def test_disk_full_during_the_export_names_it_and_the_intact_checkpoint(tmp_path
                           strategy=SimpleNamespace(export_state=lambda: None, module=Module(), keeps_checkpoints=True))
     hf = os.path.join(out_dir, "hf")
     with pytest.raises(RuntimeError) as got:
-        loop._export_hf(run, hf)
+        export.export_hf(run, hf)
     said = str(got.value)
     assert f"writing the Hugging Face export into {hf!r} failed" in said and "The disk is full" in said, said
     assert f"the checkpoint {checkpoint!r} is intact" in said and "--resume` writes the export" in said

@@ -27,7 +27,7 @@ from ..config import ConfigError
 
 LOCK_FILE = ".ds-hexamoe.lock"
 # outputs the package writes into training.output_dir; --overwrite removes these and nothing else
-OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "hf", "recipe.json", "tokenizer")
+OUTPUTS = ("checkpoints", "metrics.jsonl", "summary.json", "hf", "adapter", "recipe.json", "tokenizer")
 # env var carrying "pid:pgid:host" of the ds-hexamoe process to the workers (see worker/lifeline.py)
 PARENT_ENV = "HEXAMOE_PARENT"
 GRACE_S = 10.0  # from the forwarded signal to SIGKILL of the whole job
@@ -114,7 +114,7 @@ def recipe_inputs(recipe) -> dict[str, str]:
 
 def earlier_outputs(out_dir: str) -> list[str]:
     """What an earlier run left in ``out_dir`` that a new run would overwrite: anything in ``checkpoints/``
-    (``latest``, checkpoint folders complete or not), ``metrics.jsonl`` rows, ``summary.json``, ``hf/``.
+    (``latest``, checkpoint folders complete or not), ``metrics.jsonl`` rows, ``summary.json``, ``hf/``, ``adapter/``.
     ``recipe.json`` (often the recipe being run) and ``tokenizer/`` (reused only when its fingerprint
     matches) are not counted."""
     found = []
@@ -129,7 +129,7 @@ def earlier_outputs(out_dir: str) -> list[str]:
         rows = sum(1 for line in fh if line.strip())
         if rows:
             found.append(f"metrics.jsonl with {rows} row(s)")
-    found += [name for name in ("summary.json", "hf") if os.path.lexists(os.path.join(out_dir, name))]
+    found += [name for name in ("summary.json", "hf", "adapter") if os.path.lexists(os.path.join(out_dir, name))]
     return found
 
 

@@ -106,6 +106,10 @@ def cmd_train(args) -> int:
     if recipe.source is None:
         raise ConfigError("recipe: train needs a recipe file")
     check_recipe_routers(recipe)
+    if recipe.peft is not None:
+        from ..tasks.peft import check_peft_model  # builds the model on the meta device: torch, transformers
+
+        check_peft_model(recipe)
     cmd = launch_command(recipe, overrides, args.resume, reshape_schedule=getattr(args, "reshape_schedule", False))
     if args.dry_run:
         print(" ".join(cmd))

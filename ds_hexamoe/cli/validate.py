@@ -17,6 +17,10 @@ def cmd_validate(args) -> int:
         _print_resolved(args.recipe, overrides)
     recipe = load_recipe(args.recipe, overrides=overrides)
     check_recipe_routers(recipe)
+    if recipe.peft is not None:
+        from ..tasks.peft import check_peft_model  # builds the model on the meta device: torch, transformers
+
+        check_peft_model(recipe)
     data = "see task_options"
     if recipe.data.train_files:
         files = resolve_data_files(recipe)
@@ -24,6 +28,10 @@ def cmd_validate(args) -> int:
     model = recipe.model.path or (recipe.model.config or {}).get("model_type", "from config")
     print(f"recipe {recipe.name!r} is valid ({recipe.source or 'inline'})")
     print(f"  task: {recipe.task}; model: {model}; data: {data}; output_dir: {recipe.output_dir}")
+    if recipe.peft is not None:
+        p = recipe.peft
+        print(f"  peft: LoRA r={p.r} alpha={p.alpha} on modules {p.target_modules} and parameters "
+              f"{p.target_parameters}" + ("; merged export to hf/" if p.export_merged else ""))
     return 0
 
 

@@ -11,7 +11,7 @@ import math
 import os
 
 from ..config import ConfigError
-from .schema import TASKS, Recipe
+from .schema import CAUSAL_LM, TASKS, Recipe
 
 # the transformers config keys that hold the number of routed experts and the top-k, across MoE families
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -207,6 +207,21 @@ def check_router_section(r: Recipe) -> None:
         raise ConfigError(f"hexamoe.router.{key}: got {router[key]!r}; a Hugging Face checkpoint's routers take it "
                           f"from the model's own config: set model.config.{_BUILT_ROUTER_KEYS[key]} instead "
                           "(hexamoe.router controls aux_loss_coef, z_loss_coef, bias_update_rate and freeze there)")
+def check_peft(r: Recipe) -> None:
+    """What a ``"peft"`` section needs from the rest of the recipe (its targets are checked against the model by
+    :func:`ds_hexamoe.tasks.peft.check_peft_model`, which builds it on the meta device)."""
+    p, cfg = r.peft, r.hexamoe_config
+    if p is None:
+        return
+    if r.task != CAUSAL_LM:
+        raise ConfigError(f'peft: LoRA recipes run the "{CAUSAL_LM}" task (got task {r.task!r}); remove the "peft" '
+                          "section or use a causal-lm recipe")
+    if p.export_merged and not r.training.export_hf:
+        raise ConfigError("peft.export_merged: true needs training.export_hf: true (the final exports write adapter/ "
+                          "and the merged hf/); set training.export_hf to true or peft.export_merged to false")
+    if cfg is not None and cfg.enabled and cfg.zebra.enabled in (True, "auto"):
+        raise ConfigError(f"hexamoe.zebra.enabled: got {cfg.zebra.enabled!r} with a \"peft\" section; LoRA runs on the "
+                          "colocated DeepSpeed step: set hexamoe.zebra.enabled to false")
 
 
 def check_task(r: Recipe) -> None:

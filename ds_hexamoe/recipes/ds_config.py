@@ -82,8 +82,8 @@ def build_ds_config(r, world_size: int | None = None, accelerator: str | None = 
         ds.pop("train_batch_size", None)
     if t.dtype in ("bf16", "fp16"):
         ds.setdefault(t.dtype, {})["enabled"] = True
-    if t.max_grad_norm > 0:
-        ds.setdefault("gradient_clipping", t.max_grad_norm)
+    # always set: DeepSpeed's own default clips at 1.0, so training.max_grad_norm 0 ("no clipping") needs a 0 here
+    ds.setdefault("gradient_clipping", t.max_grad_norm)
     if "optimizer" not in ds:
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.lr, "betas": list(t.adam_betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}}

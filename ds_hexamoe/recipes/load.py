@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import Collector, ConfigError, HexaMoEConfig, _coerce
 from ..jsonfile import read_json
-from .checks import check_router_section, check_task
+from .checks import check_peft, check_router_section, check_task
 from .logging_spec import check_generate
 from .ds_config import check_ds_config
 from .files import check_recipe_files
@@ -99,6 +99,7 @@ def load_recipe(
     recipe.hexamoe_config = found.run(_validate_hexamoe, recipe)
     found.run(check_router_section, recipe)
     found.run(check_generate, recipe)
+    found.run(check_peft, recipe)
     if check_files:
         found.run(check_recipe_files, recipe, check_data)
     found.run(check_ds_config, recipe)

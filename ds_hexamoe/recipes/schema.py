@@ -164,6 +164,43 @@ class TrainingSpec:
 
 
 @dataclass
+class PeftSpec:
+    """LoRA adapters through PEFT: ``target_modules`` (linear layers, e.g. the attention projections) and
+    ``target_parameters`` (fused 3-D expert weights, e.g. ``mlp.experts.gate_up_proj``), each matched like PEFT
+    does (the full name or a ``.``-separated suffix of it); only the adapters (and ``modules_to_save``) train."""
+
+    type: Literal["lora"] = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    target_parameters: list[str] = field(default_factory=list)
+    modules_to_save: list[str] | None = None
+    init: Literal["default", "gaussian"] = "default"  # PEFT's init_lora_weights: True or "gaussian" (B = 0 in both)
+    export_merged: bool = False  # also write hf/: the base with the adapters merged (merge_and_unload)
+
+    def validate(self, path: str) -> None:
+        found = Collector()
+        found.run(_check, self.r >= 1, f"{path}.r", self.r, "an integer >= 1 (the adapters' rank)")
+        found.run(_check, math.isfinite(self.alpha) and self.alpha > 0, f"{path}.alpha", self.alpha,
+                  "a number > 0 (the adapters' output is scaled by alpha / r)")
+        found.run(_check, 0.0 <= self.dropout < 1.0, f"{path}.dropout", self.dropout, "a number in [0, 1)")
+        found.run(_check, bool(self.target_modules or self.target_parameters), f"{path}.target_modules", [],
+                  'a non-empty list of module names (e.g. ["q_proj", "v_proj"]), or a non-empty '
+                  f'{path}.target_parameters (e.g. ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])')
+        for key in ("target_modules", "target_parameters", "modules_to_save"):
+            names = getattr(self, key) or []
+            bad = [n for n in names if not n.strip()]
+            found.run(_check, not bad and len(set(names)) == len(names), f"{path}.{key}", names,
+                      "a list of distinct, non-empty names")
+        # PEFT's ParamWrapper (LoRA on a parameter) has no dropout and refuses a config that asks for one
+        found.run(_check, not (self.target_parameters and self.dropout), f"{path}.dropout", self.dropout,
+                  f"0 when {path}.target_parameters is set (PEFT's LoRA on parameters has no dropout); set it to 0, "
+                  "or drop target_parameters")
+        found.raise_all()
+
+
+@dataclass
 class LauncherSpec:
     """How ``ds-hexamoe train`` starts the ranks through DeepSpeed's launcher."""
 
@@ -195,6 +232,7 @@ class Recipe:
     training: TrainingSpec = field(default_factory=TrainingSpec)
     deepspeed: Any = field(default_factory=dict)  # an inline dict or a path to a JSON file
     hexamoe: dict | None = None
+    peft: PeftSpec | None = None  # LoRA fine-tuning (ds_hexamoe.tasks.peft); null: every weight trains
     launcher: LauncherSpec = field(default_factory=LauncherSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)  # TensorBoard / Weights & Biases
 

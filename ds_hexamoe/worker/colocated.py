@@ -98,10 +98,12 @@ class ColocatedStep:
 
     def save(self, step: int, state: dict) -> None:
         t = self.recipe.training
-        save_checkpoint(self.engine, self.recipe.checkpoint_dir, step, state, self.ctx, t.keep_checkpoints)
+        save_checkpoint(self.engine, self.recipe.checkpoint_dir, step, state, self.ctx, t.keep_checkpoints,
+                        adapters_only=self.recipe.peft is not None)
 
     def load(self) -> dict:
-        return load_checkpoint(self.engine, self.recipe.checkpoint_dir, self.ctx)
+        return load_checkpoint(self.engine, self.recipe.checkpoint_dir, self.ctx,
+                               adapters_only=self.recipe.peft is not None)
 
     def export_state(self) -> dict | None:
         export = getattr(self.runtime, "export_state_dict", None)

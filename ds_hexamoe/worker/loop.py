@@ -15,16 +15,16 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.distributed as dist
 
-from ..atomic import atomic_save_dir, atomic_write
+from ..atomic import atomic_write
 from ..config import ConfigError
-from ..distributed import failures_everywhere, seed_all
+from ..distributed import seed_all
 from ..recipes import Recipe, lr_lambda, recipe_json
 from ..tasks.base import TaskParts, WorkerContext, task_builder
 from .batches import BatchPlan
 from .checkpoints import check_resume_compatible, loop_state, read_latest, remove_unpublished, trim_metrics
-from .checkpoints.store import disk_of
 from .colocated import ColocatedStep
 from .evaluation import evaluate, generate_samples
+from .export import export_run
 from .metrics import METRICS_FILE, Window, append_row, metrics_row, progress_postfix
 from .monitor import RunMonitor
 from .strategy import StepStrategy
@@ -43,6 +43,15 @@ class _Run:
     last_eval: dict = field(default_factory=dict)  # the latest validation figures, for the summary
     schedule_steps: int | None = None  # the steps the learning-rate schedule spans (a resume may keep an older one)
     monitor: RunMonitor | None = None  # TensorBoard / W&B writers (rank 0)
+    params: dict = field(default_factory=dict)  # trainable and total parameter counts, for the summary
+
+
+def _params(model: torch.nn.Module) -> dict:
+    """Parameter elements of ``model`` that train, and in all."""
+    from ..tasks.peft import parameter_counts
+
+    trainable, total = parameter_counts(model)
+    return {"trainable_params": trainable, "total_params": total}
 
 
 def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) -> dict:
@@ -60,10 +69,15 @@ def run(recipe: Recipe, resume: bool = False, reshape_schedule: bool = False) ->
     t0 = time.perf_counter()
     seed_all(t.seed)
     parts = task_builder(recipe)(recipe, ctx)
+    if recipe.peft is not None:  # adapters before the engine, so its optimizer sees only them
+        from ..tasks.peft import apply_peft
+
+        parts.model = apply_peft(parts.model, recipe, log=print if ctx.is_main else lambda line: None)
+    params = _params(parts.model)  # before FSSDP replaces the experts by shards
     strategy = _strategy(recipe, ctx, accel, parts, resume, zebra)
     r = None
     try:
-        r = _Run(recipe, ctx, parts, strategy, os.path.join(t.output_dir, METRICS_FILE))
+        r = _Run(recipe, ctx, parts, strategy, os.path.join(t.output_dir, METRICS_FILE), params=params)
         r.monitor = RunMonitor(recipe, ctx.is_main)
         step = _resume_or_seed(r, reshape_schedule)
         start_step = step
@@ -229,11 +243,12 @@ def _finish(r: _Run, start_step: int, first_loss, last_loss, times: dict, resume
     """Export the model, write ``summary.json`` and print the run's outcome (rank 0)."""
     t, ctx, strategy = r.recipe.training, r.ctx, r.strategy
     ckpt_dir = r.recipe.checkpoint_dir
-    hf_dir = _export_hf(r, os.path.join(t.output_dir, "hf")) if t.export_hf else None
+    exports = export_run(r)
+    hf_dir = exports["hf_export"]
     checkpoint = os.path.join(ckpt_dir, read_latest(ckpt_dir) or "") if strategy.keeps_checkpoints else None
     summary = {"name": r.recipe.name, "steps": t.steps, "start_step": start_step, "world_size": ctx.world_size,
                "first_loss": first_loss, "last_loss": last_loss, **times, "checkpoint": checkpoint,
-               "hf_export": hf_dir, "resumed": resume, **r.last_eval, **strategy.summary_fields()}
+               **exports, "resumed": resume, **r.params, **r.last_eval, **strategy.summary_fields()}
     if ctx.is_main:
         summary["report"] = strategy.report(r.metrics_path, times["train_s"], t.steps - start_step, hf_dir)
         atomic_write(os.path.join(t.output_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
@@ -257,50 +272,14 @@ def _print_outcome(r: _Run, summary: dict, start_step: int, times: dict) -> None
         print(f"[ds-hexamoe] {name}: validation {figures} (step {r.last_eval['eval_step']})", flush=True)
     if summary["checkpoint"] is not None:
         print(f"[ds-hexamoe] checkpoint: {summary['checkpoint']}", flush=True)
+    if summary.get("adapter_export"):
+        print(f"[ds-hexamoe] LoRA adapters (PeftModel.from_pretrained(base, path) loads them): "
+              f"{summary['adapter_export']}", flush=True)
     if summary["hf_export"]:
-        print(f"[ds-hexamoe] Hugging Face export (from_pretrained loads it): {summary['hf_export']}", flush=True)
+        merged = " (base + LoRA merged)" if summary.get("adapter_export") else ""
+        print(f"[ds-hexamoe] Hugging Face export{merged} (from_pretrained loads it): {summary['hf_export']}", flush=True)
     for line in report_lines(summary["report"]) if summary["report"] else []:
         print(f"[ds-hexamoe] {line}", flush=True)
-
-
-def _export_hf(r: _Run, out: str) -> str:
-    """``save_pretrained`` of model + processor into a temp folder, renamed onto ``out`` (all ranks call).
-    A failed write (a full disk) leaves no part of it and ends every rank naming ``out`` and the intact
-    checkpoint it can be exported from again."""
-    state = r.strategy.export_state()  # collective: FSSDP gathers experts, zebra gathers from the hosts
-    err = None
-    if r.ctx.is_main:
-        module = r.strategy.module
-        if state is None:
-            state = module.state_dict()
-        processor = r.parts.processor
-
-        def write(tmp):
-            module.save_pretrained(tmp, state_dict=state)
-            if processor is not None and hasattr(processor, "save_pretrained"):
-                processor.save_pretrained(tmp)
-
-        try:
-            atomic_save_dir(write, out)
-        except OSError as e:
-            err = _export_failed_message(r, out, e)
-    failed = failures_everywhere(err)  # also the barrier: no rank ends before the export is written
-    if failed:
-        raise RuntimeError(failed[0][1])
-    return out
-
-
-def _export_failed_message(r: _Run, out: str, e: OSError) -> str:
-    ckpt_dir = r.recipe.checkpoint_dir
-    latest = read_latest(ckpt_dir) if r.strategy.keeps_checkpoints else None
-    checkpoint = os.path.join(ckpt_dir, latest) if latest else None
-    kept = "an earlier export there is unchanged" if os.path.isdir(out) else "nothing of it was left behind"
-    then = (f"the checkpoint {checkpoint!r} is intact and holds the trained weights: free space there, then "
-            f"`ds-hexamoe train {os.path.join(r.recipe.training.output_dir, 'recipe.json')} --resume` writes the "
-            "export from it (nothing is left to train)" if checkpoint else
-            "this run kept no checkpoint, so the trained weights are lost; free space there and train again")
-    return (f"writing the Hugging Face export into {out!r} failed ({type(e).__name__}: {e}"[:400] + f"); {kept}. "
-            f"{disk_of(out, e)}; {then}")
 
 
 def _quiet_libraries(is_main: bool) -> None:

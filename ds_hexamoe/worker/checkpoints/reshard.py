@@ -79,7 +79,7 @@ def restore_dense_optimizer(engine, tag_dir: str, old_world: int) -> None:
         opt._link_all_hp_params()
 
 
-def load_on_new_world(engine, ckpt_dir: str, tag: str, old_world: int):
+def load_on_new_world(engine, ckpt_dir: str, tag: str, old_world: int, **load_kwargs):
     """``engine.load_checkpoint`` of a checkpoint saved on ``old_world`` ranks: module, schedule and client
     state from DeepSpeed, FSSDP experts re-sharded with their optimizer state, dense ZeRO state re-partitioned."""
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
@@ -87,7 +87,7 @@ def load_on_new_world(engine, ckpt_dir: str, tag: str, old_world: int):
         raise ConfigError(f"--resume: checkpoint {tag!r} was saved on {old_world} ranks with ZeRO stage {stage}; "
                           "resuming it on another rank count supports ZeRO stages 0-2. Resume with "
                           f"--nproc {old_world}")
-    kwargs = {}
+    kwargs = dict(load_kwargs)  # load_module_strict=False for an adapters-only (LoRA) checkpoint
     # follow_wrapped=False: FSSDP's wrapper carries functools.wraps of DeepSpeed's method, whose signature lacks it
     if "expert_optimizer_states" in inspect.signature(engine.load_checkpoint, follow_wrapped=False).parameters:
         kwargs["expert_optimizer_states"] = True  # FSSDP re-shards its experts by expert id, any world size

@@ -3,6 +3,7 @@
 ``latest`` (docs/design.md, "Recipes, tasks, worker and CLI" and "Checkpoints you can trust")."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
@@ -100,9 +101,11 @@ def read_latest(ckpt_dir: str) -> str | None:
     return tag or None
 
 
-def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerContext, keep: int) -> str:
+def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerContext, keep: int,
+                    adapters_only: bool = False) -> str:
     """Save DeepSpeed's checkpoint ``global_step{step}``, this rank's state file, the manifest of checksums,
-    then publish ``latest``.
+    then publish ``latest``. ``adapters_only`` (LoRA): the module file holds the trainable parameters only (the
+    frozen base is the recipe's ``model.path``); the optimizer state covers only them anyway.
 
     ``latest`` is written (atomically, by rank 0) only after every rank has finished writing and the
     manifest is on disk, so a save interrupted at any point leaves the previous checkpoint as the one a
@@ -112,7 +115,8 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, state: dict, ctx: WorkerCo
     tag_dir = os.path.join(ckpt_dir, tag)
     _refuse_published(tag_dir, ctx)
     try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={STATE_KEY: state}, save_latest=False)
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={STATE_KEY: state}, save_latest=False,
+                               exclude_frozen_parameters=adapters_only)
         save_rank_state(_rank_state_path(ckpt_dir, tag, ctx.rank), step, state)
         ctx.barrier()
         digests = _spread(ctx, checkpoint_files(tag_dir) if ctx.is_main else None,
@@ -213,15 +217,17 @@ def verify_everywhere(tag_dir: str, ctx: WorkerContext) -> dict:
     return manifest
 
 
-def load_checkpoint(engine, ckpt_dir: str, ctx: WorkerContext) -> dict:
+def load_checkpoint(engine, ckpt_dir: str, ctx: WorkerContext, adapters_only: bool = False) -> dict:
     """Load the ``latest`` checkpoint into ``engine`` and this rank's RNG; returns the loop's saved state.
+    ``adapters_only``: a checkpoint of :func:`save_checkpoint` with it, loaded over the freshly built base
+    (the loop state's ``"peft"`` was compared first, so a checkpoint of another kind never gets here).
 
     Every file is checked against the manifest first. Each phase ends with the ranks agreeing that all
     of them succeeded, so the call returns on no rank unless every rank loaded: only then may the caller
     change files (trim metrics, remove unpublished saves).
     """
     tag, manifest, rank_state = _agreed(lambda: _prepare_load(ckpt_dir, ctx), ckpt_dir)
-    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state), ckpt_dir)
+    state = _agreed(lambda: _load_engine(engine, ckpt_dir, tag, manifest, rank_state, adapters_only), ckpt_dir)
     if rank_state["rng"] is not None:
         set_rng_state(rank_state["rng"])
     else:  # resumed on another rank count: fresh per-rank streams, a function of seed, step and rank
@@ -271,15 +277,16 @@ def _prepare_load(ckpt_dir: str, ctx: WorkerContext) -> tuple[str, dict, dict]:
     return tag, manifest, rank_state
 
 
-def _load_engine(engine, ckpt_dir: str, tag: str, manifest: dict, rank_state: dict) -> dict:
+def _load_engine(engine, ckpt_dir: str, tag: str, manifest: dict, rank_state: dict, adapters_only: bool) -> dict:
     saved_world = int(manifest.get("world_size", 0)) or None
+    strict = {"load_module_strict": False} if adapters_only else {}  # the file holds no frozen weights
     if saved_world is not None and saved_world != dist_world():
         from .reshard import load_on_new_world
 
-        path, client = load_on_new_world(engine, ckpt_dir, tag, saved_world)
+        path, client = load_on_new_world(engine, ckpt_dir, tag, saved_world, **strict)
         rank_state["rng"] = None  # per-rank streams have no owner on a new rank count; the loop seeds them
     else:
-        path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        path, client = engine.load_checkpoint(ckpt_dir, tag=tag, **strict)
     if path is None:
         raise RuntimeError(f"--resume: DeepSpeed could not load checkpoint {tag!r} from {ckpt_dir!r}")
     state = (client or {}).get(STATE_KEY)
@@ -297,7 +304,14 @@ def loop_state(recipe: Recipe, step: int, world: int, train_blocks: int, schedul
     t = recipe.training
     return {"step": step, "micro_batches": step * t.grad_accum, "world_size": world, "seed": t.seed,
             "micro_batch_size": t.micro_batch_size, "grad_accum": t.grad_accum, "train_blocks": train_blocks,
-            "schedule_steps": schedule_steps or t.steps}
+            "schedule_steps": schedule_steps or t.steps, "peft": peft_key(recipe)}
+
+
+def peft_key(recipe: Recipe) -> dict | None:
+    """What a checkpoint's trainable parameters depend on: the ``"peft"`` section less its export choice."""
+    if recipe.peft is None:
+        return None
+    return {k: v for k, v in dataclasses.asdict(recipe.peft).items() if k != "export_merged"}
 
 
 def check_resume_compatible(state: dict, recipe: Recipe, world: int, train_blocks: int | None) -> None:
@@ -310,6 +324,10 @@ def check_resume_compatible(state: dict, recipe: Recipe, world: int, train_block
         if key in state and value is not None and state[key] != value:
             raise ConfigError(f"--resume: the checkpoint was written with {key}={state[key]!r} but this run has "
                               f"{value!r}; the data order would differ. Use the same setting or start a new output_dir")
+    if state.get("peft") != peft_key(recipe):
+        raise ConfigError(f"peft: the checkpoint was written with peft={state.get('peft')!r} but this run has "
+                          f"{peft_key(recipe)!r}; its trainable parameters would not match (a LoRA checkpoint holds "
+                          "only the adapters). Use the same \"peft\" section or start a new output_dir")
     saved_world, saved_mbs = state.get("world_size", world), state.get("micro_batch_size", t.micro_batch_size)
     if saved_world * saved_mbs != world * t.micro_batch_size:
         g = saved_world * saved_mbs
