@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError, HexaMoEConfig
+from ..config import ConfigError
 from ..distributed import seed_all
 from ..recipes import PeftSpec, Recipe
 
@@ -68,19 +68,6 @@ def _examples(modules: dict, kinds) -> list[str]:
     return seen[:6]
 
 
-def sharded_experts_error(cfg: HexaMoEConfig | None, spec: PeftSpec) -> str | None:
-    """Why adapters on expert weights cannot run under this ``"hexamoe"`` section yet, or None.
-
-    FSSDP keeps each expert on its owner, so its adapters must be sharded and gathered with it (issue 23,
-    FSSDP half). When ``peft_adapter_state_dict`` lands there, :func:`adapter_state` calls it and this
-    returns None for FSSDP too."""
-    if spec.target_parameters and cfg is not None and cfg.enabled and cfg.sharding != "none":
-        return (f"hexamoe.sharding: got {cfg.sharding!r} with LoRA on expert parameters (peft.target_parameters); "
-                'adapters sharded with their experts are not wired yet: set hexamoe.sharding to "none" (experts '
-                "replicated, the adapters trained data-parallel), or drop peft.target_parameters")
-    return None
-
-
 def check_peft_model(recipe: Recipe) -> None:
     """Before launch: the ``"peft"`` targets against the recipe's model built on the meta device (no weights
     read), and the sharding the adapters need. Every problem is raised at once."""
@@ -92,9 +79,8 @@ def check_peft_model(recipe: Recipe) -> None:
 
 def _refuse_bad_targets(model: torch.nn.Module, recipe: Recipe) -> None:
     problems = target_problems(model, recipe.peft)
-    sharded = sharded_experts_error(recipe.hexamoe_config, recipe.peft)
-    if problems or sharded:
-        raise ConfigError("\n".join(problems + ([sharded] if sharded else [])))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def apply_peft(model: torch.nn.Module, recipe: Recipe, log=print) -> torch.nn.Module:
@@ -118,16 +104,11 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
 
 
-def adapter_state(model, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """The full adapter tensors of the PEFT ``model`` in PEFT's layout (``get_peft_model_state_dict``'s keys),
-    on every rank.
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The full adapter tensors of the PEFT ``model`` in PEFT's layout (``get_peft_model_state_dict``'s keys).
 
-    THE FSSDP CALL SITE: with experts sharded (``hexamoe.sharding`` "fssdp") the adapters of each expert live
-    with its owner; ``ds_hexamoe.fssdp``'s ``peft_adapter_state_dict(model)`` (same keys, gathered from the
-    owners, collective) replaces the error below, and :func:`sharded_experts_error` then returns None."""
-    from peft import get_peft_model_state_dict
+    With experts sharded by FSSDP each expert's factors live with its owner: they are gathered (a collective:
+    every rank calls; rank 0 gets the tensors, the others ``{}``). Unsharded, PEFT's own function on every rank."""
+    from ..fssdp import peft_adapter_state_dict
 
-    sharded = sharded_experts_error(recipe.hexamoe_config, recipe.peft)
-    if sharded:
-        raise ConfigError(sharded)
-    return get_peft_model_state_dict(model)
+    return peft_adapter_state_dict(model)

@@ -26,9 +26,38 @@ def export_run(r) -> dict:
         return out
     out["adapter_export"] = export_adapter(r, os.path.join(t.output_dir, ADAPTER_DIR))
     if peft.export_merged:  # last: merging folds the adapters into the module's base weights in place
+        merged = _merged_model(r)  # collective with experts sharded
         out["hf_export"] = _write_on_main(r, os.path.join(t.output_dir, HF_DIR), "Hugging Face export (merged)",
-                                          lambda tmp: _save_hf(r, tmp, r.strategy.module.merge_and_unload(), None))
+                                          lambda tmp: _save_hf(r, tmp, merged(), None))
     return out
+
+
+def _merged_model(r):
+    """A function giving the base with the adapters merged (PEFT's ``merge_and_unload``), for rank 0.
+
+    With experts sharded by FSSDP no rank holds a whole expert, so the state is gathered first (collective)
+    and rank 0 merges an unsharded copy of the PEFT model that holds it."""
+    module = r.strategy.module
+    if getattr(getattr(r.strategy, "runtime", None), "fssdp", None) is None:
+        return module.merge_and_unload
+    state = r.strategy.export_state()  # experts and their adapters gathered, in PEFT's keys
+
+    def merge():
+        import copy
+
+        from peft import get_peft_model
+
+        base = module.get_base_model()
+        dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+        fresh = get_peft_model(type(base)._from_config(base.config, torch_dtype=dtype),
+                               copy.deepcopy(module.peft_config[module.active_adapter]))
+        missing, unexpected = fresh.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"merged export: the gathered state does not fit an unsharded copy of the model "
+                               f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})")
+        return fresh.merge_and_unload()
+
+    return merge
 
 
 def export_hf(r, out: str) -> str:
@@ -46,7 +75,7 @@ def export_adapter(r, out: str) -> str:
     from ..tasks.peft import adapter_state
 
     module = r.strategy.module
-    state = adapter_state(module, r.recipe)  # collective once experts are sharded
+    state = adapter_state(module)  # collective with experts sharded
 
     def write(tmp):
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
