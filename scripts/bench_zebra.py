@@ -159,6 +159,7 @@ def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, m
     zebra = {"name": "zebra", "kind": "zebra", "attention": est.attention, "shares": est.shares,
              "owner": [est.experts[i] for i in _owners(counts)], "simulated_step_s": est.step_time}
     plans.append(zebra)
+    memory = param_bytes_per_rank(c, zebra, batch, micro)
     # ``base`` slows every rank alike: most of each step becomes emulated sleep, so ranks computing at the
     # same time compete less for a loaded machine's cores (the ratios between ranks are unchanged)
     out = run_distributed(_rank, world, plans, cfg, batch, micro, [(base * fas[r], base * fes[r]) for r in range(world)],
@@ -181,8 +182,24 @@ def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, m
         "zebra_tokens_per_s": z, "best_plan": best["name"], "best_plan_tokens_per_s": best["tokens_per_s"],
         "uniform_ep_tokens_per_s": u, "base_slowdown": base, "zebra_over_best_plan": z / best["tokens_per_s"], "zebra_over_uniform_ep": z / u,
         "goal_zebra_over_best_plan": 1.2, "goal_met": z / best["tokens_per_s"] >= 1.2,
-        "uptime_end": uptime(),
+        "param_bytes_per_rank": memory, "uptime_end": uptime(),
     }
+
+
+def param_bytes_per_rank(c: ZebraModelConfig, zebra: dict, batch: int, micro: int) -> dict:
+    """Parameter bytes each rank holds under the zebra split (``parallel.zebra_parts.owned_bytes``) and in the
+    colocated replicated run (the whole model on every rank); AdamW adds 8 bytes per fp32 parameter."""
+    from ds_hexamoe.parallel.zebra import ZebraLayout
+    from ds_hexamoe.parallel.zebra_parts import owned_bytes
+
+    model = ZebraModel(c)
+    layout = ZebraLayout(tuple(zebra["attention"]), tuple(zebra["shares"]), tuple(zebra["owner"]), micro_batches=micro)
+    world = len(zebra["attention"]) + len(layout.expert_ranks)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    zebra_bytes = [owned_bytes(model, layout, r) for r in range(world)]
+    return {"zebra": zebra_bytes, "colocated_replicated": [full] * world,
+            "adamw_optimizer_bytes": {"zebra": [2 * b for b in zebra_bytes], "colocated_replicated": [2 * full] * world},
+            "roles": ["attention" if r in layout.attention_ranks else "experts" for r in range(world)]}
 
 
 def print_table(res: dict) -> None:
@@ -200,6 +217,9 @@ def print_table(res: dict) -> None:
                     r["tokens_per_s"] / u, busy))
     print(f"zebra / best non-disaggregated ({res['best_plan']}): {res['zebra_over_best_plan']:.2f}x "
           f"(goal >= 1.2x: {'met' if res['goal_met'] else 'not met'}); zebra / uniform EP: {res['zebra_over_uniform_ep']:.2f}x")
+    mem = res["param_bytes_per_rank"]
+    print("parameter bytes per rank, zebra (" + ", ".join(mem["roles"]) + "): "
+          + " ".join(map(str, mem["zebra"])) + f"; colocated replicated: {mem['colocated_replicated'][0]} each")
 
 
 def main(argv=None) -> dict:

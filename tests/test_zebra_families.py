@@ -128,3 +128,15 @@ def test_aux_loss_is_on_where_asked(checkpoints):
 
     on = {f for f, p in checkpoints.items() if HFZebraStack(load(p)).balance is not None}
     assert on == {"mixtral", "qwen2_moe", "olmoe"}
+
+
+def test_supported_models_lists_the_checked_families():
+    import os
+
+    import transformers
+
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "supported_models.md")).read()
+    zebra = doc[doc.index("## Zebra"):]
+    for family, (_, model_cls, _) in FAMILIES.items():
+        assert f"| {family} | {model_cls} |" in zebra, family
+        assert hasattr(transformers, model_cls)

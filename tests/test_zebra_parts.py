@@ -18,7 +18,7 @@ LAYOUT = {3: ZebraLayout((0,), (4,), (1, 2, 2, 1), micro_batches=2)}
 def _train_parts(rank, world, path):
     from ds_hexamoe.parallel.zebra import ZebraPipeline
     from ds_hexamoe.parallel.zebra_hf import HFZebraStack
-    from ds_hexamoe.parallel.zebra_parts import gather_state, keep_part, param_bytes
+    from ds_hexamoe.parallel.zebra_parts import gather_state, keep_part, owned_bytes, param_bytes
 
     layout = LAYOUT[world]
     model = load(path)
@@ -27,7 +27,9 @@ def _train_parts(rank, world, path):
     dense = sum(p.numel() * p.element_size() for p in stack.dense_parameters())
     pipe = ZebraPipeline(stack, layout, BATCH)
     stack.balance.bind(pipe.dense_group)
+    owned = owned_bytes(stack, layout, rank)
     keep_part(stack, layout, rank)
+    assert param_bytes(model) == owned  # what the benchmark reports is what the rank holds
     held = {n for n, p in model.named_parameters() if p.device.type != "meta"}
     first = rank == layout.attention_ranks[0]
     extra = (lambda: stack.balance.coef * stack.balance.value()) if first else None

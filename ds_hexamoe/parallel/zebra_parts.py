@@ -64,3 +64,14 @@ def gather_state(stack, layout, rank: int) -> dict:
             dist.all_reduce(mine)
             gathered[name] = mine
     return {k: gathered.get(k, v) for k, v in stack.model.state_dict().items()}
+
+
+def owned_bytes(stack, layout, rank: int) -> int:
+    """Parameter bytes ``rank`` owns under ``layout`` (what :func:`keep_part` leaves it), for any zebra stack:
+    the dense part on an attention rank, its hosted share of the (equal-sized) experts on an expert rank."""
+    def size(ps):
+        return sum(p.numel() * p.element_size() for p in ps)
+
+    if rank in layout.attention_ranks:
+        return size(stack.dense_parameters())
+    return size(stack.expert_parameters()) * len(layout.hosted(rank)) // stack.c.experts
