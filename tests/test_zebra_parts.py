@@ -1,7 +1,8 @@
 """Each zebra rank holds only its part (``parallel/zebra_parts.py``): an attention rank no routed expert, an
 expert rank only its hosted experts' rows and no dense tensor; training on the parts still equals one process
 (losses, gradients, parameters; fp32, 2 and 3 ranks), the gathered state dict is the reference model's, and
-the parameter bytes per rank are what each part weighs, against the colocated replicated run's full model."""
+evaluation's gathered copy computes the trained reference's loss, and the parameter bytes per rank are what
+each part weighs, against the colocated replicated run's full model."""
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ LAYOUT = {3: ZebraLayout((0,), (4,), (1, 2, 2, 1), micro_batches=2)}
 def _train_parts(rank, world, path):
     from ds_hexamoe.parallel.zebra import ZebraPipeline
     from ds_hexamoe.parallel.zebra_hf import HFZebraStack
-    from ds_hexamoe.parallel.zebra_parts import gather_state, keep_part, owned_bytes, param_bytes
+    from ds_hexamoe.parallel.zebra_parts import full_copy, gather_state, keep_part, owned_bytes, param_bytes
 
     layout = LAYOUT[world]
     model = load(path)
@@ -34,7 +35,10 @@ def _train_parts(rank, world, path):
     first = rank == layout.attention_ranks[0]
     extra = (lambda: stack.balance.coef * stack.balance.value()) if first else None
     out = run_steps(rank, model, pipe, layout, _optimizer(model), [batch(s) for s in range(STEPS)], extra)
-    return out, {"full": full, "dense": dense, "bytes": param_bytes(model), "held": held,
+    ids, labels = batch(STEPS)
+    with torch.no_grad():  # evaluation's copy: the whole trained model on every rank, transformers' forward
+        val = float(full_copy(stack, layout, rank)(input_ids=ids, labels=labels).loss)
+    return out, {"full": full, "dense": dense, "bytes": param_bytes(model), "held": held, "val": val,
                  "state": gather_state(stack, layout, rank)}
 
 
@@ -45,6 +49,11 @@ def test_each_rank_holds_its_part_and_trains_exactly(world, tmp_path):
     results = run_distributed(_train_parts, world, path, timeout=300)
     check_against([[o] for o, _ in results], ref, 0, f"parts on {world} ranks")
     layout, experts = LAYOUT[world], 4
+    trained = load(path, "eager")
+    trained.load_state_dict(ref[2])
+    ids, labels = batch(STEPS)
+    with torch.no_grad():
+        val = float(trained(input_ids=ids, labels=labels).loss)
     for rank, (_, mem) in enumerate(results):
         routed = mem["full"] - mem["dense"]
         if rank in layout.attention_ranks:
@@ -52,6 +61,7 @@ def test_each_rank_holds_its_part_and_trains_exactly(world, tmp_path):
         else:  # an expert rank holds no attention weight, and its hosted experts' rows only
             assert mem["held"] and all(".experts." in n for n in mem["held"])
             assert mem["bytes"] == routed * len(layout.hosted(rank)) // experts
+        assert mem["val"] == pytest.approx(val, rel=1e-5)
         assert mem["bytes"] < mem["full"]  # the colocated replicated run holds the full model on every rank
         for name, want in ref[2].items():
             torch.testing.assert_close(mem["state"][name], want, rtol=1e-4, atol=1e-5, msg=f"gathered {name}")

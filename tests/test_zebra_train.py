@@ -79,8 +79,8 @@ def test_zebra_settings_are_named_before_work(tmp_path):
     from ds_hexamoe.recipes import load_recipe
     from ds_hexamoe.worker.zebra import check_zebra_recipe
 
-    bad = _recipe(tmp_path, training={"eval_every": 2})
-    with pytest.raises(ConfigError, match=r"training\.eval_every"):
+    bad = _recipe(tmp_path, training={"gradient_checkpointing": True})
+    with pytest.raises(ConfigError, match=r"training\.gradient_checkpointing"):
         check_zebra_recipe(load_recipe(bad), resume=False)
     with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled"):  # no profiles, no split
         load_recipe(_recipe(tmp_path, zebra={"enabled": True}))

@@ -66,6 +66,17 @@ def gather_state(stack, layout, rank: int) -> dict:
     return {k: gathered.get(k, v) for k, v in stack.model.state_dict().items()}
 
 
+def full_copy(stack, layout, rank: int) -> torch.nn.Module:
+    """A whole copy of ``stack.model`` gathered from the owners (collective), without gradients: what
+    evaluation runs on every rank with transformers' own forward."""
+    import copy
+
+    state = gather_state(stack, layout, rank)
+    model = copy.deepcopy(stack.model)  # meta tensors copy as meta: no storage until replaced
+    _replace(model, {id(p): torch.nn.Parameter(state[n], requires_grad=False) for n, p in model.named_parameters()})
+    return model
+
+
 def owned_bytes(stack, layout, rank: int) -> int:
     """Parameter bytes ``rank`` owns under ``layout`` (what :func:`keep_part` leaves it), for any zebra stack:
     the dense part on an attention rank, its hosted share of the (equal-sized) experts on an expert rank."""

@@ -7,8 +7,7 @@ no DeepSpeed engine on this path, so each rank keeps only the parameters it owns
 and its own optimizer (:mod:`.zebra_optim`: AdamW with the recipe's rates, schedule and global-norm clipping,
 fp32 masters in bf16/fp16, loss scaling in fp16), dense parameters on the attention ranks (their gradients
 summed over attention ranks), experts on their hosts. Checkpoints (:mod:`.zebra_ckpt`) share the colocated
-path's manifest and ``--resume``; the export gathers the full model. Evaluation during training is not
-supported here (named before any work).
+path's manifest and ``--resume``; the export and evaluation gather the full model.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from ..apportion import largest_remainder
 from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
-from ..parallel.zebra_parts import gather_state, keep_part, param_bytes
+from ..parallel.zebra_parts import full_copy, gather_state, keep_part, param_bytes
 from ..recipes import Recipe
 from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
@@ -143,6 +142,7 @@ class ZebraStep:
                  "expert_owner": list(layout.expert_owner), "micro_batches": layout.micro_batches}
         self.files = ZebraFiles(self.opt, ctx.rank, split)
         self.module, self.device = parts.model, torch.device("cpu")
+        self._eval: torch.nn.Module | None = None  # the gathered copy while evaluating
 
     def data_shares(self):
         return list(self.layout.shares), self.layout.share_index(self.ctx.rank)
@@ -179,10 +179,12 @@ class ZebraStep:
         return None, {}, extra
 
     def forward(self, batch: dict):
-        raise NotImplementedError("hexamoe.zebra does not evaluate (training.eval_every is refused)")
+        return self._eval(**batch)
 
     def set_training(self, on: bool) -> None:
+        """Evaluation (``on`` False, on every rank) runs on a whole copy gathered from the owners, freed after."""
         self.module.train(on)
+        self._eval = None if on else full_copy(self.stack, self.layout, self.ctx.rank).eval()
 
     def save(self, step: int, state: dict) -> None:
         t = self.recipe.training
