@@ -134,8 +134,8 @@ class HFZebraStack(torch.nn.Module):
         """Decoder layer ``i`` up to its MLP: ``z`` plus its attention, as transformers computes it."""
         block = self.blocks[i]
         pos = torch.arange(z.size(1), device=z.device).unsqueeze(0)
-        a, _ = block.self_attn(hidden_states=block.input_layernorm(z), position_embeddings=self.model.model.rotary_emb(z, pos),
-                               attention_mask=self._mask(i, z, pos), position_ids=pos)
+        a, _ = block.self_attn(hidden_states=block.input_layernorm(z), attention_mask=self._mask(i, z, pos),
+                               position_embeddings=self.model.model.rotary_emb(z, pos), position_ids=pos)
         return z + a
 
     def _dense(self, lo: int, hi: int, z: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,7 @@ class ZebraStep:
         named = [(n, p) for n, p in parts.model.named_parameters() if (id(p) in experts) != self.attending]
         fp16 = recipe.ds_config(ctx.world_size, "cpu").get("fp16", {}) if t.dtype == "fp16" else None
         self.opt = ZebraOptimizer(named, t, fp16)
+        self.lr_scheduler = self.opt.sched  # a resume keeps the checkpoint's schedule (loop._resumed_schedule)
         split = {"attention_ranks": list(layout.attention_ranks), "shares": list(layout.shares),
                  "expert_owner": list(layout.expert_owner), "micro_batches": layout.micro_batches}
         self.files = ZebraFiles(self.opt, ctx.rank, split)

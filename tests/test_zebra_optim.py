@@ -1,0 +1,56 @@
+"""The zebra rank's optimizer (``worker/zebra_optim.py``) on 2 gloo ranks, each owning one tensor: bf16
+parameters step through fp32 masters exactly as fp32 AdamW on the masters does; in fp16 an inf gradient on
+one rank skips the step on both (parameters, moments and schedule unchanged) and halves the scale, and
+``loss_scale_window`` clean steps double it; the global norm clips over both ranks' tensors."""
+from __future__ import annotations
+
+import torch
+
+from ds_hexamoe.recipes.schema import TrainingSpec
+from ds_hexamoe.testing import run_distributed
+
+T = TrainingSpec(lr=0.1, adam_betas=(0.9, 0.99), weight_decay=0.0, max_grad_norm=1.0, warmup_steps=0, steps=10,
+                 schedule="constant")
+
+
+def _rank(rank, world):
+    from ds_hexamoe.worker.zebra_optim import ZebraOptimizer
+
+    out = {}
+    g = torch.Generator().manual_seed(rank)
+    start = torch.randn(8, generator=g)
+    grad = torch.randn(8, generator=g) * 3
+    # bf16 with fp32 masters against fp32 AdamW run on the same fp32 values, clipped by the two ranks' norm
+    p = torch.nn.Parameter(start.to(torch.bfloat16))
+    opt = ZebraOptimizer([("w", p)], T)
+    ref = torch.nn.Parameter(p.detach().float().clone())
+    ref_opt = torch.optim.AdamW([ref], lr=T.lr, betas=T.adam_betas, eps=T.adam_eps, weight_decay=0.0)
+    p.grad = grad.to(torch.bfloat16)
+    norm = opt.step(1, counted=True)
+    ref.grad = grad.to(torch.bfloat16).float() * min(1.0, T.max_grad_norm / (norm + 1e-6))
+    ref_opt.step()
+    out["bf16"] = (p.detach().float(), ref.detach().to(torch.bfloat16).float(), opt.masters[0].detach(), ref.detach(), norm)
+    # fp16: rank 1 overflows at the first step; both ranks skip it
+    q = torch.nn.Parameter(start.half())
+    opt16 = ZebraOptimizer([("w", q)], T, {"initial_scale_power": 4, "loss_scale_window": 2})
+    before = q.detach().clone()
+    q.grad = torch.full_like(q, float("inf") if rank == 1 else 1.0)
+    opt16.step(1, counted=True)
+    out["skip"] = (torch.equal(q.detach(), before), opt16.loss_scale, opt16.skipped, opt16.lr(), len(opt16.opt.state))
+    for _ in range(2):
+        q.grad = torch.full_like(q, opt16.loss_scale)  # a unit gradient, scaled as the loss was
+        opt16.step(1, counted=True)
+    out["grow"] = (torch.equal(q.detach(), before), opt16.loss_scale, opt16.skipped)
+    return out
+
+
+def test_masters_loss_scale_and_global_clipping():
+    for r in run_distributed(_rank, 2, timeout=120):
+        got, want, master, ref_master, norm = r["bf16"]
+        assert norm > T.max_grad_norm  # clipping was active, over both ranks' gradients
+        torch.testing.assert_close(master, ref_master, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got, want)  # the bf16 parameter is its fp32 master rounded
+        same, scale, skipped, lr, moments = r["skip"]
+        assert same and scale == 8.0 and skipped == 1 and lr == T.lr and moments == 0
+        same, scale, skipped = r["grow"]
+        assert not same and scale == 16.0 and skipped == 1
