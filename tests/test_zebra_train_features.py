@@ -86,6 +86,9 @@ def test_resume_equals_the_uninterrupted_run(bf16_zebra, tmp_path):
     for gone in ("checkpoints/global_step2", f"checkpoints/global_step{STEPS}", "hf", "summary.json"):
         shutil.rmtree(os.path.join(crashed, gone), ignore_errors=True) if gone != "summary.json" else os.remove(
             os.path.join(crashed, gone))
+    from ds_hexamoe.worker.checkpoints import check_before_resume
+
+    assert check_before_resume(ckpt) == "global_step1"  # verified and loaded before launch, zebra files included
     cli_tiny.train([recipe, "--resume", "--output-dir", crashed], cwd=os.path.dirname(recipe), timeout=400)
     full, resumed = cli_tiny.metrics(run), cli_tiny.metrics(crashed)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
