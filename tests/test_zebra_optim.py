@@ -1,7 +1,8 @@
 """The zebra rank's optimizer (``worker/zebra_optim.py``) on 2 gloo ranks, each owning one tensor: bf16
 parameters step through fp32 masters exactly as fp32 AdamW on the masters does; in fp16 an inf gradient on
 one rank skips the step on both (parameters, moments and schedule unchanged) and halves the scale, and
-``loss_scale_window`` clean steps double it; the global norm clips over both ranks' tensors."""
+``loss_scale_window`` clean steps double it; the global norm clips over both ranks' tensors. A checkpoint
+resumes under its own split and rank count only."""
 from __future__ import annotations
 
 import torch
@@ -54,3 +55,26 @@ def test_masters_loss_scale_and_global_clipping():
         assert same and scale == 8.0 and skipped == 1 and lr == T.lr and moments == 0
         same, scale, skipped = r["grow"]
         assert not same and scale == 16.0 and skipped == 1
+
+
+def test_a_checkpoint_resumes_under_its_own_split_only(tmp_path):
+    import pytest
+
+    from ds_hexamoe.config import ConfigError
+    from ds_hexamoe.worker.checkpoints.manifest import write_manifest
+    from ds_hexamoe.worker.zebra_ckpt import ZebraFiles, check_same_world
+    from ds_hexamoe.worker.zebra_optim import ZebraOptimizer
+
+    split = {"attention_ranks": [0], "shares": [8], "expert_owner": [1, 1], "micro_batches": 2}
+    p = torch.nn.Parameter(torch.arange(4.0))
+    ZebraFiles(ZebraOptimizer([("w", p)], T), 0, split).save_checkpoint(str(tmp_path), "global_step1", {"k": 1})
+    q = torch.nn.Parameter(torch.zeros(4))
+    path, client = ZebraFiles(ZebraOptimizer([("w", q)], T), 0, split).load_checkpoint(str(tmp_path), "global_step1")
+    assert client == {"k": 1} and torch.equal(q.detach(), torch.arange(4.0))
+    other = dict(split, expert_owner=[1, 2])
+    with pytest.raises(ConfigError, match=r"hexamoe\.zebra: the checkpoint was trained under the split"):
+        ZebraFiles(ZebraOptimizer([("w", q)], T), 0, other).load_checkpoint(str(tmp_path), "global_step1")
+    write_manifest(str(tmp_path / "global_step1"), {}, {"tag": "global_step1", "step": 1, "world_size": 3})
+    (tmp_path / "latest").write_text("global_step1")
+    with pytest.raises(ConfigError, match=r"written by 3 ranks, this run has 2"):
+        check_same_world(str(tmp_path), 2)
