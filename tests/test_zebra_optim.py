@@ -78,3 +78,21 @@ def test_a_checkpoint_resumes_under_its_own_split_only(tmp_path):
     (tmp_path / "latest").write_text("global_step1")
     with pytest.raises(ConfigError, match=r"written by 3 ranks, this run has 2"):
         check_same_world(str(tmp_path), 2)
+
+
+def test_a_zebra_file_that_does_not_load_is_refused_before_launch(tmp_path):
+    import os
+
+    import pytest
+
+    from ds_hexamoe.worker.checkpoints import CheckpointCorrupt, check_before_resume
+    from ds_hexamoe.worker.checkpoints.manifest import checkpoint_files, file_digest, write_manifest
+
+    tag_dir = tmp_path / "global_step2"
+    tag_dir.mkdir()
+    (tag_dir / "zebra_rank00000.pt").write_bytes(b"garbage")
+    write_manifest(str(tag_dir), {n: file_digest(os.path.join(tag_dir, n)) for n in checkpoint_files(str(tag_dir))},
+                   {"tag": "global_step2", "step": 2, "world_size": 1})
+    (tmp_path / "latest").write_text("global_step2")
+    with pytest.raises(CheckpointCorrupt, match=r"refusing to load .*zebra_rank00000\.pt', the zebra parameters"):
+        check_before_resume(str(tmp_path))
