@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 
-def _replace(model: torch.nn.Module, swap: dict[int, torch.nn.Parameter]) -> None:
+def replace_parameters(model: torch.nn.Module, swap: dict[int, torch.nn.Parameter]) -> None:
     """Every module slot holding a parameter in ``swap`` (by id) gets its replacement (ties stay tied)."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -32,7 +32,7 @@ def keep_part(stack, layout, rank: int) -> None:
         for p in stack.dense_parameters():
             swap[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
                                              requires_grad=p.requires_grad)
-    _replace(stack.model, swap)
+    replace_parameters(stack.model, swap)
     stack.rows = None if attending else {e: i for i, e in enumerate(hosted)}
 
 
@@ -73,7 +73,7 @@ def full_copy(stack, layout, rank: int) -> torch.nn.Module:
 
     state = gather_state(stack, layout, rank)
     model = copy.deepcopy(stack.model)  # meta tensors copy as meta: no storage until replaced
-    _replace(model, {id(p): torch.nn.Parameter(state[n], requires_grad=False) for n, p in model.named_parameters()})
+    replace_parameters(model, {id(p): torch.nn.Parameter(state[n], requires_grad=False) for n, p in model.named_parameters()})
     return model
 
 
