@@ -106,3 +106,35 @@ def test_fp16_trains_with_a_loss_scale(bf16_zebra, tmp_path):
     rows = cli_tiny.metrics(run)
     assert all(r["loss_scale"] > 1 for r in rows)
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in cli_tiny.metrics(bf16_run)], rel=2e-3)
+
+
+def test_ranks_read_only_their_part_of_a_saved_checkpoint(tmp_path):
+    # model.path with zebra on: each rank starts on the meta device and reads only its entries; training
+    # equals one process loading the whole checkpoint (test_zebra_train's replay)
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.tasks.causal_lm import build_model, build_tokenizer
+    from test_zebra_train import _recipe, _replay
+
+    path = _recipe(tmp_path)
+    tok = build_tokenizer(load_recipe(path))
+    build_model(load_recipe(path), tok).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    data = json.loads(open(path).read())
+    data["model"] = {"path": "ckpt"}
+    del data["tokenizer"]  # the checkpoint's own
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+    cli_tiny.train([path], cwd=tmp_path, timeout=400)
+    run = tmp_path / "run"
+    mem = json.loads((run / "summary.json").read_text())["zebra"]["memory_per_rank"]
+    assert all(m["checkpoint_entries_read"] for m in mem)
+    data["hexamoe"].pop("zebra")  # the replay loads the whole checkpoint
+    whole = str(tmp_path / "whole.json")
+    with open(whole, "w") as fh:
+        json.dump(data, fh)
+    ref_losses, ref_state = _replay(whole)
+    assert [r["loss"] for r in cli_tiny.metrics(run)] == pytest.approx(ref_losses, rel=1e-5)
+    got = _exported(run)
+    for name, want in ref_state.items():
+        if name in got:
+            torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=name)

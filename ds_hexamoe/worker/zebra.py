@@ -22,6 +22,7 @@ from ..apportion import largest_remainder
 from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
+from ..parallel.zebra_load import read_part
 from ..parallel.zebra_parts import full_copy, gather_state, keep_part, param_bytes
 from ..recipes import Recipe
 from ..recipes.checks import check_zebra
@@ -133,6 +134,9 @@ class ZebraStep:
             stack.balance.bind(self.pipe.dense_group)
         self.attending = ctx.rank in layout.attention_ranks
         keep_part(stack, layout, ctx.rank)  # each rank holds what it owns, nothing else
+        self.read = None  # the checkpoint entries this rank read (built on the meta device), else None
+        if any(p.device.type == "meta" for p in parts.model.parameters()) and recipe.model.path is not None:
+            self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
         experts = {id(p) for p in stack.expert_parameters()}
         # each rank steps what it owns: the dense part on attention ranks, its experts on an expert rank
         named = [(n, p) for n, p in parts.model.named_parameters() if (id(p) in experts) != self.attending]
@@ -201,7 +205,8 @@ class ZebraStep:
 
     def memory(self) -> dict:
         """Parameter and optimizer bytes this rank holds."""
-        return {"param_bytes": param_bytes(self.module), **self.opt.nbytes()}
+        read = None if self.read is None else len(self.read)
+        return {"param_bytes": param_bytes(self.module), **self.opt.nbytes(), "checkpoint_entries_read": read}
 
     def header_lines(self) -> list[str]:
         lay = self.layout
