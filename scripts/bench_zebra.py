@@ -176,6 +176,7 @@ def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, m
     plans += [zebra, {"name": "zebra_asym_ea", "kind": "zebra", "attention": asym.attention, "shares": asym.shares,
                       "owner": asym.owner, "simulated_step_s": asym.step_time, "asym_ea_moves": asym.asym_ea_moves,
                       "simulated_gathered_step_s": asym.gathered_step_time}]
+    memory = param_bytes_per_rank(c, zebra, batch, micro)
     # ``base`` slows every rank alike: most of each step becomes emulated sleep, so ranks computing at the
     # same time compete less for a loaded machine's cores (the ratios between ranks are unchanged)
     out = run_distributed(_rank, world, plans, cfg, batch, micro, [(base * fas[r], base * fes[r]) for r in range(world)],
@@ -202,8 +203,24 @@ def run(world: int, fa: float, fe: float, rounds: int, steps: int, batch: int, m
         "asym_ea_tokens_per_s": a, "asym_ea_moves": by["zebra_asym_ea"]["asym_ea_moves"],
         "asym_ea_over_best_plan": a / best["tokens_per_s"],
         "goal_zebra_over_best_plan": 1.2, "goal_met": top / best["tokens_per_s"] >= 1.2,
-        "uptime_end": uptime(),
+        "param_bytes_per_rank": memory, "uptime_end": uptime(),
     }
+
+
+def param_bytes_per_rank(c: ZebraModelConfig, zebra: dict, batch: int, micro: int) -> dict:
+    """Parameter bytes each rank holds under the zebra split (``parallel.zebra_parts.owned_bytes``) and in the
+    colocated replicated run (the whole model on every rank); AdamW adds 8 bytes per fp32 parameter."""
+    from ds_hexamoe.parallel.zebra import ZebraLayout
+    from ds_hexamoe.parallel.zebra_parts import owned_bytes
+
+    model = ZebraModel(c)
+    layout = ZebraLayout(tuple(zebra["attention"]), tuple(zebra["shares"]), tuple(zebra["owner"]), micro_batches=micro)
+    world = len(zebra["attention"]) + len(layout.expert_ranks)
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    zebra_bytes = [owned_bytes(model, layout, r) for r in range(world)]
+    return {"zebra": zebra_bytes, "colocated_replicated": [full] * world,
+            "adamw_optimizer_bytes": {"zebra": [2 * b for b in zebra_bytes], "colocated_replicated": [2 * full] * world},
+            "roles": ["attention" if r in layout.attention_ranks else "experts" for r in range(world)]}
 
 
 def print_table(res: dict) -> None:
@@ -222,6 +239,9 @@ def print_table(res: dict) -> None:
     print(f"zebra / best non-disaggregated ({res['best_plan']}): {res['zebra_over_best_plan']:.2f}x, zebra + Asym-EA "
           f"({res['asym_ea_moves']} experts moved): {res['asym_ea_over_best_plan']:.2f}x (goal >= 1.2x for the better: "
           f"{'met' if res['goal_met'] else 'not met'}); zebra / uniform EP: {res['zebra_over_uniform_ep']:.2f}x")
+    mem = res["param_bytes_per_rank"]
+    print("parameter bytes per rank, zebra (" + ", ".join(mem["roles"]) + "): "
+          + " ".join(map(str, mem["zebra"])) + f"; colocated replicated: {mem['colocated_replicated'][0]} each")
 
 
 def main(argv=None) -> dict:

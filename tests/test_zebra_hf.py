@@ -9,7 +9,7 @@ import torch
 
 from ds_hexamoe.parallel.zebra import ZebraLayout
 from ds_hexamoe.testing import run_distributed
-from zebra_steps import reference_steps, run_steps
+from zebra_steps import check_against, reference_steps, run_steps
 
 BATCH, SEQ, VOCAB, EXPERTS, STEPS = 4, 8, 64, 4, 3
 LAYOUTS = {
@@ -80,34 +80,13 @@ def _train(rank, world, path, layouts, colocated=()):
     return out
 
 
-def _check(ranks_out, ref, i):
-    ref_losses, ref_grads, ref_params = ref
-    total, checked = [0.0] * STEPS, set()
-    for per_rank in ranks_out:
-        r = per_rank[i]
-        total = [a + b for a, b in zip(total, r["losses"])]
-        for name, want in ref_grads.items():
-            got_g, got_p, want_p = r["grads"][name], r["params"][name], ref_params[name]
-            if ".experts." in name:
-                if not r["hosted"]:
-                    continue
-                got_g, want, got_p, want_p = (t[r["hosted"]] for t in (got_g, want, got_p, want_p))
-            elif not r["attention"]:
-                continue
-            torch.testing.assert_close(got_g, want, rtol=1e-5, atol=1e-6, msg=f"grad {name}")
-            torch.testing.assert_close(got_p, want_p, rtol=1e-4, atol=1e-5, msg=f"param {name} after {STEPS} steps")
-            checked.add(name)
-    assert checked == set(ref_grads), f"never compared: {sorted(set(ref_grads) - checked)}"
-    assert total == pytest.approx(ref_losses, rel=1e-5)
-
-
 @pytest.mark.parametrize("world", [2, 3])
 def test_zebra_on_hf_mixtral_equals_one_process(world, checkpoint):
     ref = _reference(checkpoint)
     colocated = COLOCATED if world == 2 else ()
     out = run_distributed(_train, world, checkpoint, LAYOUTS[world], colocated, timeout=300)
     for i in range(len(LAYOUTS[world]) + len(colocated)):
-        _check(out, ref, i)
+        check_against(out, ref, i)
 
 
 def test_unsupported_models_are_named(tmp_path):
@@ -116,12 +95,13 @@ def test_unsupported_models_are_named(tmp_path):
     from ds_hexamoe.parallel.zebra_hf import HFZebraStack
 
     small = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(ValueError, match="shared expert"):
-        HFZebraStack(Qwen2MoeForCausalLM(Qwen2MoeConfig(num_experts=4, moe_intermediate_size=16,
+    with pytest.raises(ValueError, match="no MoE decoder layer"):  # every layer dense: nothing to disaggregate
+        HFZebraStack(Qwen2MoeForCausalLM(Qwen2MoeConfig(num_experts=4, moe_intermediate_size=16, mlp_only_layers=[0],
                                                         shared_expert_intermediate_size=16, **small)))
-    with pytest.raises(ValueError, match="output_router_logits"):
-        HFZebraStack(MixtralForCausalLM(MixtralConfig(num_local_experts=4, intermediate_size=16,
-                                                      output_router_logits=True, **small)))
+    odd = MixtralForCausalLM(MixtralConfig(num_local_experts=4, intermediate_size=16, **small))
+    odd.model.layers[0].mlp.add_module("norm", torch.nn.LayerNorm(32))  # an MoE block of another shape
+    with pytest.raises(ValueError, match=r"decoder layer 0: its mlp .*'norm'"):
+        HFZebraStack(odd)
     with pytest.raises(ValueError, match="router_jitter_noise"):
         HFZebraStack(MixtralForCausalLM(MixtralConfig(num_local_experts=4, intermediate_size=16,
                                                       router_jitter_noise=0.1, **small)))

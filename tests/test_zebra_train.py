@@ -19,14 +19,8 @@ ZEBRA = {"enabled": True, "attention_ranks": [0], "shares": [2 * MBS], "expert_o
 
 
 def _recipe(root, zebra=ZEBRA, training=None) -> str:
-    path = cli_tiny.tiny_recipe(root, steps=STEPS, save_every=0, micro_batch_size=MBS, hexamoe={"zebra": zebra},
+    return cli_tiny.tiny_recipe(root, steps=STEPS, save_every=0, micro_batch_size=MBS, hexamoe={"zebra": zebra},
                                 training={"export_hf": True, "max_grad_norm": 0.05, **(training or {})})
-    with open(path) as fh:
-        data = json.load(fh)
-    data["model"]["config"]["output_router_logits"] = False  # zebra leaves the router's auxiliary loss out
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=2)
-    return path
 
 
 def _replay(recipe_path):
@@ -85,17 +79,15 @@ def test_zebra_settings_are_named_before_work(tmp_path):
     from ds_hexamoe.recipes import load_recipe
     from ds_hexamoe.worker.zebra import check_zebra_recipe
 
-    bad = _recipe(tmp_path, training={"save_every": 2})
-    with pytest.raises(ConfigError, match=r"training\.save_every"):
+    bad = _recipe(tmp_path, training={"gradient_checkpointing": True})
+    with pytest.raises(ConfigError, match=r"training\.gradient_checkpointing"):
         check_zebra_recipe(load_recipe(bad), resume=False)
-    with pytest.raises(ConfigError, match=r"--resume"):
-        check_zebra_recipe(load_recipe(_recipe(tmp_path)), resume=True)
     with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled"):  # no profiles, no split
         load_recipe(_recipe(tmp_path, zebra={"enabled": True}))
     with pytest.raises(ConfigError, match=r"hexamoe\.sharding"):
         HexaMoEConfig.from_dict({"sharding": "fssdp", "zebra": ZEBRA})
-    with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled: .*output_router_logits"):
-        _auto_rank(0, 2, _recipe(tmp_path), router_logits=True)
+    with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.enabled: .*router_jitter_noise"):
+        _auto_rank(0, 2, _recipe(tmp_path), jitter=True)
     proc = cli_tiny.train([_recipe(tmp_path, zebra={**ZEBRA, "shares": [3]})], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode != 0 and "hexamoe.zebra.shares" in proc.stdout + proc.stderr
 
@@ -106,7 +98,7 @@ HETERO = [{"name": "cpu", "attn_tflops": 0.1, "expert_tflops": 0.1, "memory_gb":
 UNIFORM = [{"name": "V100-32GB", "count": 2}]
 
 
-def _auto_rank(rank, world, path, router_logits=False):
+def _auto_rank(rank, world, path, jitter=False):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     from ds_hexamoe.recipes import load_recipe
@@ -114,7 +106,7 @@ def _auto_rank(rank, world, path, router_logits=False):
 
     recipe = load_recipe(path)
     cfg = {k: v for k, v in recipe.model.config.items() if k != "model_type"}
-    cfg["output_router_logits"] = router_logits
+    cfg["router_jitter_noise"] = 0.1 if jitter else 0.0
     model = MixtralForCausalLM(MixtralConfig(**cfg, vocab_size=300))
     ds = {"train_micro_batch_size_per_gpu": MBS, "gradient_accumulation_steps": 1}
     layout, info, _ = zebra_layout(recipe, model, ds, world)
@@ -133,7 +125,7 @@ def test_auto_follows_the_planner(tmp_path, devices, zebra):
         assert attention == ([0] if zebra else None)
     if zebra:  # a model the pipeline cannot cut trains colocated under "auto", with the reason
         for attention, info in run_distributed(_auto_rank, 2, path, True, timeout=120):
-            assert attention is None and info["source"] == "model" and "output_router_logits" in info["why"]
+            assert attention is None and info["source"] == "model" and "router_jitter_noise" in info["why"]
 
 
 def test_declared_slowdowns_are_emulated_on_the_zebra_path(tmp_path):

@@ -235,6 +235,15 @@ def build_model(recipe: Recipe, tokenizer=None, *, meta: bool = False) -> torch.
     return _finish_model(model, recipe)
 
 
+def zebra_reads_part(recipe: Recipe) -> bool:
+    """``hexamoe.zebra`` on (not ``"auto"``) over a saved checkpoint: each rank reads only its part of it
+    (``worker/zebra.py``), so the model starts on the meta device. A fresh model is initialized whole on every
+    rank (the colocated run's weights), then cut."""
+    cfg = recipe.hexamoe_config
+    return (recipe.model.path is not None and cfg is not None and bool(cfg.enabled)
+            and cfg.zebra.enabled is True)
+
+
 def _fresh_config(cfg_dict: dict, tokenizer):
     """The transformers config of ``model.config`` (vocabulary and special token ids from ``tokenizer``)."""
     from transformers import AutoConfig
@@ -279,7 +288,7 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
     with ctx.main_first():
         data = build_dataset(recipe, tokenizer)
     seed_all(recipe.training.seed)  # the same initial weights on every rank, whatever ran before
-    model = build_model(recipe, tokenizer)
+    model = build_model(recipe, tokenizer, meta=zebra_reads_part(recipe))
 
     def count(batch):
         # the tokens the loss averages over (labels != -100 after the one-token shift: not padding, and only

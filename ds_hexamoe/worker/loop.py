@@ -145,7 +145,9 @@ def _resumed_schedule(r: _Run, state: dict, reshape: bool) -> str | None:
     it over ``training.steps``; returns the line saying which (None when nothing changed)."""
     t, step = r.recipe.training, int(state["step"])
     saved = state.get("schedule_steps")
-    sched = getattr(getattr(r.strategy, "engine", None), "lr_scheduler", None)
+    # the colocated step's engine holds the scheduler; the zebra step its own
+    sched = getattr(r.strategy, "lr_scheduler", None) or getattr(getattr(r.strategy, "engine", None),
+                                                                 "lr_scheduler", None)
     if not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):  # the DeepSpeed config's own scheduler
         return None
     if saved is None:

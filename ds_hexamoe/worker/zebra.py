@@ -3,11 +3,11 @@
 Attention ranks run the Hugging Face model's dense part on their shares of each global micro-batch; expert
 ranks host whole experts; :class:`~ds_hexamoe.parallel.zebra.ZebraPipeline` pipelines micro-batches
 between them. :class:`ZebraStep` is the training loop's step strategy (:mod:`.strategy`) for it. There is
-no DeepSpeed engine on this path, so it keeps its own optimizer: each rank steps AdamW (the recipe's rates,
-betas, decay, schedule and gradient clipping over the global norm) on the parameters it owns, dense ones on
-the attention ranks (their gradients summed over attention ranks), experts on their hosts. The export
-gathers the full model on rank 0. Checkpoints, ``--resume`` and evaluation are not supported here (named
-before any work).
+no DeepSpeed engine on this path, so each rank keeps only the parameters it owns (:mod:`..parallel.zebra_parts`)
+and its own optimizer (:mod:`.zebra_optim`: AdamW with the recipe's rates, schedule and global-norm clipping,
+fp32 masters in bf16/fp16, loss scaling in fp16), dense parameters on the attention ranks (their gradients
+summed over attention ranks), experts on their hosts. Checkpoints (:mod:`.zebra_ckpt`) share the colocated
+path's manifest and ``--resume``; the export and evaluation gather the full model.
 """
 from __future__ import annotations
 
@@ -22,16 +22,19 @@ from ..apportion import largest_remainder
 from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
-from ..recipes import Recipe, lr_lambda
+from ..parallel.zebra_load import read_part
+from ..parallel.zebra_parts import full_copy, gather_state, keep_part, param_bytes
+from ..recipes import Recipe
 from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
+from .checkpoints import load_checkpoint, save_checkpoint
 from .strategy import StepResult
+from .zebra_ckpt import ZebraFiles, check_same_world
+from .zebra_optim import ZebraOptimizer
 
 
 def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
     """What this path cannot do, named before any work (the recipe's part also by recipe validation)."""
-    if resume:
-        raise ConfigError("--resume: hexamoe.zebra runs keep no checkpoints to resume from; run without --resume")
     check_zebra(recipe, auto=True)
 
 
@@ -102,29 +105,16 @@ def choose_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskPart
     return layout, stack, info
 
 
-def _check_padding(batch: dict) -> None:
+def _check_padding(batch: dict, balance: bool) -> None:
     mask = batch.get("attention_mask")
     if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
         # causal attention makes right padding harmless (labels -100 there); other padding is not
         raise ConfigError("data: hexamoe.zebra needs unpadded or right-padded blocks (the pipeline attends causally "
                           "without an attention mask); the collate produced left or inner padding")
-
-
-def _clip(params: list[torch.Tensor], max_norm: float, counted: bool) -> float:
-    """Global gradient norm over the ranks' disjoint parameters (``counted``: this rank's dense copy is the one
-    summed), clipped to ``max_norm`` (0: measure only)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    if counted:
-        for p in params:
-            if p.grad is not None:
-                sq += p.grad.double().pow(2).sum()
-    dist.all_reduce(sq)
-    norm = float(sq.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
+    if balance and mask is not None and not bool(mask.all()):
+        # transformers leaves padded rows out of the router's statistics; the pipeline sees no mask
+        raise ConfigError("data: hexamoe.zebra with the router's auxiliary loss (model.config.output_router_logits) "
+                          "needs unpadded blocks; pack the data or set output_router_logits to false")
 
 
 class ZebraStep:
@@ -132,7 +122,7 @@ class ZebraStep:
     Build it on every rank (the pipeline's process groups are created collectively)."""
 
     name = "zebra"
-    keeps_checkpoints = False
+    keeps_checkpoints = True
 
     def __init__(self, recipe: Recipe, ctx: WorkerContext, parts: TaskParts, stack: HFZebraStack,
                  layout: ZebraLayout, info: dict):
@@ -140,76 +130,83 @@ class ZebraStep:
         self.recipe, self.ctx, self.parts, self.stack, self.layout, self.info = recipe, ctx, parts, stack, layout, info
         self.clock = _emulation(recipe, ctx)
         self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
+        if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks
+            stack.balance.bind(self.pipe.dense_group)
         self.attending = ctx.rank in layout.attention_ranks
+        keep_part(stack, layout, ctx.rank)  # each rank holds what it owns, nothing else
+        self.read = None  # the checkpoint entries this rank read (built on the meta device), else None
+        if any(p.device.type == "meta" for p in parts.model.parameters()) and recipe.model.path is not None:
+            self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
+        experts = {id(p) for p in stack.expert_parameters()}
         # each rank steps what it owns: the dense part on attention ranks, its experts on an expert rank
-        self.params = stack.dense_parameters() if self.attending else stack.expert_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                     weight_decay=t.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(t))
+        named = [(n, p) for n, p in parts.model.named_parameters() if (id(p) in experts) != self.attending]
+        fp16 = recipe.ds_config(ctx.world_size, "cpu").get("fp16", {}) if t.dtype == "fp16" else None
+        self.opt = ZebraOptimizer(named, t, fp16)
+        self.lr_scheduler = self.opt.sched  # a resume keeps the checkpoint's schedule (loop._resumed_schedule)
+        split = {"attention_ranks": list(layout.attention_ranks), "shares": list(layout.shares),
+                 "expert_owner": list(layout.expert_owner), "micro_batches": layout.micro_batches}
+        self.files = ZebraFiles(self.opt, ctx.rank, split)
         self.module, self.device = parts.model, torch.device("cpu")
+        self._eval: torch.nn.Module | None = None  # the gathered copy while evaluating
 
     def data_shares(self):
         return list(self.layout.shares), self.layout.share_index(self.ctx.rank)
 
     def lr(self) -> float | None:
-        return self.sched.get_last_lr()[0]
+        return self.opt.lr()
 
     def step(self, batches: Iterator[dict] | None, step: int) -> StepResult:
         t, att = self.recipe.training, self.layout.attention_ranks
-        stats = torch.zeros(2, dtype=torch.float64)  # global mean loss (shares add up), units
+        stats = torch.zeros(3, dtype=torch.float64)  # global mean loss (shares add up), aux loss, units
+        bal, reports = self.stack.balance, self.ctx.rank == att[0]  # the aux loss is global: one rank reports it
+        scale = self.stack.loss_scale = self.opt.loss_scale
+        if bal is not None:
+            bal.scale = scale
         for _ in range(t.grad_accum):
             if self.attending:
                 batch = next(batches)
-                _check_padding(batch)
-                stats[0] += self.pipe.step(batch["input_ids"], batch["labels"]) / t.grad_accum
-                stats[1] += self.parts.count(batch)
+                _check_padding(batch, bal is not None)
+                stats[0] += self.pipe.step(batch["input_ids"], batch["labels"]) / scale / t.grad_accum
+                stats[2] += self.parts.count(batch)
+                if bal is not None and reports:
+                    stats[0] += bal.coef * bal.value() / t.grad_accum
+                    stats[1] += bal.value() / t.grad_accum
             else:
                 self.pipe.step()
-        if t.grad_accum > 1:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.div_(t.grad_accum)
-        _clip(self.params, t.max_grad_norm, counted=not self.attending or self.ctx.rank == att[0])
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=False)
+        self.opt.step(t.grad_accum, counted=not self.attending or self.ctx.rank == att[0])
         dist.all_reduce(stats)
-        return StepResult(float(stats[0]), math.nan, float(stats[1]))
+        return StepResult(float(stats[0]), float(stats[1]) if bal is not None else math.nan, float(stats[2]))
 
     def row_metrics(self) -> tuple[float | None, dict, dict]:
-        return None, {}, {"zebra": True}
+        extra = {"zebra": True}
+        if self.opt.scale is not None:
+            extra.update(loss_scale=self.opt.loss_scale, skipped_steps=self.opt.skipped)
+        return None, {}, extra
 
     def forward(self, batch: dict):
-        raise NotImplementedError("hexamoe.zebra does not evaluate (training.eval_every is refused)")
+        return self._eval(**batch)
 
     def set_training(self, on: bool) -> None:
+        """Evaluation (``on`` False, on every rank) runs on a whole copy gathered from the owners, freed after."""
         self.module.train(on)
+        self._eval = None if on else full_copy(self.stack, self.layout, self.ctx.rank).eval()
 
     def save(self, step: int, state: dict) -> None:
-        raise NotImplementedError("hexamoe.zebra keeps no checkpoints (training.save_every is refused)")
+        t = self.recipe.training
+        save_checkpoint(self.files, self.recipe.checkpoint_dir, step, state, self.ctx, t.keep_checkpoints)
 
     def load(self) -> dict:
-        raise NotImplementedError("hexamoe.zebra keeps no checkpoints (--resume is refused)")
+        check_same_world(self.recipe.checkpoint_dir, self.ctx.world_size)
+        return load_checkpoint(self.files, self.recipe.checkpoint_dir, self.ctx)
 
     def export_state(self) -> dict | None:
-        """The full model on rank 0: dense tensors from the first attention rank, expert rows from their
-        hosts, summed with zeros elsewhere (exact)."""
-        model = self.module
-        experts = {id(p) for p in self.stack.expert_parameters()}
-        hosted = self.layout.hosted(self.ctx.rank)
-        gathered = {}
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                mine = torch.zeros_like(p)
-                if id(p) in experts:
-                    if hosted:
-                        ids = torch.as_tensor(hosted)
-                        mine[ids] = p[ids]
-                elif self.ctx.rank == self.layout.attention_ranks[0]:
-                    mine.copy_(p)
-                dist.all_reduce(mine)
-                gathered[name] = mine
-        return {k: gathered.get(k, v) for k, v in model.state_dict().items()}
+        """The full model: dense tensors from the first attention rank, expert rows from their hosts."""
+        return gather_state(self.stack, self.layout, self.ctx.rank)
+
+    def memory(self) -> dict:
+        """Parameter and optimizer bytes this rank holds."""
+        read = None if self.read is None else len(self.read)
+        return {"param_bytes": param_bytes(self.module), **self.opt.nbytes(), "checkpoint_entries_read": read}
 
     def header_lines(self) -> list[str]:
         lay = self.layout
@@ -218,9 +215,11 @@ class ZebraStep:
 
     def summary_fields(self) -> dict:
         lay = self.layout
+        per_rank: list = [None] * self.ctx.world_size
+        dist.all_gather_object(per_rank, self.memory())  # collective: every rank builds the summary
         return {"zebra": {"attention_ranks": list(lay.attention_ranks), "shares": list(lay.shares),
                           "expert_owner": list(lay.expert_owner), "micro_batches": lay.micro_batches, "ran": True,
-                          **self.info}}
+                          "memory_per_rank": per_rank, "skipped_steps": self.opt.skipped, **self.info}}
 
     def report(self, metrics_path: str, train_s: float, steps: int, hf_dir: str | None) -> dict | None:
         return None

@@ -81,11 +81,12 @@ def _try_loading(tag_dir: str) -> None:
         path = os.path.join(tag_dir, name)
         if name.startswith("hexamoe_rank") and name.endswith(".pt"):
             load_rank_state(path)
-        elif name.startswith("fssdp_rank") and name.endswith(".pt"):
+        elif name.startswith(("fssdp_rank", "zebra_rank")) and name.endswith(".pt"):
+            what = "FSSDP's expert shards" if name.startswith("fssdp") else "the zebra parameters and optimizer"
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError
-                raise CheckpointCorrupt(f"--resume: refusing to load {path!r}, FSSDP's expert shards of one rank: it "
+                raise CheckpointCorrupt(f"--resume: refusing to load {path!r}, {what} of one rank: it "
                                         f"does not load as tensors and plain values ({type(e).__name__}: "
                                         f"{str(e).splitlines()[0][:200] if str(e) else ''}). Nothing was loaded or "
                                         "changed; restore the file from a copy, or move the checkpoint folder aside "
