@@ -16,6 +16,7 @@ from ds_hexamoe.config import ConfigError
 from ds_hexamoe.experts.stats import RoutingStats
 from ds_hexamoe.experts.trace import RoutingTrace
 from ds_hexamoe.placement.protocol import trace_from_file
+from ds_hexamoe.testing import run_distributed
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "ds_hexamoe/data/recipes/mixtral-tiny-finetune.json")
@@ -62,6 +63,37 @@ def test_trace_rows_equal_an_eager_forward_on_the_same_batches(tmp_path):
     assert [stats.counts[l] for l in stats.layers] == got.sum(axis=0).tolist() and trace.layers == stats.layers
     assert trace.model["num_experts"] == 4 and trace.source["recipe"] == "mixtral-tiny-finetune"
     assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # atomic write left no temp file
+
+
+def _recorder_worker(rank: int, world: int) -> tuple[list, list]:
+    """Per rank: the trace rows the recorder makes (summed over ranks) and this rank's own routing per
+    forward, from the router logits of the same forwards."""
+    import transformers
+
+    import ds_hexamoe  # noqa: F401  (registers "hexamoe")
+    from ds_hexamoe.cli.profile_routing import _row_recorder
+    from ds_hexamoe.hetero.routing import profile_routing
+
+    cfg = transformers.AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, vocab_size=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, experts_implementation="hexamoe")
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank routes different tokens
+    batches = [torch.randint(0, 64, (2, 8 + 4 * rank), generator=gen) for _ in range(3)]
+    rows: list = []
+    profile_routing(model, batches, after_forward=_row_recorder(rows))
+    with torch.no_grad():
+        own = [[torch.bincount(lg.topk(2, dim=-1).indices.reshape(-1), minlength=4).tolist()
+                for lg in model(b, output_router_logits=True).router_logits] for b in batches]
+    return [[r.counts[l] for l in r.layers] for r in rows], own
+
+
+@pytest.mark.slow
+def test_trace_rows_are_summed_over_ranks():
+    (rows0, own0), (rows1, own1) = run_distributed(_recorder_worker, 2, timeout=120)
+    assert rows0 == rows1 == (np.array(own0) + np.array(own1)).tolist()
+    assert own0 != own1  # the ranks routed differently, so the sum is not one rank's counts doubled
 
 
 def _trace_dict(**over) -> dict:
