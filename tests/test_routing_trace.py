@@ -71,8 +71,7 @@ def _recorder_worker(rank: int, world: int) -> tuple[list, list]:
     import transformers
 
     import ds_hexamoe  # noqa: F401  (registers "hexamoe")
-    from ds_hexamoe.cli.profile_routing import _row_recorder
-    from ds_hexamoe.hetero.routing import profile_routing
+    from ds_hexamoe.hetero.routing import profile_routing, trace_recorder
 
     cfg = transformers.AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -82,7 +81,7 @@ def _recorder_worker(rank: int, world: int) -> tuple[list, list]:
     gen = torch.Generator().manual_seed(100 + rank)  # each rank routes different tokens
     batches = [torch.randint(0, 64, (2, 8 + 4 * rank), generator=gen) for _ in range(3)]
     rows: list = []
-    profile_routing(model, batches, after_forward=_row_recorder(rows))
+    profile_routing(model, batches, after_forward=trace_recorder(rows))
     with torch.no_grad():
         own = [[torch.bincount(lg.topk(2, dim=-1).indices.reshape(-1), minlength=4).tolist()
                 for lg in model(b, output_router_logits=True).router_logits] for b in batches]

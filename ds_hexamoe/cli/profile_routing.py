@@ -7,9 +7,8 @@ import argparse
 import sys
 
 from ..config import ConfigError
-from ..experts import reduce_stats, stats_delta
 from ..experts.trace import RoutingTrace
-from ..hetero.routing import profile_routing
+from ..hetero.routing import profile_routing, trace_recorder
 from ..recipes import load_recipe
 from ..tasks.causal_lm import build_dataset, build_model, build_tokenizer
 
@@ -45,7 +44,7 @@ def profile_main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe)
         model, batches = _recipe_model_and_batches(recipe, args.batches)
         rows: list = []
-        stats = profile_routing(model, batches, args.batches, after_forward=_row_recorder(rows) if args.trace else None)
+        stats = profile_routing(model, batches, args.batches, after_forward=trace_recorder(rows) if args.trace else None)
         if stats.model is not None:
             stats.model["seq_len"] = recipe.data.seq_len
     except ConfigError as e:
@@ -64,14 +63,3 @@ def profile_main(argv: list[str] | None = None) -> int:
         print(f"wrote the routing trace {args.trace}: {len(rows)} rows (one per forward)")
     return 0
 
-
-def _row_recorder(rows: list):
-    """``after_forward`` for :func:`profile_routing`: appends each forward's counts (the collector's growth since
-    the previous forward, summed over ranks) to ``rows``."""
-    last = [None]
-
-    def record(collector) -> None:
-        now = collector.snapshot()
-        rows.append(reduce_stats(stats_delta(now, last[0])))
-        last[0] = now
-    return record

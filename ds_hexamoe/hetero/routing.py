@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..experts import RoutingStatsCollector, attach_collector, collector_of, detach_collector, experts_modules
+from ..experts import (RoutingStatsCollector, attach_collector, collector_of, detach_collector, experts_modules,
+                       reduce_stats, stats_delta)
 from ..placement.shapes import ModelShape
 
 
@@ -54,3 +55,15 @@ def profile_routing(model, batches, max_batches: int | None = None, collector=No
     except (ConfigError, TypeError):
         stats.model = None
     return stats
+
+
+def trace_recorder(rows: list):
+    """An ``after_forward`` for :func:`profile_routing` that appends each forward's routing (the collector's
+    growth since the previous forward, summed over ranks) to ``rows``: the rows of a routing trace."""
+    last = [None]
+
+    def record(collector) -> None:
+        now = collector.snapshot()
+        rows.append(reduce_stats(stats_delta(now, last[0])))
+        last[0] = now
+    return record
