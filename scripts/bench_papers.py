@@ -7,7 +7,7 @@ tables and writes JSON.
 
     python scripts/bench_papers.py [--only hecate|moetuner|hetermoe] [--seqs 4096 8192 16384 32768]
                                    [--tokens 65536] [--skew 1.0] [--out|--json bench_papers.json]
-                                   [--drift-every 5 2 10] [--iterations 12] [--window 5]
+                                   [--drift-every 5 2 10] [--iterations 12] [--window 5] [--hecate-trace F]
 
 The model is Mixtral-like (Mixtral 8x7B's block: hidden 4096, 8 experts of 14336, top-2, GQA 32/8) with
 8 blocks: the full 32-block model with its Adam state (~750 GB) does not fit on 6+6 A40/V100 (480 GB).
@@ -29,7 +29,7 @@ from ds_hexamoe.experts.stats import synthetic_stats
 from ds_hexamoe.placement.planner import plan
 from ds_hexamoe.placement.profiles import load_profiles
 from ds_hexamoe.placement.costs import PlanOptions
-from ds_hexamoe.placement.protocol import Protocol
+from ds_hexamoe.placement.protocol import Protocol, trace_from_file
 from ds_hexamoe.placement.shapes import MODEL_SHAPES, ModelShape
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +203,11 @@ def run_hecate(args) -> list[dict]:
     """Hecate's setups under the honest protocol, one row per setup, model and drift (the first drift is the
     headline), each with its oracle row (an upper bound)."""
     ph.check_runtime_configs()
+    if args.hecate_trace:
+        loads = trace_from_file(args.hecate_trace, min_rows=args.window + 1)
+        p = Protocol(iterations=len(loads), window=args.window)
+        return [r for setup in args.hecate_setups for size in args.hecate_models
+                for r in ph.trace_rows(setup, size, p, args.hecate_trace, loads)]
     rows = []
     for drift in args.drift_every:
         p = Protocol(iterations=args.iterations, window=args.window, drift_every=drift, skew=args.skew)
@@ -218,14 +223,26 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=65536, help="tokens per step (global batch = tokens / seq)")
     ap.add_argument("--skew", type=float, default=1.0, help="Zipf skew of the synthetic routing (0: uniform)")
     ap.add_argument("--ilp-time", type=float, default=20.0, help="seconds for MoETuner's ILP, per setup")
-    ap.add_argument("--hecate-setups", nargs="+", choices=list(ph.SETUPS), default=list(ph.SETUPS))
+    ap.add_argument("--hecate-setups", nargs="+", choices=[*ph.SETUPS, ph.TRACE_SIZED],
+                    help=f"default: all; with --hecate-trace also {ph.TRACE_SIZED} (cluster A at the trace's shape)")
     ap.add_argument("--hecate-models", nargs="+", choices=ph.MODELS, default=list(ph.MODELS), help="GPT-MoE sizes")
     ap.add_argument("--drift-every", type=int, nargs="+", default=[5, 2, 10],
                     help="Hecate's protocol: iterations between moves of the hot set (the first is the headline)")
     ap.add_argument("--iterations", type=int, default=12, help="Hecate's protocol: iterations in the trace")
     ap.add_argument("--window", type=int, default=5, help="Hecate's protocol: iterations a decision sees")
+    ap.add_argument("--hecate-trace", help="Hecate's protocol on this recorded routing trace (ds-hexamoe "
+                    "profile-routing --trace), not the synthetic one")
     ap.add_argument("--out", "--json", dest="out", default="bench_papers.json")
     args = ap.parse_args(argv)
+    if args.hecate_setups is None:
+        args.hecate_setups = [*ph.SETUPS] + ([ph.TRACE_SIZED] if args.hecate_trace else [])
+    if ph.TRACE_SIZED in args.hecate_setups and not args.hecate_trace:
+        ap.error(f"--hecate-setups {ph.TRACE_SIZED}: needs --hecate-trace FILE (the shape comes from the trace)")
+    if args.hecate_trace:
+        try:  # a bad trace is refused before any setup runs
+            trace_from_file(args.hecate_trace, min_rows=args.window + 1)
+        except ConfigError as e:
+            ap.error(f"--hecate-trace: {e}")
     if args.skew < 0:
         ap.error(f"--skew: got {args.skew}; expected a number >= 0 (0: uniform routing)")
     if min(args.drift_every) < 1 or not 1 <= args.window < args.iterations:

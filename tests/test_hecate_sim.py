@@ -17,7 +17,7 @@ from ds_hexamoe.placement import plan
 from ds_hexamoe.placement.costs import CostModel, PlanOptions
 from ds_hexamoe.placement.dynamic import dispatch_fractions, dynamic_layer, hecate_holders, owned_counts
 from ds_hexamoe.placement.profiles import load_profiles
-from ds_hexamoe.placement.protocol import Protocol, drifting_zipf, honest_protocol
+from ds_hexamoe.placement.protocol import Protocol, drifting_zipf, honest_protocol, trace_from_file
 from ds_hexamoe.placement.shapes import ModelShape
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -121,13 +121,19 @@ def paper(monkeypatch):
     return importlib.import_module("paper_hecate")
 
 
-def test_protocol_decisions_never_see_the_scored_iteration(paper):
+@pytest.mark.parametrize("source", ["synthetic", "recorded"])
+def test_protocol_decisions_never_see_the_scored_iteration(paper, source):
     """Two traces that differ only in the last iteration: every history-based contender makes the same
     decision for it (a protocol that let the decision read the scored loads would not), and the scores
-    differ (the scored loads are the changed ones)."""
+    differ (the scored loads are the changed ones). ``recorded``: the shipped trace of the tiny Mixtral, cut
+    to 7 rows, on cluster A at its shape (2 ranks)."""
     p = Protocol(iterations=7, window=5, drift_every=2)
-    s = paper.Setup("16xV100-100G", "S")
-    a = drifting_zipf(p, s.model.num_moe_layers, s.E, s.model.top_k)
+    if source == "synthetic":
+        s = paper.Setup("16xV100-100G", "S")
+        a = drifting_zipf(p, s.model.num_moe_layers, s.E, s.model.top_k)
+    else:
+        a = trace_from_file(REPO / "ds_hexamoe/data/traces/mixtral-tiny-finetune.json", 2, 4)[:7]
+        s = paper.Setup(paper.TRACE_SIZED, "S", a.shape[1:])
     b = a.copy()
     b[-1] = 0.0
     b[-1, :, 0] = a[-1].sum(axis=1)  # every pair of the scored iteration on expert 0
@@ -139,7 +145,9 @@ def test_protocol_decisions_never_see_the_scored_iteration(paper):
                                   sees_current=current)
             seen[key] = (rec, got)
         (da, sa), (db, sb) = seen["a"], seen["b"]
-        assert sa[:-1] == sb[:-1] and sa[-1][0] != sb[-1][0], name
+        assert sa[:-1] == sb[:-1], name
+        if source == "synthetic" or name in ("ep", "hecate"):  # at 2 ranks data-centric and replicas on both
+            assert sa[-1][0] != sb[-1][0], name  # ranks balance any routing: their scores need not move
         same = all(np.array_equal(np.asarray(x[0] if isinstance(x, tuple) else x),
                                   np.asarray(y[0] if isinstance(y, tuple) else y)) for x, y in zip(da, db))
         assert same == (not current), name  # only the policies that decide on the gate output see it

@@ -4,14 +4,16 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from ..experts import RoutingStatsCollector, attach_collector, collector_of, detach_collector, experts_modules
+from ..experts import (RoutingStatsCollector, attach_collector, collector_of, detach_collector, experts_modules,
+                       reduce_stats, stats_delta)
 from ..placement.shapes import ModelShape
 
 
-def profile_routing(model, batches, max_batches: int | None = None, collector=None):
+def profile_routing(model, batches, max_batches: int | None = None, collector=None, after_forward=None):
     """Run ``model`` forward (no grad) over ``batches`` (dicts of tensors or ``input_ids`` tensors) with a
     collector active; returns the :class:`~ds_hexamoe.experts.RoutingStats` (with the model shape when the config
-    is a transformers MoE config). Layers are named by their module path."""
+    is a transformers MoE config). Layers are named by their module path. ``after_forward(collector)`` is called
+    after each forward (the per-forward trace reads the collector there)."""
     mods = experts_modules(model)
     if not mods:
         raise ConfigError("model: has no transformers experts modules; profile-routing needs an MoE model built "
@@ -36,6 +38,8 @@ def profile_routing(model, batches, max_batches: int | None = None, collector=No
                     model(**keep)
                 else:
                     model(batch)
+                if after_forward is not None:
+                    after_forward(c)
         c.step()
     finally:
         detach_collector(model, c)
@@ -51,3 +55,15 @@ def profile_routing(model, batches, max_batches: int | None = None, collector=No
     except (ConfigError, TypeError):
         stats.model = None
     return stats
+
+
+def trace_recorder(rows: list):
+    """An ``after_forward`` for :func:`profile_routing` that appends each forward's routing (the collector's
+    growth since the previous forward, summed over ranks) to ``rows``: the rows of a routing trace."""
+    last = [None]
+
+    def record(collector) -> None:
+        now = collector.snapshot()
+        rows.append(reduce_stats(stats_delta(now, last[0])))
+        last[0] = now
+    return record

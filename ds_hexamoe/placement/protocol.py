@@ -2,9 +2,9 @@
 predicted gathers): loads drift over iterations, each contender decides from the iterations before the
 one it is scored on, never from that one.
 
-A trace is ``loads[I, L, E]``: (token, expert) pairs per iteration, MoE layer and expert, from a real
-run (:func:`trace_from_stats`: one :class:`~ds_hexamoe.experts.stats.RoutingStats` per iteration, as
-``ds-hexamoe profile-routing`` writes per run) or synthetic (:func:`drifting_zipf`: a Zipf router whose hot
+A trace is ``loads[I, L, E]``: (token, expert) pairs per iteration, MoE layer and expert, recorded
+(:func:`trace_from_file`: the per-forward trace ``ds-hexamoe profile-routing --trace`` writes;
+:func:`trace_from_stats`: one :class:`~ds_hexamoe.experts.stats.RoutingStats` per iteration) or synthetic (:func:`drifting_zipf`: a Zipf router whose hot
 set moves). :func:`honest_protocol` hands each contender's ``decide`` a copy of the ``window`` iterations
 before iteration ``i`` and scores the decision on iteration ``i``; a contender that decides after the
 gate (FasterMoE's shadowing) says so and is given iteration ``i`` itself (``sees_current``), as the
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..experts.stats import RoutingStats
+from ..experts.trace import RoutingTrace
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class Protocol:
                               "and skew >= 0")
 
     def describe(self, trace: str = "synthetic") -> str:
+        """``trace``: "synthetic", or the name of a recorded trace file (``self.iterations`` its rows)."""
         src = (f"synthetic Zipf top-k router (skew {self.skew}) whose hot set moves by one expert every "
-               f"{self.drift_every} iterations" if trace == "synthetic" else f"routing trace {trace}")
+               f"{self.drift_every} iterations" if trace == "synthetic"
+               else f"recorded trace: {trace}, {self.iterations} iterations (one per forward)")
         return (f"honest: {src}; decided from the {self.window} iterations before, scored on the next; "
                 f"mean over {self.iterations - self.window} scored iterations")
 
@@ -75,6 +78,32 @@ def trace_from_stats(stats: Sequence[RoutingStats]) -> np.ndarray:
         if s.layers != layers:
             raise ConfigError(f"trace[{i}].layers: {s.layers[:2]}...; expected the layers of trace[0] ({layers[:2]}...)")
     return np.array([[s.counts[l] for l in layers] for s in stats], dtype=float)
+
+
+def trace_from_file(path, num_moe_layers: int | None = None, num_experts: int | None = None,
+                    min_rows: int = 1) -> np.ndarray:
+    """``loads[I, L, E]`` of a recorded trace file, checked against the model shape it will be replayed on
+    (:func:`check_trace_shape`, when given) and against ``min_rows``."""
+    t = RoutingTrace.load_json(path)
+    where = f"trace {path}"
+    if len(set(t.num_experts)) != 1:
+        raise ConfigError(f"{where}.num_experts: {t.num_experts}; the protocol needs the same expert count in every layer")
+    loads = np.array(t.counts, dtype=float)
+    if num_moe_layers is not None or num_experts is not None:
+        check_trace_shape(loads, where, num_moe_layers, num_experts)
+    if len(loads) < min_rows:
+        raise ConfigError(f"{where}.counts: {len(loads)} rows; expected at least {min_rows} (the window and one "
+                          "iteration to score): record more --batches")
+    return loads
+
+
+def check_trace_shape(loads: np.ndarray, where: str, num_moe_layers: int | None, num_experts: int | None) -> None:
+    """A trace replays only on a model with its MoE layers and experts (``None``: any)."""
+    L, E = loads.shape[1:]
+    want = (L if num_moe_layers is None else num_moe_layers, E if num_experts is None else num_experts)
+    if (L, E) != want:
+        raise ConfigError(f"{where}: {L} MoE layers of {E} experts; the model it is replayed on has {want[0]} of "
+                          f"{want[1]}: record the trace from a model of that shape")
 
 
 def stats_of(loads: np.ndarray, top_k: int, forwards: int = 1, prefix: str = "model.layers.{}.mlp.experts"
