@@ -29,7 +29,9 @@ class ZebraFiles:
     def __init__(self, optimizer, rank: int, split: dict):
         self.optimizer, self.rank, self.split = optimizer, rank, split
 
-    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, save_latest: bool = False) -> None:
+    def save_checkpoint(self, ckpt_dir: str, tag: str, client_state: dict, save_latest: bool = False,
+                        exclude_frozen_parameters: bool = False) -> None:
+        # DeepSpeed's signature; nothing here is frozen (a "peft" section is refused with zebra before launch)
         os.makedirs(os.path.join(ckpt_dir, tag), exist_ok=True)
         atomic_torch_save({"format": FORMAT, "split": self.split, "state": self.optimizer.state_dict(),
                            "client": client_state}, zebra_file(ckpt_dir, tag, self.rank))
