@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_router_control import E, VOCAB, _deepseek, _mixtral
+from test_router_control import E, _deepseek, _mixtral
 
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.testing import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "train_hf_trainer.py")
+SCRIPTS = os.path.join(ROOT, "scripts")
+SCRIPT = os.path.join(SCRIPTS, "train_hf_trainer.py")
 LR, STEPS, GA, ROWS = 1e-2, 3, 2, 2
 
 
@@ -72,7 +74,7 @@ def _hand_loss(model, window: list[dict], z_coef: float) -> tuple[torch.Tensor, 
     loss, lse2, rows = 0.0, 0.0, 0.0
     for b in window:
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_router_logits=True)
-        ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), b["labels"][:, 1:].reshape(-1), reduction="sum")
+        ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].reshape(-1), reduction="sum")
         keep = b["attention_mask"].reshape(-1).bool()
         sq = torch.cat([torch.logsumexp(l.float(), -1).pow(2) for l in out.router_logits])
         loss = loss + ce / n + z_coef * sq[keep.repeat(len(out.router_logits))].mean() / len(window)
@@ -80,11 +82,11 @@ def _hand_loss(model, window: list[dict], z_coef: float) -> tuple[torch.Tensor, 
     return loss, z_coef * lse2 / rows
 
 
-def _reference_params(model, batches: list[dict], z_coef: float) -> tuple[list[torch.Tensor], list[float]]:
+def _reference_params(model, batches: list[dict], z_coef: float, lr: float = LR) -> tuple[list, list[float]]:
     """A plain PyTorch loop (AdamW, constant rate) over the Trainer's own micro-batches: parameters, losses."""
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
-    for s in range(STEPS):
+    for s in range(len(batches) // GA):
         loss, _ = _hand_loss(model, batches[s * GA:(s + 1) * GA], z_coef)
         loss.backward()
         opt.step()
@@ -106,7 +108,7 @@ def _check_against_reference(tmp_path, router: dict, z_coef: float) -> tuple[lis
     assert len(batches) == STEPS * GA
     params, losses = _reference_params(ref, batches, z_coef)
     for (name, p), q in zip(model.named_parameters(), params):
-        torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     assert [h["step"] for h in logs] == [1, 2, 3]
     for h, want in zip(logs, losses):
@@ -183,6 +185,38 @@ def test_too_late_or_unbound_options_are_refused_before_training(tmp_path):
         HexaMoECallback(router={"freeze": True}).attach(trainer)
     with pytest.raises(ConfigError, match=r"hexamoe\.router\.bias_update_rate: .*'mixtral'"):
         HexaMoECallback(router={"bias_update_rate": 0.01}).attach(_trainer(tmp_path, _from_disk(tmp_path, _mixtral)))
+
+
+def test_trl_sft_trainer_gets_the_z_loss_and_coef_zero(tmp_path):
+    """TRL's SFTTrainer (its own loss from fused log-probabilities, its own aux switch) on the shipped checkpoint:
+    parameters after the steps equal the plain loop on CE + z-loss over the micro-batches it fed."""
+    sys.path.insert(0, SCRIPTS)
+    try:
+        from train_trl_sft import CHAT, load_model_and_tokenizer
+    finally:
+        sys.path.pop(0)
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ds_hexamoe.callbacks import HexaMoECallback
+
+    coef, lr = 0.1, 1e-3
+    model, tok = load_model_and_tokenizer("hexamoe")
+    ref, _ = load_model_and_tokenizer("eager")
+    batches = _record_batches(model)
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2,
+                       gradient_accumulation_steps=GA, learning_rate=lr, lr_scheduler_type="constant", max_grad_norm=0.0,
+                       logging_steps=1, save_strategy="no", report_to=[], seed=0, max_length=48, packing=False,
+                       disable_tqdm=True, use_cpu=True, bf16=False)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=load_dataset("json", data_files=CHAT, split="train"),
+                         processing_class=tok)
+    HexaMoECallback(router={"aux_loss_coef": 0.0, "z_loss_coef": coef}).attach(trainer)
+    assert trainer.aux_loss_enabled is False
+    trainer.train()
+    assert len(batches) == 2 * GA
+    params, _ = _reference_params(ref.train(), batches, coef, lr)
+    for (name, p), q in zip(model.named_parameters(), params):  # Adam steps of ~lr: 1e-5 tells a missing z-loss
+        torch.testing.assert_close(p.detach(), q, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
