@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_router_control import E, _deepseek, _mixtral
+from test_router_control import E, VOCAB, _deepseek, _mixtral
 
 from ds_hexamoe.config import ConfigError
 from ds_hexamoe.testing import free_port
