@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError, HexaMoEConfig, RouterConfig
-from .router_control import router_control
+from .router_control import check_router_options, router_control
 
 _WHERE = "hexamoe.router"
 
@@ -30,7 +30,7 @@ def parse_router(router) -> RouterConfig:
     return HexaMoEConfig.from_dict({"router": router}).router
 
 
-def _router_params(model: torch.nn.Module, routers) -> set[int]:
+def _router_params(routers) -> set[int]:
     return {id(p) for m in routers for p in m.parameters()}
 
 
@@ -49,9 +49,7 @@ class TrainerRouter:
 
     @staticmethod
     def _refuse_built_optimizer(model, cfg, optimizer, late: bool) -> None:
-        from .router_control import check_router_options
-
-        ids = _router_params(model, [m for _, m, _ in check_router_options(model, cfg)])
+        ids = _router_params([m for _, m, _ in check_router_options(model, cfg)])
         held = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"] if id(p) in ids]
         if held or late:
             raise ConfigError(f"{_WHERE}.freeze: the Trainer's optimizer already exists and holds the router "
