@@ -8,7 +8,9 @@ file (written to ``OUTPUT_DIR/ds_config.json`` unless ``--deepspeed`` names one)
 section; ``import ds_hexamoe`` makes the Trainer's ``deepspeed.initialize`` honour it. The callback puts
 expert load, balance, auxiliary loss and bytes moved into the Trainer's logs (``trainer_state.json``,
 TensorBoard when installed) and routing statistics into each checkpoint. The log history is also written
-to ``OUTPUT_DIR/log_history.json``.
+to ``OUTPUT_DIR/log_history.json``. ``--model deepseek_v3 --router '{"bias_update_rate": 0.01}'`` trains a tiny
+DeepSeek-V3 with ``hexamoe.router`` options in the config (each rank then writes its routers' correction
+bias to ``OUTPUT_DIR/router_bias_rank<r>.json``).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def synthetic_tokens(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[di
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def default_ds_config(replan_every: int, sharding: str = "none") -> dict:
+def default_ds_config(replan_every: int, sharding: str = "none", router: dict | None = None) -> dict:
+    hexamoe = {"collect_stats": True, "sharding": sharding, "placement": {"replan_every": replan_every}}
     return {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -40,8 +43,39 @@ def default_ds_config(replan_every: int, sharding: str = "none") -> dict:
         "steps_per_print": 10**9,
         # no "auto" strings inside "hexamoe": accelerate fills every "auto" of the file from TrainingArguments
         # and rejects keys it does not know (leave "kernels"/"mode" out to get their defaults)
-        "hexamoe": {"collect_stats": True, "sharding": sharding, "placement": {"replan_every": replan_every}},
+        "hexamoe": hexamoe if router is None else {**hexamoe, "router": router},
     }
+
+
+def tiny_model(kind: str, vocab: int):
+    """A tiny Mixtral (router aux loss 0.01) or DeepSeek-V3 (sigmoid router with a correction bias)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+            output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False))
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=128, use_cache=False,
+        tie_word_embeddings=False))
+    with torch.no_grad():  # transformers starts DeepSeek routers at zero (all ties): give them a direction
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+    return model
+
+
+def save_router_bias(model, output_dir: str) -> None:
+    """This rank's ``e_score_correction_bias`` per MoE block (named as the router figures), as
+    ``router_bias_rank<r>.json``."""
+    bias = {n.rsplit(".", 2)[0]: b.tolist() for n, b in model.named_buffers() if n.endswith(".e_score_correction_bias")}
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with open(os.path.join(output_dir, f"router_bias_rank{rank}.json"), "w") as fh:
+        json.dump(bias, fh)
 
 
 def shared_ds_config(output_dir: str, config: dict) -> str:
@@ -84,28 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq_len", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--sharding", choices=["none", "fssdp"], default="none", help="hexamoe.sharding of the generated config")
+    ap.add_argument("--model", choices=["mixtral", "deepseek_v3"], default="mixtral")
+    ap.add_argument("--router", type=json.loads, default=None, help="hexamoe.router of the generated config (JSON)")
+    ap.add_argument("--grad_accum", type=int, default=1)
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = ap.parse_args(argv)
 
     import ds_hexamoe  # noqa: F401  (registers "hexamoe" and patches deepspeed.initialize)
     import deepspeed  # noqa: F401  (import it now, so the patch applies before transformers probes for it)
-    from transformers import MixtralConfig, MixtralForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from ds_hexamoe.integrations.trainer import HexaMoECallback
 
     os.makedirs(args.output_dir, exist_ok=True)
-    ds_path = args.deepspeed or shared_ds_config(args.output_dir, default_ds_config(args.replan_every, args.sharding))
-    torch.manual_seed(0)
+    ds_path = args.deepspeed or shared_ds_config(args.output_dir,
+                                                 default_ds_config(args.replan_every, args.sharding, args.router))
     vocab = 64
-    cfg = MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                        max_position_embeddings=128, output_router_logits=True, router_aux_loss_coef=0.01,
-                        tie_word_embeddings=False)
-    model = MixtralForCausalLM(cfg)
+    model = tiny_model(args.model, vocab)
     train = synthetic_tokens(512, args.seq_len, vocab, seed=0)
     report = ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else []
     targs = TrainingArguments(
         output_dir=args.output_dir, deepspeed=ds_path, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
         max_steps=args.max_steps, learning_rate=args.lr, warmup_steps=2, logging_steps=args.logging_steps,
         save_steps=args.save_steps, save_strategy="steps", report_to=report, seed=0, dataloader_num_workers=0,
         disable_tqdm=True, save_only_model=False,
@@ -116,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     callback = HexaMoECallback().attach(trainer)
     trainer.train()
     engine = trainer.model_wrapped
+    if args.router is not None:
+        save_router_bias(trainer.model, args.output_dir)
     if trainer.is_world_process_zero():
         print(f"[hf-trainer] world size {targs.world_size}, engine {type(engine).__name__}, "
               f"hexamoe runtime attached: {getattr(engine, 'hexamoe', None) is not None}", flush=True)

@@ -16,6 +16,11 @@ over all ranks and cover the forwards since the previous log. Every ``placement.
 steps it calls the runtime's ``replan(stats)`` when it has one (and ``on_replan(stats, step)`` if given);
 ``on_save`` writes the routing statistics (all ranks summed) as ``hexamoe_routing_stats.json`` into the
 checkpoint folder.
+
+With ``hexamoe.router`` options (the section's ``"router"`` or the ``router`` argument) on a Hugging Face MoE
+model it also applies them (:mod:`.trainer_router`: aux coefficient, z-loss, DeepSeek-V3 bias update after each
+optimizer step, freeze) and logs ``router/z_loss`` and, per MoE block, ``router/imbalance|entropy|aux_loss|
+z_loss/<layer>`` and ``router/load/<layer>/e<i>``.
 """
 from __future__ import annotations
 
@@ -27,12 +32,13 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..config import HexaMoEConfig, hexamoe_section, load_ds_config
+from ..config import HexaMoEConfig, RouterConfig, hexamoe_section, load_ds_config
 from ..distributed import dist_on, host_all_reduce
 from ..experts import (RoutingStats, RoutingStatsCollector, attach_collector, balance, collector_of, detach_collector,
                        reduce_stats, stats_delta)
 from ..layers import moe_aux_loss
 from ..runtime import HexaMoERuntime, runtime_of
+from .trainer_router import TrainerRouter, parse_router
 
 logger = logging.getLogger(__name__)
 STATS_FILE = "hexamoe_routing_stats.json"
@@ -52,10 +58,11 @@ class HexaMoECallback(TrainerCallback):
         on_replan: optional ``fn(stats: RoutingStats, global_step)`` called at every re-plan.
         per_expert_max: log one load figure per expert for layers with at most this many experts.
         all_ranks: sum the figures over ranks (collective calls inside ``on_log``/``on_save``).
+        router: ``hexamoe.router`` options (dict or RouterConfig) replacing the config section's.
     """
 
     def __init__(self, replan_every: int | None = None, on_replan: Callable[[RoutingStats, int], Any] | None = None,
-                 per_expert_max: int = 16, all_ranks: bool = True):
+                 per_expert_max: int = 16, all_ranks: bool = True, router: dict | RouterConfig | None = None):
         if replan_every is not None and (not isinstance(replan_every, int) or replan_every < 0):
             raise ValueError(f"replan_every: got {replan_every!r}; expected an integer >= 0 (0: never)")
         if per_expert_max < 0:
@@ -64,6 +71,8 @@ class HexaMoECallback(TrainerCallback):
         self.on_replan = on_replan
         self.per_expert_max = per_expert_max
         self.all_ranks = all_ranks
+        self.router_config = None if router is None else parse_router(router)
+        self.router: TrainerRouter | None = None
         self.replans = 0
         self._trainer = None
         self._model = None
@@ -85,7 +94,21 @@ class HexaMoECallback(TrainerCallback):
             callbacks.remove(self)
         callbacks.insert(0, self)
         self._trainer = trainer
+        self._setup_router(trainer.args, trainer.model, trainer.optimizer)
         return self
+
+    def _setup_router(self, args, model, optimizer, late: bool = False) -> None:
+        """Apply the ``hexamoe.router`` options, once, when the callback first sees the model (freeze before the
+        optimizer exists), and bind the z-loss to the Trainer when it is known."""
+        if self.router is None and model is not None:
+            cfg = self.router_config
+            if cfg is None:
+                section = load_ds_config(getattr(args, "deepspeed", None)).get("hexamoe") or {}
+                cfg = parse_router(section["router"]) if "router" in section else None
+            if cfg is not None:
+                self.router = TrainerRouter(model, cfg, optimizer, late)
+        if self.router is not None and self._trainer is not None:
+            self.router.bind(self._trainer)
 
     # -- lookups --------------------------------------------------------------------------------------
     def runtime(self):
@@ -118,8 +141,14 @@ class HexaMoECallback(TrainerCallback):
         self._config = self._config or HexaMoEConfig()
 
     # -- Trainer events -------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._setup_router(args, model, optimizer)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._model = model if model is not None else getattr(self._trainer, "model", None)
+        self._setup_router(args, self._model, kwargs.get("optimizer"), late=True)
+        if self.router is not None:
+            self.router.check_bound()
         self._resolve_config(args)
         if self.replan_every is None:
             self.replan_every = self.config.placement.replan_every
@@ -141,15 +170,21 @@ class HexaMoECallback(TrainerCallback):
         if self._collector is not None:
             self._collector.step()  # a micro-batch boundary inside gradient accumulation
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.router is not None:
+            self.router.after_step()  # DeepSeek-V3's bias update, once per optimizer step (collective)
+
     def on_step_end(self, args, state, control, **kwargs):
         rt = self.runtime()
         if self.replan_every and state.global_step % self.replan_every == 0:
             self._replan(rt, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or self._collector is None:
+        if logs is None or (self._collector is None and self.router is None):
             return
-        figs = self.figures()
+        figs = self.figures() if self._collector is not None else {}
+        if self.router is not None:
+            figs.update(self.router.log_figures(self.per_expert_max))
         logs.update(figs)
         # the Trainer appended a copy of ``logs`` to the history just before calling on_log
         hist = state.log_history
