@@ -34,8 +34,9 @@ from .weights import ExpertWeights
 
 
 def stack_device(model) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of the stack's parameters held on this rank (dense ones first)."""
-    params = list(model.dense_parameters()) or list(model.expert_parameters())
+    """Device and dtype of the stack's parameters held on this rank (dense ones first); the parts a rank does not
+    hold are meta placeholders (an expert rank's attention weights), which say nothing about its device."""
+    params = [p for p in (*model.dense_parameters(), *model.expert_parameters()) if p.device.type != "meta"]
     return params[0].device, params[0].dtype
 
 

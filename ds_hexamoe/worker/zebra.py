@@ -129,14 +129,15 @@ class ZebraStep:
         t = recipe.training
         self.recipe, self.ctx, self.parts, self.stack, self.layout, self.info = recipe, ctx, parts, stack, layout, info
         self.clock = _emulation(recipe, ctx)
-        self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
-        if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks
-            stack.balance.bind(self.pipe.dense_group)
         self.attending = ctx.rank in layout.attention_ranks
         keep_part(stack, layout, ctx.rank)  # each rank holds what it owns, nothing else
         self.read = None  # the checkpoint entries this rank read (built on the meta device), else None
         if any(p.device.type == "meta" for p in parts.model.parameters()) and recipe.model.path is not None:
             self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
+        # after the parts are real: the pipeline takes its device and wire dtype from what this rank holds
+        self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
+        if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks
+            stack.balance.bind(self.pipe.dense_group)
         experts = {id(p) for p in stack.expert_parameters()}
         # each rank steps what it owns: the dense part on attention ranks, its experts on an expert rank
         named = [(n, p) for n, p in parts.model.named_parameters() if (id(p) in experts) != self.attending]
