@@ -8,7 +8,7 @@ import torch
 
 from ds_hexamoe.testing import run_distributed
 from test_fssdp import max_diff
-from test_fssdp_checkpoint import SAVE_AT, _resume_elsewhere_worker, _save_and_resume_worker, _union
+from test_fssdp_checkpoint import _resume_elsewhere_worker, _save_and_resume_worker, _union
 
 # layer 0's routing moves from expert 1 to expert 3 at step 2, re-ownership every 2 steps: the checkpoint at
 # step 3 holds a load-aware (non-contiguous) ownership and the window that decides the next placement

@@ -52,7 +52,7 @@ def pair_positions(idx: torch.Tensor) -> list[int]:
 
 def ref_esmm(x, w, top_k_index, idx, *, gather_div=None, scatter=False, bias=None, row_scale=None):
     """Row-by-row ``(X[row] @ W[e] + b[e]) * s[q]`` for every valid pair ``q``; invalid rows are zero."""
-    num_experts, k = w.size(0), top_k_index.size(1)
+    num_experts = w.size(0)
     experts = top_k_index.reshape(-1).tolist()
     pos = pair_positions(idx)
     rows = [None] * len(experts)

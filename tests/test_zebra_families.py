@@ -11,9 +11,10 @@ import torch
 
 from ds_hexamoe.parallel.zebra import ZebraLayout
 from ds_hexamoe.testing import run_distributed
-from zebra_steps import check_against, reference_steps, run_steps
+from test_zebra_hf import BATCH, EXPERTS, STEPS, VOCAB, _load, _optimizer, _reference  # the Mixtral tests' shapes
+from test_zebra_hf import _batch as batch
+from zebra_steps import check_against, run_steps
 
-BATCH, SEQ, VOCAB, EXPERTS, STEPS = 4, 8, 64, 4, 3
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=64, tie_word_embeddings=False)
 FAMILIES = {
@@ -67,30 +68,8 @@ def checkpoints(tmp_path_factory):
 
 
 def load(path, impl="hexamoe"):
-    from transformers import AutoModelForCausalLM
+    return _load(path, impl)
 
-    import ds_hexamoe  # noqa: F401  (registers "hexamoe")
-
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation=impl, dtype=torch.float32)
-
-
-def batch(step):
-    g = torch.Generator().manual_seed(100 + step)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-    labels = ids.clone()
-    labels[0, :5] = -100  # shares differ in how many tokens carry a loss
-    labels[3, 2] = -100
-    return ids, labels
-
-
-def _optimizer(model):
-    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def _reference(path):
-    model = load(path, "eager")
-    return reference_steps(model, _optimizer(model), lambda m, ids, labels: m(input_ids=ids, labels=labels).loss,
-                           [batch(s) for s in range(STEPS)])
 
 
 def _train(rank, world, paths):
