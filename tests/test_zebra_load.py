@@ -49,3 +49,30 @@ def test_each_rank_reads_only_its_part(family, tmp_path):
             assert not any(".experts." in k and "shared" not in k for k in read)
             for name, b in model.named_buffers():
                 assert torch.equal(b, dict(whole.named_buffers())[name]), (family, name)
+
+
+def test_per_layer_owners_read_each_layers_hosted_rows(tmp_path):
+    # Asym-EA: the attention rank hosts expert 0 in layer 0 only; the expert ranks swap expert 3 between layers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ds_hexamoe.parallel.zebra_hf import HFZebraStack
+    from ds_hexamoe.parallel.zebra_load import read_part
+    from ds_hexamoe.parallel.zebra_parts import keep_part
+
+    layout = ZebraLayout((0,), (4,), ((0, 2, 2, 1), (1, 2, 1, 2)), micro_batches=2)
+    path = save_family(tmp_path, "mixtral")
+    want = dict(load(path).named_parameters())
+    for rank in range(3):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        stack = HFZebraStack(model)
+        keep_part(stack, layout, rank)
+        read = read_part(stack, layout, rank, path)
+        kept = {n: p for n, p in model.named_parameters() if p.device.type != "meta"}
+        for name, p in kept.items():
+            hosted = layout.hosted(rank, int(name.split(".")[2])) if ".experts." in name else None
+            assert torch.equal(p, want[name] if hosted is None else want[name][hosted]), (rank, name)
+        experts_read = {(int(k.split(".")[2]), int(k.split(".")[5])) for k in read if ".experts." in k}
+        assert experts_read == {(layer, e) for layer in range(2) for e in layout.hosted(rank, layer)}, (rank, read)
+        assert (rank == 0) == any("self_attn" in k for k in read)
+        assert {n.split(".")[2] for n in kept if ".experts." in n} == {str(l) for l in range(2) if layout.hosted(rank, l)}

@@ -18,7 +18,12 @@ def run_steps(rank: int, model, pipe, layout, opt, batches, extra=None) -> dict:
         if s == 0:
             grads = {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
         opt.step()
+    stack = pipe.model
+    layer_of = ({n: l for l in range(stack.c.layers) for n, p in model.named_parameters()
+                 if any(p is q for q in stack.layer_expert_parameters(l))}
+                if hasattr(stack, "layer_expert_parameters") else {})
     return {"losses": losses, "grads": grads, "params": {k: p.detach().clone() for k, p in model.named_parameters()},
+            "layer_of": layer_of,
             "hosted": None if layout.per_layer else layout.hosted(rank),
             "hosted_by_layer": [layout.hosted(rank, l) for l in range(len(layout.expert_owner))] if layout.per_layer else None,
             "attention": attending, "compact": getattr(pipe.model, "rows", None) is not None}
@@ -50,11 +55,12 @@ def check_against(ranks_out: list, ref: tuple, i: int, what: str = "") -> None:
         for name, want in ref_grads.items():
             got_g, got_p, want_p = r["grads"][name], r["params"][name], ref_params[name]
             if ".experts." in name:
-                if not r["hosted"]:
+                hosted = r["hosted"] if r["hosted_by_layer"] is None else r["hosted_by_layer"][r["layer_of"][name]]
+                if not hosted:
                     continue
-                want, want_p = want[r["hosted"]], want_p[r["hosted"]]
+                want, want_p = want[hosted], want_p[hosted]
                 if not r.get("compact"):  # the full tensor: its hosted rows (compact: only those are held)
-                    got_g, got_p = got_g[r["hosted"]], got_p[r["hosted"]]
+                    got_g, got_p = got_g[hosted], got_p[hosted]
             elif not r["attention"]:
                 continue
             torch.testing.assert_close(got_g, want, rtol=1e-5, atol=1e-6, msg=f"{what} grad {name}")

@@ -85,7 +85,8 @@ class HFZebraStack(torch.nn.Module):
         self.c = StackShape(layers=len(self.moe_layers), d=int(w["w1"].size(1)), experts=self.spec.num_experts,
                             top_k=int(top_k))
         self.balance = ZebraBalance.of(model, self.c)  # None: no auxiliary loss
-        self.rows: dict[int, int] | None = None  # expert -> row of the compact experts weights (zebra_parts)
+        # per MoE layer, expert -> row of the compact experts weights (zebra_parts.keep_part); None: uncut
+        self.rows: list[dict[int, int]] | None = None
         self.loss_scale = 1.0  # fp16: the head's losses are scaled, so every gradient is
 
     def _check_block(self, i: int, block) -> None:
@@ -116,7 +117,11 @@ class HFZebraStack(torch.nn.Module):
         return [p for p in self.model.parameters() if id(p) not in experts]
 
     def expert_parameters(self):
-        return [p for i in self.moe_layers for p in self.blocks[i].mlp.experts.parameters()]
+        return [p for layer in range(self.c.layers) for p in self.layer_expert_parameters(layer)]
+
+    def layer_expert_parameters(self, layer: int):
+        """The experts' 3-D weights of MoE layer ``layer``."""
+        return list(self.blocks[self.moe_layers[layer]].mlp.experts.parameters())
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(input_ids)
@@ -165,7 +170,7 @@ class HFZebraStack(torch.nn.Module):
     def experts_of(self, layer: int, hosted: list[int]) -> ExpertWeights:
         """Differentiable ``[n, d, F1]`` / ``[n, f, d]`` weights of the ``hosted`` experts of ``layer``."""
         w = expert_weights(self.blocks[self.moe_layers[layer]].mlp.experts)
-        rows = hosted if self.rows is None else [self.rows[e] for e in hosted]
+        rows = hosted if self.rows is None else [self.rows[layer][e] for e in hosted]
         ids = torch.as_tensor(rows, dtype=torch.int64, device=w["w1"].device)
         return ExpertWeights(w["w1"].index_select(0, ids), w["w2"].index_select(0, ids))
 

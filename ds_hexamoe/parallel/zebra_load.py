@@ -51,16 +51,18 @@ def read_part(stack, layout, rank: int, path: str) -> list[str]:
     :func:`~.zebra_parts.keep_part`) from the checkpoint at ``path``, reading only the entries that hold it;
     meta buffers are read where saved, else rebuilt from the config (rotary frequencies). Returns the
     entries read."""
-    from .zebra_parts import replace_parameters
+    from .zebra_parts import expert_layers, replace_parameters
 
     model, files, read, swap = stack.model, checkpoint_files(path), [], {}
-    routed = {id(p) for p in stack.expert_parameters()}
+    layer_of = expert_layers(stack)
     attending = rank in layout.attention_ranks
     for name, p in model.named_parameters():
-        if (id(p) in routed) == attending:
-            continue  # not this rank's
-        full = (stack.c.experts, *p.shape[1:]) if id(p) in routed else p.shape
-        value = _read(model, name, p, torch.Size(full), stack.rows if id(p) in routed else None, files, read)
+        layer = layer_of.get(id(p))
+        rows = None if layer is None else stack.rows[layer]
+        if (not attending if layer is None else not rows):
+            continue  # not this rank's: a dense tensor off the attention ranks, a layer it hosts no expert of
+        full = (stack.c.experts, *p.shape[1:]) if layer is not None else p.shape
+        value = _read(model, name, p, torch.Size(full), rows, files, read)
         swap[id(p)] = torch.nn.Parameter(value, requires_grad=p.requires_grad)
     replace_parameters(model, swap)
     for name, b in list(model.named_buffers()):

@@ -1,11 +1,13 @@
 """What one zebra rank keeps of the model, and the whole model gathered back (docs/modes.md, "Zebra", memory).
 
 After the split is known each rank drops what it does not own: an attention rank keeps the dense part
-(embedding, attention, norms, routers, shared experts, dense layers, head) and no routed expert; an expert
-rank keeps only the rows of its hosted experts (a compact ``[n_hosted, ...]`` tensor per experts weight) and
-no dense tensor. Dropped tensors stay as meta tensors of their shape and dtype (no storage), so the module
-tree, names and shapes remain those of the Hugging Face model. :func:`gather_state` rebuilds the full
-state dict on every rank from the owners (one all-reduce per tensor, zeros elsewhere: exact).
+(embedding, attention, norms, routers, shared experts, dense layers, head), an expert rank no dense tensor;
+every rank keeps, per MoE layer, only the rows of the experts it hosts in that layer (a compact
+``[n_hosted, ...]`` tensor per experts weight; with Asym-EA's per-layer owners an attention rank hosts some
+too, and the count differs per layer). Dropped tensors (and a layer's experts where the rank hosts none)
+stay as meta tensors of their shape and dtype (no storage), so the module tree, names and shapes remain
+those of the Hugging Face model. :func:`gather_state` rebuilds the full state dict on every rank from the
+owners (one all-reduce per tensor, zeros elsewhere: exact).
 """
 from __future__ import annotations
 
@@ -21,19 +23,29 @@ def replace_parameters(model: torch.nn.Module, swap: dict[int, torch.nn.Paramete
                 module._parameters[name] = swap[id(p)]
 
 
+def _meta(p: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+
+
 def keep_part(stack, layout, rank: int) -> None:
-    """Drop from ``stack`` (an :class:`~.zebra_hf.HFZebraStack`) what ``rank`` does not own under ``layout``."""
-    attending, hosted = rank in layout.attention_ranks, layout.hosted(rank)
-    swap = {}
-    for p in stack.expert_parameters():
-        kept = torch.empty(p.shape, dtype=p.dtype, device="meta") if attending else p.detach()[hosted].clone()
-        swap[id(p)] = torch.nn.Parameter(kept, requires_grad=p.requires_grad)
-    if not attending:
-        for p in stack.dense_parameters():
-            swap[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                             requires_grad=p.requires_grad)
+    """Drop from ``stack`` (an :class:`~.zebra_hf.HFZebraStack`) what ``rank`` does not own under ``layout``;
+    ``stack.rows[l]``: expert -> row of the rank's compact experts tensors of MoE layer ``l``."""
+    swap, rows = {}, []
+    if rank not in layout.attention_ranks:
+        swap = {id(p): _meta(p) for p in stack.dense_parameters()}
+    for layer in range(stack.c.layers):
+        hosted = layout.hosted(rank, layer)
+        for p in stack.layer_expert_parameters(layer):
+            swap[id(p)] = (torch.nn.Parameter(p.detach()[hosted].clone(), requires_grad=p.requires_grad)
+                           if hosted else _meta(p))
+        rows.append({e: i for i, e in enumerate(hosted)})
     replace_parameters(stack.model, swap)
-    stack.rows = None if attending else {e: i for i, e in enumerate(hosted)}
+    stack.rows = rows
+
+
+def expert_layers(stack) -> dict[int, int]:
+    """``{id(parameter): MoE layer}`` of ``stack``'s experts weights."""
+    return {id(p): layer for layer in range(stack.c.layers) for p in stack.layer_expert_parameters(layer)}
 
 
 def param_bytes(model: torch.nn.Module) -> int:
@@ -49,17 +61,17 @@ def param_bytes(model: torch.nn.Module) -> int:
 def gather_state(stack, layout, rank: int) -> dict:
     """The full state dict on every rank: dense tensors from the first attention rank, expert rows from their
     hosts (collective; the same call order on every rank)."""
-    experts = {id(p) for p in stack.expert_parameters()}
-    hosted = layout.hosted(rank)
+    layer_of = expert_layers(stack)
     gathered = {}
     with torch.no_grad():
         for name, p in stack.model.named_parameters():
-            routed = id(p) in experts
-            shape = (stack.c.experts, *p.shape[1:]) if routed else p.shape
+            layer = layer_of.get(id(p))
+            shape = (stack.c.experts, *p.shape[1:]) if layer is not None else p.shape
             mine = torch.zeros(shape, dtype=p.dtype)
-            if routed and hosted:
+            hosted = [] if layer is None else layout.hosted(rank, layer)
+            if hosted:
                 mine[hosted] = p if stack.rows is not None else p[hosted]
-            elif not routed and rank == layout.attention_ranks[0]:
+            elif layer is None and rank == layout.attention_ranks[0]:
                 mine.copy_(p)
             dist.all_reduce(mine)
             gathered[name] = mine
@@ -79,10 +91,11 @@ def full_copy(stack, layout, rank: int) -> torch.nn.Module:
 
 def owned_bytes(stack, layout, rank: int) -> int:
     """Parameter bytes ``rank`` owns under ``layout`` (what :func:`keep_part` leaves it), for any zebra stack:
-    the dense part on an attention rank, its hosted share of the (equal-sized) experts on an expert rank."""
+    the dense part on an attention rank, plus its hosted share of the (equal-sized) experts of each layer."""
     def size(ps):
         return sum(p.numel() * p.element_size() for p in ps)
 
-    if rank in layout.attention_ranks:
-        return size(stack.dense_parameters())
-    return size(stack.expert_parameters()) * len(layout.hosted(rank)) // stack.c.experts
+    c = stack.c
+    hosted = sum(len(layout.hosted(rank, layer)) for layer in range(c.layers))
+    dense = size(stack.dense_parameters()) if rank in layout.attention_ranks else 0
+    return dense + size(stack.expert_parameters()) * hosted // (c.experts * c.layers)
