@@ -121,12 +121,13 @@ class ZebraConfig:
 
     ``enabled``: true runs it; ``"auto"`` runs it when the planner's simulator says it beats the best
     colocated plan (needs device profiles). The split (``attention_ranks``, their ``shares`` of each global
-    micro-batch, ``expert_owner`` per expert) is the planner's unless all three are given."""
+    micro-batch, ``expert_owner`` per expert, or one such list per MoE layer as HeterMoE's Asym-EA places
+    them) is the planner's unless all three are given."""
 
     enabled: bool | str = False
     attention_ranks: list[int] | None = None
     shares: list[int] | None = None
-    expert_owner: list[int] | None = None
+    expert_owner: list[int | list[int]] | None = None  # flat: every layer alike; lists: one per MoE layer
     micro_batches: int | None = None  # null: the planner's (2 with an explicit split)
 
     def validate(self, path: str) -> None:
@@ -134,6 +135,9 @@ class ZebraConfig:
         given = [k for k in ("attention_ranks", "shares", "expert_owner") if getattr(self, k) is not None]
         _check(len(given) in (0, 3), f"{path}.{given[0] if given else 'attention_ranks'}", "only " + ", ".join(given),
                "all three of attention_ranks, shares and expert_owner, or none (the planner's split)")
+        rows = [isinstance(o, list) for o in self.expert_owner or []]
+        _check(all(rows) or not any(rows), f"{path}.expert_owner", self.expert_owner,
+               "one rank per expert (every layer alike) or one such list per MoE layer, not both mixed")
         _check(self.micro_batches is None or (isinstance(self.micro_batches, int) and self.micro_batches >= 1),
                f"{path}.micro_batches", self.micro_batches, "an integer >= 1 or null")
 
@@ -271,8 +275,10 @@ def _coerce(tp, value: Any, path: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
+        errors, arms = [], [a for a in args if a is not type(None)]
+        if isinstance(value, list):  # a list's error is a list arm's (the element that is wrong)
+            arms.sort(key=lambda a: typing.get_origin(a) is not list)
+        for arg in arms:
             try:
                 return _coerce(arg, value, path)
             except ConfigError as e:

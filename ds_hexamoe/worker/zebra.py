@@ -11,6 +11,7 @@ path's manifest and ``--resume``; the export and evaluation gather the full mode
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..parallel.zebra_load import read_part
-from ..parallel.zebra_parts import full_copy, gather_state, keep_part, param_bytes
+from ..parallel.zebra_parts import expert_layers, full_copy, gather_state, keep_part, param_bytes
 from ..recipes import Recipe
 from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
@@ -55,9 +56,8 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
             return None, {"source": "model", "wins": False, "why": str(e)}, None
         raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
     if z.explicit:
-        layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), tuple(z.expert_owner), z.micro_batches or 2)
-        _check_layout(layout, world, stack, gb, "hexamoe.zebra")
-        return layout, {"source": "hexamoe.zebra"}, stack
+        layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), owner_rows(z.expert_owner), z.micro_batches or 2)
+        return _checked(layout, world, stack, gb), {"source": "hexamoe.zebra"}, stack
     ctl = PlanState.from_config(model, cfg, ds_config)
     advice = ctl.plan.meta.get("zebra") if ctl is not None else None
     if advice is None:
@@ -70,22 +70,42 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
             "predicted_step_s": advice["step_time"]}
     if z.enabled == "auto" and not advice["wins"]:
         return None, info, stack
-    counts = largest_remainder(stack.c.experts, advice["expert_fraction"], what="zebra expert_fraction")
-    owner = tuple(r for r, n in zip(advice["expert_ranks"], counts) for _ in range(n))
+    owner = advice.get("expert_owner")  # Asym-EA's whole experts per layer; None: fractions of the experts
+    if owner is not None:
+        owner = owner_rows(owner)
+    else:
+        counts = largest_remainder(stack.c.experts, advice["expert_fraction"], what="zebra expert_fraction")
+        owner = tuple(r for r, n in zip(advice["expert_ranks"], counts) for _ in range(n))
     layout = ZebraLayout(tuple(advice["attention_ranks"]), tuple(advice["shares"]), owner,
                          z.micro_batches or advice["micro_batches"])
-    _check_layout(layout, world, stack, gb, "hexamoe.zebra (the planner's split)")
-    return layout, info, stack
+    return _checked(layout, world, stack, gb, " (the planner's split)"), info, stack
 
 
-def _check_layout(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int, where: str) -> None:
+def owner_rows(owner) -> tuple:
+    """``expert_owner`` (a flat list, or one list per layer) as tuples, as :class:`ZebraLayout` takes it."""
+    if not owner or not isinstance(owner[0], (list, tuple)):
+        return tuple(int(r) for r in owner)
+    return tuple(tuple(int(r) for r in row) for row in owner)
+
+
+def _checked(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int, note: str = "") -> ZebraLayout:
+    """``layout`` checked, with one flat owner list when every layer has the same owners (the plain layout: the
+    parts and checkpoint split a flat list gives)."""
+    _check_layout(layout, world, stack, gb, note)
+    if layout.per_layer and len(set(layout.expert_owner)) == 1:
+        return dataclasses.replace(layout, expert_owner=layout.expert_owner[0])
+    return layout
+
+
+def _check_layout(layout: ZebraLayout, world: int, stack: HFZebraStack, gb: int, note: str = "") -> None:
+    """``note``: where the split came from when it is not the recipe's (named after the field)."""
     try:
-        layout.check(world, stack.c.experts)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        layout.check(world, stack.c.experts, stack.c.layers)
+    except ValueError as e:  # the layout names its zebra.* field; the recipe's is hexamoe.zebra.*
+        raise ConfigError(f"hexamoe.{e}{note}") from None
     if sum(layout.shares) != gb:
-        raise ConfigError(f"{where}.shares: {list(layout.shares)} add up to {sum(layout.shares)}; expected the global "
-                          f"micro-batch, training.micro_batch_size x ranks = {gb} samples")
+        raise ConfigError(f"hexamoe.zebra.shares{note}: {list(layout.shares)} add up to {sum(layout.shares)}; expected "
+                          f"the global micro-batch, training.micro_batch_size x ranks = {gb} samples")
 
 
 def choose_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts,
@@ -103,6 +123,11 @@ def choose_zebra(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskPart
     if layout is None and ctx.is_main:
         print(f"[ds-hexamoe] hexamoe.zebra \"auto\": the colocated plan runs ({json.dumps(info)})", flush=True)
     return layout, stack, info
+
+
+def _plain(owner: tuple) -> list:
+    """``expert_owner`` as JSON lists (per layer: a list of lists), for the report and the checkpoint's split."""
+    return [list(o) if isinstance(o, tuple) else o for o in owner]
 
 
 def _check_padding(batch: dict, balance: bool) -> None:
@@ -138,14 +163,16 @@ class ZebraStep:
         self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
         if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks
             stack.balance.bind(self.pipe.dense_group)
-        experts = {id(p) for p in stack.expert_parameters()}
-        # each rank steps what it owns: the dense part on attention ranks, its experts on an expert rank
-        named = [(n, p) for n, p in parts.model.named_parameters() if (id(p) in experts) != self.attending]
+        experts = expert_layers(stack)
+        # each rank steps what it holds: the dense part on attention ranks, the experts it hosts in each layer;
+        # in the global norm a dense tensor counts once (the first attention rank), an expert on its host
+        named = [(n, p) for n, p in parts.model.named_parameters() if p.device.type != "meta"]
+        self.counted = [id(p) in experts or ctx.rank == layout.attention_ranks[0] for _, p in named]
         fp16 = recipe.ds_config(ctx.world_size, "cpu").get("fp16", {}) if t.dtype == "fp16" else None
         self.opt = ZebraOptimizer(named, t, fp16)
         self.lr_scheduler = self.opt.sched  # a resume keeps the checkpoint's schedule (loop._resumed_schedule)
         split = {"attention_ranks": list(layout.attention_ranks), "shares": list(layout.shares),
-                 "expert_owner": list(layout.expert_owner), "micro_batches": layout.micro_batches}
+                 "expert_owner": _plain(layout.expert_owner), "micro_batches": layout.micro_batches}
         self.files = ZebraFiles(self.opt, ctx.rank, split)
         self.module, self.device = parts.model, torch.device("cpu")
         self._eval: torch.nn.Module | None = None  # the gathered copy while evaluating
@@ -174,7 +201,7 @@ class ZebraStep:
                     stats[1] += bal.value() / t.grad_accum
             else:
                 self.pipe.step()
-        self.opt.step(t.grad_accum, counted=not self.attending or self.ctx.rank == att[0])
+        self.opt.step(t.grad_accum, counted=self.counted)
         dist.all_reduce(stats)
         return StepResult(float(stats[0]), float(stats[1]) if bal is not None else math.nan, float(stats[2]))
 
@@ -212,14 +239,14 @@ class ZebraStep:
     def header_lines(self) -> list[str]:
         lay = self.layout
         return [f"{self.recipe.name}: zebra, attention ranks {list(lay.attention_ranks)} (shares {list(lay.shares)}), "
-                f"expert owners {list(lay.expert_owner)}, {lay.micro_batches} micro-batches ({self.info['source']})"]
+                f"expert owners {_plain(lay.expert_owner)}, {lay.micro_batches} micro-batches ({self.info['source']})"]
 
     def summary_fields(self) -> dict:
         lay = self.layout
         per_rank: list = [None] * self.ctx.world_size
         dist.all_gather_object(per_rank, self.memory())  # collective: every rank builds the summary
         return {"zebra": {"attention_ranks": list(lay.attention_ranks), "shares": list(lay.shares),
-                          "expert_owner": list(lay.expert_owner), "micro_batches": lay.micro_batches, "ran": True,
+                          "expert_owner": _plain(lay.expert_owner), "micro_batches": lay.micro_batches, "ran": True,
                           "memory_per_rank": per_rank, "skipped_steps": self.opt.skipped, **self.info}}
 
     def report(self, metrics_path: str, train_s: float, steps: int, hf_dir: str | None) -> dict | None:

@@ -68,9 +68,9 @@ class ZebraOptimizer:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
-    def step(self, divide: float, counted: bool) -> float:
+    def step(self, divide: float, counted: bool | list[bool]) -> float:
         """Masters' gradients = the model's / (``divide`` x loss scale); skip on overflow anywhere, else clip by
-        the global norm (``counted``: this rank's tensors count in it) and step. Returns the norm (inf when
+        the global norm (``counted``: this rank's tensors count in it, or per tensor) and step. Returns the norm (inf when
         skipped). Collective."""
         div = divide * self.loss_scale
         for p, m in zip(self.params, self.masters):
@@ -128,13 +128,14 @@ class ZebraOptimizer:
         self.skipped = int(state["skipped"])
 
 
-def global_norm(params: list[torch.Tensor], counted: bool) -> float:
+def global_norm(params: list[torch.Tensor], counted: bool | list[bool]) -> float:
     """The gradient norm over every rank's disjoint parameters (``counted``: this rank's copy is the one
-    summed; a dense copy on a second attention rank is not). inf/nan when any gradient is."""
+    summed, for all or per tensor; a dense copy on a second attention rank is not). inf/nan when any
+    gradient is."""
     sq = torch.zeros((), dtype=torch.float64)
-    if counted:
-        for p in params:
-            if p.grad is not None:
-                sq += p.grad.double().pow(2).sum()
+    flags = counted if isinstance(counted, list) else [counted] * len(params)
+    for p, mine in zip(params, flags):
+        if mine and p.grad is not None:
+            sq += p.grad.double().pow(2).sum()
     dist.all_reduce(sq)
     return float(sq.sqrt())
