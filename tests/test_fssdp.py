@@ -129,14 +129,17 @@ def train_steps(engine, manager, case: dict, rank: int, world: int, steps: range
     return out
 
 
-def reference(case: dict, steps: int) -> dict:
-    """Plain single-process PyTorch on the union of every rank's batches (same loss averaging as DeepSpeed)."""
+def reference(case: dict, steps: int, model=None) -> dict:
+    """Plain single-process PyTorch on the union of every rank's batches (same loss averaging as DeepSpeed);
+    ``model``: one to train instead of the case's (a PEFT model: only its trainable parameters step)."""
     from deepspeed.runtime.lr_schedules import WarmupLR
 
-    model = make_model(case["experts"], case["top_k"], impl=case.get("ref_impl", "eager"))
-    set_routing(model, case.get("routing", {}))
+    if model is None:
+        model = make_model(case["experts"], case["top_k"], impl=case.get("ref_impl", "eager"))
+        set_routing(model, case.get("routing", {}))
+    params = [q for q in model.parameters() if q.requires_grad]
     p = ds_config(case)["optimizer"]["params"]
-    opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+    opt = torch.optim.AdamW(params, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                             weight_decay=p["weight_decay"])
     sched = WarmupLR(opt, warmup_min_lr=case["lr"] / 4, warmup_max_lr=case["lr"], warmup_num_steps=3, warmup_type="linear")
     world, gas = case["world"], case["gas"]
@@ -154,7 +157,7 @@ def reference(case: dict, steps: int) -> dict:
                 (loss / (world * gas)).backward()
                 total += loss.item()
         out["loss"].append(total / (world * gas))
-        out["norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), case["clip"])))
+        out["norm"].append(float(torch.nn.utils.clip_grad_norm_(params, case["clip"])))
         opt.step()
         sched.step()
         opt.zero_grad()

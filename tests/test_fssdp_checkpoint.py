@@ -77,6 +77,19 @@ def _union(dicts):
     return out
 
 
+def check_resharded(saved: list[dict], resumed: list[dict]) -> None:
+    """A checkpoint of ``saved``'s ranks resumed on ``resumed``'s (another count): experts, dense weights and the
+    experts' optimizer state come back exactly; the first step after resuming sees identical weights, later
+    ones differ only through the dense Adam moments DeepSpeed restarts on a new world size."""
+    r0, two = saved[0], resumed
+    assert max_diff(two[0]["loaded"], r0["saved"])[0] == 0.0
+    saved_opt, loaded_opt = _union(f["saved_opt"] for f in saved), _union(t["loaded_opt"] for t in two)
+    assert set(saved_opt) == set(loaded_opt) and len(saved_opt) > 0
+    assert all(torch.equal(saved_opt[k], loaded_opt[k]) for k in saved_opt)
+    assert two[0]["resumed"]["loss"][0] == pytest.approx(r0["cont"]["loss"][0], rel=1e-6)
+    assert two[0]["resumed"]["loss"] == pytest.approx(r0["cont"]["loss"], rel=1e-2)
+
+
 def test_checkpoint_resume_same_and_fewer_ranks_and_hf_export(tmp_path):
     ckpt, export = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     four = run_distributed(_save_and_resume_worker, 4, CASE, ckpt, init_process_group=False, timeout=500)
@@ -94,15 +107,7 @@ def test_checkpoint_resume_same_and_fewer_ranks_and_hf_export(tmp_path):
     case2 = dict(CASE, world=2, micro=2)
     two = run_distributed(_resume_elsewhere_worker, 2, case2, ckpt, export, init_process_group=False, timeout=500)
     assert [t["owned"] for t in two] == [[(0, 2), (0, 2)], [(2, 2), (2, 2)]]  # 1 expert per rank -> 2 per rank
-    # experts, dense weights and the experts' optimizer state come back exactly after re-sharding
-    assert max_diff(two[0]["loaded"], r0["saved"])[0] == 0.0
-    saved_opt, loaded_opt = _union(f["saved_opt"] for f in four), _union(t["loaded_opt"] for t in two)
-    assert set(saved_opt) == set(loaded_opt) and len(saved_opt) > 0
-    assert all(torch.equal(saved_opt[k], loaded_opt[k]) for k in saved_opt)
-    # the first step after resuming sees identical weights; later ones differ only through the dense Adam
-    # moments DeepSpeed restarts on a new world size
-    assert two[0]["resumed"]["loss"][0] == pytest.approx(r0["cont"]["loss"][0], rel=1e-6)
-    assert two[0]["resumed"]["loss"] == pytest.approx(r0["cont"]["loss"], rel=1e-2)
+    check_resharded(four, two)
 
     from transformers import AutoModelForCausalLM
 

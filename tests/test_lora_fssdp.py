@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from ds_hexamoe.testing import run_distributed
-from test_fssdp import PHASE, batch, ds_config, quiet, train_steps
+from test_fssdp import batch, ds_config, quiet, train_steps
+from test_fssdp import reference as fssdp_reference
 from test_lora_experts import lora_config, mixtral, randomize_adapters
 
 peft = pytest.importorskip("peft")
@@ -37,34 +38,8 @@ def trainable(model):
 
 def reference(case: dict) -> dict:
     """One process, PEFT on ``"eager"``, the union of every rank's batches (DeepSpeed's loss averaging)."""
-    from deepspeed.runtime.lr_schedules import WarmupLR
-
-    model = lora_model("eager")
-    p = ds_config(case)["optimizer"]["params"]
-    opt = torch.optim.AdamW(trainable(model), lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                            weight_decay=p["weight_decay"])
-    sched = WarmupLR(opt, warmup_min_lr=case["lr"] / 4, warmup_max_lr=case["lr"], warmup_num_steps=3,
-                     warmup_type="linear")
-    world, gas = case["world"], case["gas"]
-    rows = case["global_rows"] // world
-    out = {"loss": [], "norm": []}
-    for s in range(case["steps"]):
-        PHASE["step"] = s
-        total = 0.0
-        for m in range(gas):
-            x = batch(s, m, case["global_rows"])
-            for r in range(world):
-                xr = x[r * rows:(r + 1) * rows]
-                loss = model(input_ids=xr, labels=xr).loss
-                (loss / (world * gas)).backward()
-                total += loss.item()
-        out["loss"].append(total / (world * gas))
-        out["norm"].append(float(torch.nn.utils.clip_grad_norm_(trainable(model), case["clip"])))
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    out["adapter"] = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
-    out["model"] = model
+    out = fssdp_reference(case, case["steps"], model=lora_model("eager"))
+    out["adapter"] = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(out["model"]).items()}
     return out
 
 

@@ -56,7 +56,6 @@ def _replay(recipe_path):
 
 
 def test_zebra_train_equals_one_process(tmp_path):
-    from transformers import AutoModelForCausalLM
 
     path = _recipe(tmp_path)
     proc = cli_tiny.train([path], cwd=tmp_path, timeout=400)
@@ -66,6 +65,14 @@ def test_zebra_train_equals_one_process(tmp_path):
     assert summary["zebra"]["expert_owner"] == [1, 1, 1, 1] and summary["zebra"]["source"] == "hexamoe.zebra"
     rows = cli_tiny.metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(r["zebra"] for r in rows)
+    check_run_equals_one_process(path, run, rows)
+
+
+
+def check_run_equals_one_process(path, run, rows: list[dict]) -> None:
+    """The run's losses and its Hugging Face export equal one process replaying the recipe (``_replay``)."""
+    from transformers import AutoModelForCausalLM
+
     ref_losses, ref_state = _replay(path)
     assert [r["loss"] for r in rows] == pytest.approx(ref_losses, rel=1e-5)
     got = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).state_dict()
@@ -73,7 +80,6 @@ def test_zebra_train_equals_one_process(tmp_path):
     for name, want in ref_state.items():
         if name in got:
             torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=f"{name} after {STEPS} steps")
-
 
 def test_zebra_settings_are_named_before_work(tmp_path):
     from ds_hexamoe.recipes import load_recipe
