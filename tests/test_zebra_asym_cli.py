@@ -80,6 +80,28 @@ def test_bad_per_layer_owners_are_named(tmp_path):
             zebra_layout(recipe, _model(recipe), DS, 2)
 
 
+def test_bad_owners_are_named_before_launch(tmp_path, capsys):
+    # the model's layer and expert counts come from its config on the meta device: nothing is launched
+    from ds_hexamoe import cli
+    from ds_hexamoe.recipes import load_recipe
+    from ds_hexamoe.worker.zebra import check_zebra_model
+
+    for owner, why in (([[0, 1, 1, 1]] * 3, "3 per-layer rows; expected one per layer \\(2\\)"),
+                       ([[0, 1, 1, 1], [1, 1, 1]], "one rank in \\[0, 2\\) per expert \\(4\\)")):
+        path = _recipe(tmp_path, zebra={**ASYM, "expert_owner": owner})
+        for world in (None, 2):
+            with pytest.raises(ConfigError, match=r"hexamoe\.zebra\.expert_owner: .*" + why):
+                check_zebra_model(load_recipe(path), world)
+        for args in (["train", path, "--dry-run"], ["validate", path]):
+            assert cli.main(args) == 2 and "hexamoe.zebra.expert_owner" in capsys.readouterr().err, args
+    path = _recipe(tmp_path, zebra={**ZEBRA, "attention_ranks": [0], "expert_owner": [2, 2, 2, 2]})
+    with pytest.raises(ConfigError, match=r"ranks \[1\] neither attend nor host"):
+        check_zebra_model(load_recipe(path), None)
+    with pytest.raises(ConfigError, match=r"zebra\.expert_owner: got \[2, 2, 2, 2\]; expected one rank in \[0, 2\)"):
+        check_zebra_model(load_recipe(path), 2)
+    check_zebra_model(load_recipe(_recipe(tmp_path, zebra=ASYM)), 2)  # a good split passes
+
+
 def test_per_layer_owners_train_as_one_process_and_resume_only_under_them(tmp_path):
     # one process is the flat split's reference too (test_zebra_train): the same math under another placement
 

@@ -36,7 +36,7 @@ def _replay(recipe_path):
     seed_all(t.seed)
     ctx = WorkerContext(output_dir=os.path.join(os.path.dirname(recipe_path), "replay"))
     parts = task_builder(recipe)(recipe, ctx)
-    model = parts.model
+    model = parts.whole_model() if parts.whole_model is not None else parts.model  # zebra recipes start on meta
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                             weight_decay=t.weight_decay)

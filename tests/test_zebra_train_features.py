@@ -1,8 +1,8 @@
 """``ds-hexamoe train`` with ``hexamoe.zebra`` as a training path (2 gloo ranks through DeepSpeed's launcher,
 rank 0 attention, rank 1 every expert; the router's auxiliary loss on):
 
-- bf16 (fp32 masters) against the colocated bf16 run (DeepSpeed ZeRO-2 bf16) of the same recipe: losses within
-  rel 1e-4, the validation loss (evaluation on the whole model gathered from the owners) within rel 1e-3; exported parameters within ``2 * lr * steps`` (AdamW moves a weight by at most about ``lr`` a step,
+- bf16 (fp32 masters) against the colocated bf16 run (DeepSpeed ZeRO-2 bf16) of the same recipe: the first
+  step's losses within rel 1e-4 (the same initial weights), later ones within rel 1e-3, the validation loss (evaluation on the whole model gathered from the owners) within rel 1e-3; exported parameters within ``2 * lr * steps`` (AdamW moves a weight by at most about ``lr`` a step,
   so two runs whose bf16 gradients round apart may differ by that much where a gradient is near zero);
 - ``--resume`` from a mid-run checkpoint (same checksummed manifest as the colocated path) equals the
   uninterrupted run: later losses and every exported tensor bit for bit;
@@ -52,8 +52,11 @@ def test_bf16_matches_the_colocated_bf16_run(bf16_zebra, tmp_path):
     _, colocated_run = _run(str(tmp_path), "bf16", zebra=False)
     zebra, colocated = cli_tiny.metrics(zebra_run), cli_tiny.metrics(colocated_run)
     assert all(r["zebra"] for r in zebra) and not any(r.get("zebra") for r in colocated)
-    assert [r["loss"] for r in zebra] == pytest.approx([r["loss"] for r in colocated], rel=1e-4)
-    assert [r["aux_loss"] for r in zebra] == pytest.approx([r["aux_loss"] for r in colocated], rel=1e-4)
+    # the first step: the same initial weights, bf16 sums in another grouping; later steps start from weights
+    # that may differ by up to lr where bf16 gradients rounded apart (see the parameters' bound below)
+    for key in ("loss", "aux_loss"):
+        assert zebra[0][key] == pytest.approx(colocated[0][key], rel=1e-4), key
+        assert [r[key] for r in zebra] == pytest.approx([r[key] for r in colocated], rel=1e-3), key
     assert zebra[-1]["val_loss"] == pytest.approx(colocated[-1]["val_loss"], rel=1e-3)  # evaluation, gathered
     got, want = _exported(zebra_run), _exported(colocated_run)
     for name, w in want.items():

@@ -110,6 +110,10 @@ def cmd_train(args) -> int:
         from ..tasks.peft import check_peft_model  # builds the model on the meta device: torch, transformers
 
         check_peft_model(recipe)
+    if recipe.hexamoe_config is not None and recipe.hexamoe_config.zebra.explicit:
+        from ..worker.zebra import check_zebra_model  # builds the model on the meta device: torch, transformers
+
+        check_zebra_model(recipe, recipe.launcher.nproc if recipe.launcher.hostfile is None else None)
     cmd = launch_command(recipe, overrides, args.resume, reshape_schedule=getattr(args, "reshape_schedule", False))
     if args.dry_run:
         print(" ".join(cmd))

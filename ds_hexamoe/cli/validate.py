@@ -21,6 +21,10 @@ def cmd_validate(args) -> int:
         from ..tasks.peft import check_peft_model  # builds the model on the meta device: torch, transformers
 
         check_peft_model(recipe)
+    if recipe.hexamoe_config is not None and recipe.hexamoe_config.zebra.explicit:
+        from ..worker.zebra import check_zebra_model  # builds the model on the meta device: torch, transformers
+
+        check_zebra_model(recipe, recipe.launcher.nproc if recipe.launcher.hostfile is None else None)
     data = "see task_options"
     if recipe.data.train_files:
         files = resolve_data_files(recipe)

@@ -43,6 +43,25 @@ def keep_part(stack, layout, rank: int) -> None:
     stack.rows = rows
 
 
+def init_part(stack, layout, rank: int, seed: int) -> None:
+    """Initialize what ``rank`` keeps of a fresh ``stack.model`` (built on the meta device, then cut by
+    :func:`keep_part`) with the values the whole model would get (:func:`~ds_hexamoe.models.meta_init.materialize`):
+    the dense part on an attention rank, each layer's experts tensor built whole then cut to the hosted rows;
+    nothing else is allocated."""
+    from ..models.meta_init import materialize
+
+    layer_of, attending = expert_layers(stack), rank in layout.attention_ranks
+
+    def want(name: str, p: torch.nn.Parameter):
+        layer = layer_of.get(id(p))
+        if layer is None:
+            return (p.shape, None) if attending else None
+        rows = stack.rows[layer]
+        return ((stack.c.experts, *p.shape[1:]), sorted(rows, key=rows.get)) if rows else None
+
+    materialize(stack.model, seed, want)
+
+
 def expert_layers(stack) -> dict[int, int]:
     """``{id(parameter): MoE layer}`` of ``stack``'s experts weights."""
     return {id(p): layer for layer in range(stack.c.layers) for p in stack.layer_expert_parameters(layer)}

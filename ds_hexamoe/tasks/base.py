@@ -63,7 +63,8 @@ class TaskParts:
     """A task's pieces. ``collate`` builds the keyword arguments of ``model(**batch)``, whose output
     has a ``.loss``; ``count`` says how many units (tokens, images) a batch holds for throughput;
     ``processor`` (a tokenizer, an image processor) is saved with the Hugging Face export;
-    ``eval_metric``, when given, is evaluated with the validation loss."""
+    ``eval_metric``, when given, is evaluated with the validation loss; ``whole_model``, when ``model`` was
+    built on the meta device (a zebra rank builds only its part), builds the whole model (the colocated step's)."""
 
     model: torch.nn.Module
     train: Any
@@ -73,6 +74,7 @@ class TaskParts:
     unit: str = "tok"
     count: Callable[[dict], int] = field(default=lambda b: int(b["input_ids"].numel()))
     eval_metric: EvalMetric | None = None
+    whole_model: Callable[[], torch.nn.Module] | None = None
 
 
 def task_builder(recipe: Recipe):

@@ -8,7 +8,6 @@ every tool sees the same tokens and the same model.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -213,12 +212,16 @@ def build_dataset(recipe: Recipe, tokenizer) -> TextData:
 
 
 def build_model(recipe: Recipe, tokenizer=None, *, meta: bool = False) -> torch.nn.Module:
-    """The recipe's causal LM: ``from_pretrained(model.path)`` or ``from_config(model.config)``, with
+    """The recipe's causal LM: ``from_pretrained(model.path)`` or a fresh model of ``model.config``, with
     the recipe's experts implementation, in the training dtype. A fresh model's vocabulary and special
-    token ids follow ``tokenizer``. ``meta``: on the meta device, from the config alone (shapes and dtype,
-    no weights read or allocated: what ``ds-hexamoe plan`` needs)."""
+    token ids follow ``tokenizer``; its weights are those of :func:`ds_hexamoe.models.meta_init.materialize`
+    (the model's own ``_init_weights``, each module seeded by ``training.seed`` and its name: the same on any
+    rank count, whole or in part). ``meta``: on the meta device, from the config alone (shapes and dtype, no
+    weights read or allocated: what ``ds-hexamoe plan`` and a zebra rank building only its part start from)."""
     # "hexamoe" is a registered experts implementation already: ds_hexamoe/__init__ runs before this module
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.meta_init import materialize
 
     m = recipe.model
     dtype = _DTYPES[recipe.training.dtype]
@@ -230,18 +233,29 @@ def build_model(recipe: Recipe, tokenizer=None, *, meta: bool = False) -> torch.
         config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **(m.config or {}))
     else:
         config = _fresh_config(dict(m.config), tokenizer)
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **kwargs).to(dtype)
+    if not meta:
+        materialize(model, recipe.training.seed)
     return _finish_model(model, recipe)
 
 
-def zebra_reads_part(recipe: Recipe) -> bool:
-    """``hexamoe.zebra`` on (not ``"auto"``) over a saved checkpoint: each rank reads only its part of it
-    (``worker/zebra.py``), so the model starts on the meta device. A fresh model is initialized whole on every
-    rank (the colocated run's weights), then cut."""
+def zebra_builds_part(recipe: Recipe) -> bool:
+    """``hexamoe.zebra`` may run (true, or ``"auto"`` with nothing the pipeline refuses): the model starts on
+    the meta device and each zebra rank builds only its part (``worker/zebra.py``: reads it from the checkpoint,
+    or initializes it); when ``"auto"`` picks the colocated step, the loop builds the whole model then
+    (``TaskParts.whole_model``)."""
+    from ..recipes.checks import check_zebra
+
     cfg = recipe.hexamoe_config
-    return (recipe.model.path is not None and cfg is not None and bool(cfg.enabled)
-            and cfg.zebra.enabled is True)
+    if cfg is None or not cfg.enabled or cfg.zebra.enabled not in (True, "auto"):
+        return False
+    if cfg.zebra.enabled == "auto":
+        try:
+            check_zebra(recipe, auto=True)
+        except ConfigError:
+            return False
+    return True
 
 
 def _fresh_config(cfg_dict: dict, tokenizer):
@@ -287,8 +301,9 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(save)  # exactly the one rank 0 trained
     with ctx.main_first():
         data = build_dataset(recipe, tokenizer)
-    seed_all(recipe.training.seed)  # the same initial weights on every rank, whatever ran before
-    model = build_model(recipe, tokenizer, meta=zebra_reads_part(recipe))
+    seed_all(recipe.training.seed)  # the same random state on every rank, whatever ran before
+    part = zebra_builds_part(recipe)
+    model = build_model(recipe, tokenizer, meta=part)
 
     def count(batch):
         # the tokens the loss averages over (labels != -100 after the one-token shift: not padding, and only
@@ -296,4 +311,5 @@ def causal_lm_task(recipe: Recipe, ctx: WorkerContext) -> TaskParts:
         return count_tokens(batch["labels"])
 
     return TaskParts(model=model, train=data.train, validation=data.validation, collate=data.collate,
-                     processor=tokenizer, unit="tok", count=count)
+                     processor=tokenizer, unit="tok", count=count,
+                     whole_model=(lambda: build_model(recipe, tokenizer)) if part else None)

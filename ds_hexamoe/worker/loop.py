@@ -121,6 +121,8 @@ def _strategy(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts, 
         if layout is not None:
             seed_all(recipe.training.seed + ctx.rank)  # as the colocated run, before any training work
             return ZebraStep(recipe, ctx, parts, stack, layout, info)
+    if parts.whole_model is not None:  # "auto" chose the colocated step: the whole model, not the meta one
+        parts.model, parts.whole_model = parts.whole_model(), None
     return ColocatedStep(recipe, ctx, accel, parts, info)
 
 

@@ -24,7 +24,7 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..parallel.zebra_load import read_part
-from ..parallel.zebra_parts import expert_layers, full_copy, gather_state, keep_part, param_bytes
+from ..parallel.zebra_parts import expert_layers, full_copy, gather_state, init_part, keep_part, param_bytes
 from ..recipes import Recipe
 from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
@@ -37,6 +37,34 @@ from .zebra_optim import ZebraOptimizer
 def check_zebra_recipe(recipe: Recipe, resume: bool) -> None:
     """What this path cannot do, named before any work (the recipe's part also by recipe validation)."""
     check_zebra(recipe, auto=True)
+
+
+def check_zebra_model(recipe: Recipe, world: int | None) -> None:
+    """Before launch: a recipe's explicit split (``hexamoe.zebra`` with ``attention_ranks``) against its model built
+    on the meta device (nothing read or allocated): per-layer owners one row per MoE layer, one owner per expert,
+    and, when the launch's rank count ``world`` is known (``launcher.nproc`` on one node), the ranks and shares."""
+    from ..tasks.causal_lm import build_model
+
+    cfg = recipe.hexamoe_config
+    if cfg is None or not cfg.enabled or cfg.zebra.enabled is False or not cfg.zebra.explicit:
+        return
+    z = cfg.zebra
+    try:
+        stack = HFZebraStack(build_model(recipe, None, meta=True))
+    except ValueError as e:
+        if z.enabled == "auto":
+            return  # the worker trains colocated and says why
+        raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
+    layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), owner_rows(z.expert_owner), z.micro_batches or 2)
+    if world is not None:
+        from ..hetero.planning import global_micro_batch
+
+        _check_layout(layout, world, stack, global_micro_batch(recipe.ds_config(world, "cpu"), world))
+        return
+    try:  # ranks unknown before the launcher reads its hostfile: the shape of the owners only
+        layout.check(max([*layout.attention_ranks, *layout.hosts]) + 1, stack.c.experts, stack.c.layers)
+    except ValueError as e:
+        raise ConfigError(f"hexamoe.{e}") from None
 
 
 def zebra_layout(recipe: Recipe, model, ds_config: dict,
@@ -157,8 +185,11 @@ class ZebraStep:
         self.attending = ctx.rank in layout.attention_ranks
         keep_part(stack, layout, ctx.rank)  # each rank holds what it owns, nothing else
         self.read = None  # the checkpoint entries this rank read (built on the meta device), else None
-        if any(p.device.type == "meta" for p in parts.model.parameters()) and recipe.model.path is not None:
-            self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
+        if parts.whole_model is not None:  # built on the meta device: this rank builds only its part
+            if recipe.model.path is not None:
+                self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
+            else:
+                init_part(stack, layout, ctx.rank, recipe.training.seed)
         # after the parts are real: the pipeline takes its device and wire dtype from what this rank holds
         self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
         if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks

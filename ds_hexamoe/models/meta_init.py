@@ -1,0 +1,115 @@
+"""A fresh Hugging Face model initialized from the meta device, module by module, whole or in part.
+
+``from_config`` draws every weight from one random stream, so a tensor's values depend on everything drawn
+before it: a rank that wants only its part would still have to build the whole model. :func:`materialize`
+instead runs the model's own ``_init_weights`` (the distributions of ``from_config``: normal with the
+config's ``initializer_range``, ones for norms, rotary frequencies, zero router biases) on one module at a
+time, in transformers' own order, with that module's draws seeded by ``(seed, module name)``. A tensor's values
+then depend only on the seed and its name: a zebra rank initializes the tensors it keeps (a layer's experts
+tensor whole, then only its rows), the colocated run and a one-process reference the whole model, and all
+agree. The weights differ from ``torch.manual_seed(seed); from_config(...)``'s (docs/recipes.md, "model").
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+
+# what a caller keeps of a parameter: None (stays on the meta device), its full shape (the whole tensor),
+# or its full shape and the rows of dimension 0 to keep (a compact tensor of those rows, in that order)
+Want = Callable[[str, torch.nn.Parameter], "tuple[torch.Size, Sequence[int] | None] | None"]
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The seed of module ``name``'s draws (stable across processes and Python runs)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _alloc(shape) -> torch.nn.Parameter:
+    """A float32 tensor for one module's parameter while its ``_init_weights`` runs (the only full-size
+    allocation here)."""
+    return torch.nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+
+
+def _whole(name: str, p: torch.nn.Parameter):
+    return p.shape, None
+
+
+def materialize(model: torch.nn.Module, seed: int, want: Want | None = None) -> None:
+    """Initialize the meta-device Hugging Face ``model`` in place (``want``: what to keep of each parameter, by
+    its name; None: everything). Parameters nobody wants stay on the meta device; buffers are always built.
+    Each kept tensor is initialized in float32 at its full shape, then cast to its meta dtype (as
+    ``from_config(...).to(dtype)`` casts), so host memory peaks at one module's tensors beside what is kept.
+    The global random state is left as it was."""
+    from transformers import PreTrainedModel
+
+    want = want or _whole
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    slots = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
+    meta = {id(p): p for m in model.modules() for p in m._parameters.values() if p is not None}
+    done: dict[int, torch.nn.Parameter | None] = {}  # id(meta parameter) -> its replacement (None: stays meta)
+    live: dict[int, list] = {}  # id(meta parameter) -> [float32 tensor, what to keep, holders left to run]
+    temp: dict[int, int] = {}  # id(float32 tensor) -> id(its meta parameter)
+    custom = model.is_custom_code()
+
+    def finish(pid: int) -> None:
+        full, how, _ = live.pop(pid)
+        p = meta[pid]
+        value = None if how is None else (full if how[1] is None else full[list(how[1])])
+        done[pid] = None if value is None else torch.nn.Parameter(value.detach().to(p.dtype).contiguous(),
+                                                                   requires_grad=p.requires_grad)
+
+    def run(mod: torch.nn.Module, prefix: str, fn) -> None:
+        for cname, child in mod.named_children():
+            run(child, f"{prefix}{cname}.", child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        own = [(k, temp.get(id(p), id(p))) for k, p in mod._parameters.items() if p is not None]
+        for _, pid in own:
+            if pid not in done and pid not in live:
+                live[pid] = [None, want(names[pid], meta[pid]), slots[pid]]
+        bufs = [k for k, b in mod._buffers.items() if b is not None and b.device.type == "meta"]
+        if not bufs and all(pid in done or live[pid][1] is None for _, pid in own):
+            for _, pid in own:  # nothing of this module is kept here: its draws are its own, so skipping it
+                if pid in live:  # changes no other tensor
+                    live[pid][2] -= 1
+                    if live[pid][2] == 0 and live[pid][0] is None:
+                        live.pop(pid)
+                        done[pid] = None
+            return
+        for k, pid in own:  # every own tensor of a module kept at all: its draws come in one order
+            if pid in done:
+                continue  # a tied tensor already finished
+            entry = live[pid]
+            if entry[0] is None:
+                shape = entry[1][0] if entry[1] is not None else meta[pid].shape
+                entry[0] = _alloc(shape)
+                temp[id(entry[0])] = pid
+            mod._parameters[k] = entry[0]
+        dtypes = {k: mod._buffers[k].dtype for k in bufs}
+        for k in bufs:
+            mod._buffers[k] = torch.zeros(mod._buffers[k].shape, dtype=torch.float32)
+        torch.manual_seed(module_seed(seed, prefix.rstrip(".")))
+        fn(mod, custom)
+        for k in bufs:
+            mod._buffers[k] = mod._buffers[k].to(dtypes[k])
+        for k, pid in own:
+            if pid in live:
+                live[pid][2] -= 1
+                if live[pid][2] == 0:
+                    finish(pid)
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        run(model, "", model._initialize_weights)
+    for pid in list(live):  # defensive: a tensor whose holders did not all run
+        if live[pid][0] is None:
+            live.pop(pid)
+            done[pid] = None
+        else:
+            finish(pid)
+    for mod in model.modules():  # every slot, a tied tensor's too, holds its replacement (or its meta tensor)
+        for k, p in list(mod._parameters.items()):
+            if p is not None:
+                pid = temp.get(id(p), id(p))
+                mod._parameters[k] = done[pid] if done.get(pid) is not None else meta[pid]
