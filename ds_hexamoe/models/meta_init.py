@@ -12,6 +12,7 @@ agree. The weights differ from ``torch.manual_seed(seed); from_config(...)``'s (
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -53,7 +54,14 @@ def materialize(model: torch.nn.Module, seed: int, want: Want | None = None) -> 
     done: dict[int, torch.nn.Parameter | None] = {}  # id(meta parameter) -> its replacement (None: stays meta)
     live: dict[int, list] = {}  # id(meta parameter) -> [float32 tensor, what to keep, holders left to run]
     temp: dict[int, int] = {}  # id(float32 tensor) -> id(its meta parameter)
-    custom = model.is_custom_code()
+    custom = model.is_custom_code() if hasattr(model, "is_custom_code") else False
+
+    def call(fn, mod) -> None:
+        # transformers >= 5.x passes whether the model is remote code; earlier 5.x take the module alone
+        if "is_custom_code" in inspect.signature(fn).parameters:
+            fn(mod, custom)
+        else:
+            fn(mod)
 
     def finish(pid: int) -> None:
         full, how, _ = live.pop(pid)
@@ -90,8 +98,8 @@ def materialize(model: torch.nn.Module, seed: int, want: Want | None = None) -> 
         dtypes = {k: mod._buffers[k].dtype for k in bufs}
         for k in bufs:
             mod._buffers[k] = torch.zeros(mod._buffers[k].shape, dtype=torch.float32)
-        torch.manual_seed(module_seed(seed, prefix.rstrip(".")))
-        fn(mod, custom)
+        torch.random.default_generator.manual_seed(module_seed(seed, prefix.rstrip(".")))  # CPU only
+        call(fn, mod)
         for k in bufs:
             mod._buffers[k] = mod._buffers[k].to(dtypes[k])
         for k, pid in own:

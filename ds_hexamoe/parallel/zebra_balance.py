@@ -52,6 +52,8 @@ class ZebraBalance:
             self._sums.zero_()
             self._total = None
         counts, probs, rows = pooled_router_sums((logits,), self.top_k)
+        if self._sums.device != counts.device:  # the pipeline's device (cuda:LOCAL_RANK under NCCL)
+            self._sums = self._sums.to(counts.device)
         e = self.experts
         self._sums[:e] += counts.double()
         self._sums[e:2 * e] += probs.detach().double()

@@ -78,34 +78,53 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def gather_state(stack, layout, rank: int) -> dict:
-    """The full state dict on every rank: dense tensors from the first attention rank, expert rows from their
-    hosts (collective; the same call order on every rank)."""
-    layer_of = expert_layers(stack)
+    """The full state dict on every rank, on the host: dense tensors from the first attention rank, expert rows
+    from their hosts (collective, one tensor at a time on the pipeline's device; the same call order on every
+    rank)."""
+    from .zebra_wire import stack_device
+
+    layer_of, device = expert_layers(stack), stack_device(stack)[0]
     gathered = {}
     with torch.no_grad():
         for name, p in stack.model.named_parameters():
             layer = layer_of.get(id(p))
             shape = (stack.c.experts, *p.shape[1:]) if layer is not None else p.shape
-            mine = torch.zeros(shape, dtype=p.dtype)
+            mine = torch.zeros(shape, dtype=p.dtype, device=device)
             hosted = [] if layer is None else layout.hosted(rank, layer)
             if hosted:
                 mine[hosted] = p if stack.rows is not None else p[hosted]
             elif layer is None and rank == layout.attention_ranks[0]:
                 mine.copy_(p)
             dist.all_reduce(mine)
-            gathered[name] = mine
-    return {k: gathered.get(k, v) for k, v in stack.model.state_dict().items()}
+            gathered[name] = mine.cpu()
+    # the rest (buffers, a tied head): this rank's own, on the host (meta where it holds none)
+    return {k: gathered[k] if k in gathered else v if v.device.type == "meta" else v.cpu()
+            for k, v in stack.model.state_dict().items()}
 
 
 def full_copy(stack, layout, rank: int) -> torch.nn.Module:
-    """A whole copy of ``stack.model`` gathered from the owners (collective), without gradients: what
-    evaluation runs on every rank with transformers' own forward."""
+    """A whole copy of ``stack.model`` gathered from the owners (collective), without gradients, on the
+    pipeline's device: what evaluation runs on every rank with transformers' own forward."""
     import copy
 
-    state = gather_state(stack, layout, rank)
+    from .zebra_wire import stack_device
+
+    state, device = gather_state(stack, layout, rank), stack_device(stack)[0]
     model = copy.deepcopy(stack.model)  # meta tensors copy as meta: no storage until replaced
-    replace_parameters(model, {id(p): torch.nn.Parameter(state[n], requires_grad=False) for n, p in model.named_parameters()})
+    replace_parameters(model, {id(p): torch.nn.Parameter(state[n].to(device), requires_grad=False)
+                               for n, p in model.named_parameters()})
     return model
+
+
+def move_part(model: torch.nn.Module, device: torch.device) -> None:
+    """What this rank holds of ``model`` (parameters and buffers not on the meta device) onto ``device``."""
+    swap = {id(p): torch.nn.Parameter(p.detach().to(device), requires_grad=p.requires_grad)
+            for p in model.parameters() if p.device.type != "meta" and p.device != device}
+    replace_parameters(model, swap)
+    for mod in model.modules():
+        for k, b in mod._buffers.items():
+            if b is not None and b.device.type != "meta":
+                mod._buffers[k] = b.to(device)
 
 
 def owned_bytes(stack, layout, rank: int) -> int:

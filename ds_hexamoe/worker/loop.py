@@ -120,7 +120,7 @@ def _strategy(recipe: Recipe, ctx: WorkerContext, accel: str, parts: TaskParts, 
         layout, stack, info = choose_zebra(recipe, ctx, accel, parts, resume)
         if layout is not None:
             seed_all(recipe.training.seed + ctx.rank)  # as the colocated run, before any training work
-            return ZebraStep(recipe, ctx, parts, stack, layout, info)
+            return ZebraStep(recipe, ctx, parts, stack, layout, info, accel)
     if parts.whole_model is not None:  # "auto" chose the colocated step: the whole model, not the meta one
         parts.model, parts.whole_model = parts.whole_model(), None
     return ColocatedStep(recipe, ctx, accel, parts, info)

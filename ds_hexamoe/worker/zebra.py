@@ -24,7 +24,8 @@ from ..config import ConfigError
 from ..parallel.zebra import ZebraLayout, ZebraPipeline
 from ..parallel.zebra_hf import HFZebraStack
 from ..parallel.zebra_load import read_part
-from ..parallel.zebra_parts import expert_layers, full_copy, gather_state, init_part, keep_part, param_bytes
+from ..parallel.zebra_parts import (expert_layers, full_copy, gather_state, init_part, keep_part, move_part,
+                                    param_bytes)
 from ..recipes import Recipe
 from ..recipes.checks import check_zebra
 from ..tasks.base import TaskParts, WorkerContext
@@ -178,7 +179,7 @@ class ZebraStep:
     keeps_checkpoints = True
 
     def __init__(self, recipe: Recipe, ctx: WorkerContext, parts: TaskParts, stack: HFZebraStack,
-                 layout: ZebraLayout, info: dict):
+                 layout: ZebraLayout, info: dict, accel: str = "cpu"):
         t = recipe.training
         self.recipe, self.ctx, self.parts, self.stack, self.layout, self.info = recipe, ctx, parts, stack, layout, info
         self.clock = _emulation(recipe, ctx)
@@ -190,6 +191,9 @@ class ZebraStep:
                 self.read = read_part(stack, layout, ctx.rank, recipe.model.path)
             else:
                 init_part(stack, layout, ctx.rank, recipe.training.seed)
+        # the part on this rank's device (cuda:LOCAL_RANK under the launcher: NCCL groups), built on the host
+        self.device = torch.device("cpu") if accel == "cpu" else torch.device(accel, ctx.local_rank)
+        move_part(parts.model, self.device)
         # after the parts are real: the pipeline takes its device and wire dtype from what this rank holds
         self.pipe = ZebraPipeline(stack, layout, sum(layout.shares))
         if stack.balance is not None:  # the router's aux loss: its statistics summed over the attention ranks
@@ -205,7 +209,7 @@ class ZebraStep:
         split = {"attention_ranks": list(layout.attention_ranks), "shares": list(layout.shares),
                  "expert_owner": _plain(layout.expert_owner), "micro_batches": layout.micro_batches}
         self.files = ZebraFiles(self.opt, ctx.rank, split)
-        self.module, self.device = parts.model, torch.device("cpu")
+        self.module = parts.model
         self._eval: torch.nn.Module | None = None  # the gathered copy while evaluating
 
     def data_shares(self):
@@ -216,7 +220,7 @@ class ZebraStep:
 
     def step(self, batches: Iterator[dict] | None, step: int) -> StepResult:
         t, att = self.recipe.training, self.layout.attention_ranks
-        stats = torch.zeros(3, dtype=torch.float64)  # global mean loss (shares add up), aux loss, units
+        stats = torch.zeros(3, dtype=torch.float64, device=self.device)  # global mean loss, aux loss, units
         bal, reports = self.stack.balance, self.ctx.rank == att[0]  # the aux loss is global: one rank reports it
         scale = self.stack.loss_scale = self.opt.loss_scale
         if bal is not None:
@@ -225,7 +229,8 @@ class ZebraStep:
             if self.attending:
                 batch = next(batches)
                 _check_padding(batch, bal is not None)
-                stats[0] += self.pipe.step(batch["input_ids"], batch["labels"]) / scale / t.grad_accum
+                ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+                stats[0] += self.pipe.step(ids, labels) / scale / t.grad_accum
                 stats[2] += self.parts.count(batch)
                 if bal is not None and reports:
                     stats[0] += bal.coef * bal.value() / t.grad_accum

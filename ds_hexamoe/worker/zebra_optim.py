@@ -132,7 +132,7 @@ def global_norm(params: list[torch.Tensor], counted: bool | list[bool]) -> float
     """The gradient norm over every rank's disjoint parameters (``counted``: this rank's copy is the one
     summed, for all or per tensor; a dense copy on a second attention rank is not). inf/nan when any
     gradient is."""
-    sq = torch.zeros((), dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)  # the backend's device
     flags = counted if isinstance(counted, list) else [counted] * len(params)
     for p, mine in zip(params, flags):
         if mine and p.grad is not None:
