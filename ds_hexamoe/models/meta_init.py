@@ -45,79 +45,85 @@ def materialize(model: torch.nn.Module, seed: int, want: Want | None = None) -> 
     Each kept tensor is initialized in float32 at its full shape, then cast to its meta dtype (as
     ``from_config(...).to(dtype)`` casts), so host memory peaks at one module's tensors beside what is kept.
     The global random state is left as it was."""
-    from transformers import PreTrainedModel
+    _Walk(model, seed, want or _whole).run()
 
-    want = want or _whole
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    slots = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
-    meta = {id(p): p for m in model.modules() for p in m._parameters.values() if p is not None}
-    done: dict[int, torch.nn.Parameter | None] = {}  # id(meta parameter) -> its replacement (None: stays meta)
-    live: dict[int, list] = {}  # id(meta parameter) -> [float32 tensor, what to keep, holders left to run]
-    temp: dict[int, int] = {}  # id(float32 tensor) -> id(its meta parameter)
-    custom = model.is_custom_code() if hasattr(model, "is_custom_code") else False
 
-    def call(fn, mod) -> None:
+class _Walk:
+    """One :func:`materialize`: transformers' own traversal (children first, sub-models with their own
+    ``_initialize_weights``), one module's tensors built at a time."""
+
+    def __init__(self, model: torch.nn.Module, seed: int, want: Want):
+        self.model, self.seed, self.want = model, seed, want
+        self.names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        held = [p for m in model.modules() for p in m._parameters.values() if p is not None]
+        self.slots = Counter(id(p) for p in held)  # modules holding each parameter (tied ones: several)
+        self.meta = {id(p): p for p in held}
+        self.done: dict[int, torch.nn.Parameter | None] = {}  # id(meta parameter) -> replacement (None: meta)
+        self.live: dict[int, list] = {}  # id(meta parameter) -> [float32 tensor, what to keep, holders left]
+        self.temp: dict[int, int] = {}  # id(float32 tensor) -> id(its meta parameter)
+        self.custom = model.is_custom_code() if hasattr(model, "is_custom_code") else False
+
+    def run(self) -> None:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            self._visit(self.model, "", self.model._initialize_weights)
+        for pid in list(self.live):  # defensive: a tensor whose holders did not all run
+            self._finish(pid)
+        for mod in self.model.modules():  # every slot, a tied tensor's too, holds its replacement (or meta)
+            for k, p in list(mod._parameters.items()):
+                if p is not None:
+                    pid = self.temp.get(id(p), id(p))
+                    got = self.done.get(pid)
+                    mod._parameters[k] = got if got is not None else self.meta[pid]
+
+    def _call(self, fn, mod) -> None:
         # transformers >= 5.x passes whether the model is remote code; earlier 5.x take the module alone
         if "is_custom_code" in inspect.signature(fn).parameters:
-            fn(mod, custom)
+            fn(mod, self.custom)
         else:
             fn(mod)
 
-    def finish(pid: int) -> None:
-        full, how, _ = live.pop(pid)
-        p = meta[pid]
-        value = None if how is None else (full if how[1] is None else full[list(how[1])])
-        done[pid] = None if value is None else torch.nn.Parameter(value.detach().to(p.dtype).contiguous(),
-                                                                   requires_grad=p.requires_grad)
+    def _finish(self, pid: int) -> None:
+        full, how, _ = self.live.pop(pid)
+        p = self.meta[pid]
+        value = None if how is None or full is None else (full if how[1] is None else full[list(how[1])])
+        self.done[pid] = None if value is None else torch.nn.Parameter(value.detach().to(p.dtype).contiguous(),
+                                                                        requires_grad=p.requires_grad)
 
-    def run(mod: torch.nn.Module, prefix: str, fn) -> None:
-        for cname, child in mod.named_children():
-            run(child, f"{prefix}{cname}.", child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
-        own = [(k, temp.get(id(p), id(p))) for k, p in mod._parameters.items() if p is not None]
+    def _ran(self, own: list) -> None:
+        """One holder of each of ``own`` has run (or was skipped); the last one finishes the tensor."""
         for _, pid in own:
-            if pid not in done and pid not in live:
-                live[pid] = [None, want(names[pid], meta[pid]), slots[pid]]
+            if pid in self.live:
+                self.live[pid][2] -= 1
+                if self.live[pid][2] == 0:
+                    self._finish(pid)
+
+    def _visit(self, mod: torch.nn.Module, prefix: str, fn) -> None:
+        from transformers import PreTrainedModel
+
+        for cname, child in mod.named_children():
+            sub = child._initialize_weights if isinstance(child, PreTrainedModel) else fn
+            self._visit(child, f"{prefix}{cname}.", sub)
+        own = [(k, self.temp.get(id(p), id(p))) for k, p in mod._parameters.items() if p is not None]
+        for _, pid in own:
+            if pid not in self.done and pid not in self.live:
+                self.live[pid] = [None, self.want(self.names[pid], self.meta[pid]), self.slots[pid]]
         bufs = [k for k, b in mod._buffers.items() if b is not None and b.device.type == "meta"]
-        if not bufs and all(pid in done or live[pid][1] is None for _, pid in own):
-            for _, pid in own:  # nothing of this module is kept here: its draws are its own, so skipping it
-                if pid in live:  # changes no other tensor
-                    live[pid][2] -= 1
-                    if live[pid][2] == 0 and live[pid][0] is None:
-                        live.pop(pid)
-                        done[pid] = None
-            return
+        if not bufs and all(pid in self.done or self.live[pid][1] is None for _, pid in own):
+            self._ran(own)  # nothing of this module is kept here: its draws are its own, so skipping it
+            return  # changes no other tensor
         for k, pid in own:  # every own tensor of a module kept at all: its draws come in one order
-            if pid in done:
+            if pid in self.done:
                 continue  # a tied tensor already finished
-            entry = live[pid]
+            entry = self.live[pid]
             if entry[0] is None:
-                shape = entry[1][0] if entry[1] is not None else meta[pid].shape
-                entry[0] = _alloc(shape)
-                temp[id(entry[0])] = pid
+                entry[0] = _alloc(entry[1][0] if entry[1] is not None else self.meta[pid].shape)
+                self.temp[id(entry[0])] = pid
             mod._parameters[k] = entry[0]
         dtypes = {k: mod._buffers[k].dtype for k in bufs}
         for k in bufs:
             mod._buffers[k] = torch.zeros(mod._buffers[k].shape, dtype=torch.float32)
-        torch.random.default_generator.manual_seed(module_seed(seed, prefix.rstrip(".")))  # CPU only
-        call(fn, mod)
+        torch.random.default_generator.manual_seed(module_seed(self.seed, prefix.rstrip(".")))  # CPU only
+        self._call(fn, mod)
         for k in bufs:
             mod._buffers[k] = mod._buffers[k].to(dtypes[k])
-        for k, pid in own:
-            if pid in live:
-                live[pid][2] -= 1
-                if live[pid][2] == 0:
-                    finish(pid)
-
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        run(model, "", model._initialize_weights)
-    for pid in list(live):  # defensive: a tensor whose holders did not all run
-        if live[pid][0] is None:
-            live.pop(pid)
-            done[pid] = None
-        else:
-            finish(pid)
-    for mod in model.modules():  # every slot, a tied tensor's too, holds its replacement (or its meta tensor)
-        for k, p in list(mod._parameters.items()):
-            if p is not None:
-                pid = temp.get(id(p), id(p))
-                mod._parameters[k] = done[pid] if done.get(pid) is not None else meta[pid]
+        self._ran(own)
