@@ -5,6 +5,7 @@ named before any work."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import cli_tiny
 from ds_hexamoe.config import ConfigError, HexaMoEConfig
 
 STEPS, MBS = 3, 4
+PROMPTS = ["GNU General", "The license"]
 ZEBRA = {"enabled": True, "attention_ranks": [0], "shares": [2 * MBS], "expert_owner": [1, 1, 1, 1],
          "micro_batches": 2}
 
@@ -56,8 +58,8 @@ def _replay(recipe_path):
 
 
 def test_zebra_train_equals_one_process(tmp_path):
-
-    path = _recipe(tmp_path)
+    # evaluation and greedy samples at the last step run on the model gathered from the owners
+    path = _recipe(tmp_path, training={"eval_every": STEPS, "generate": {"prompts": PROMPTS, "max_new_tokens": 4}})
     proc = cli_tiny.train([path], cwd=tmp_path, timeout=400)
     assert "zebra, attention ranks [0]" in proc.stdout
     run = tmp_path / "run"
@@ -66,6 +68,24 @@ def test_zebra_train_equals_one_process(tmp_path):
     rows = cli_tiny.metrics(run)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) and all(r["zebra"] for r in rows)
     check_run_equals_one_process(path, run, rows)
+    assert rows[-1]["generations"] == _greedy(run / "hf", PROMPTS, 4)
+    assert math.isfinite(rows[-1]["val_loss"])
+
+
+def _greedy(hf_dir, prompts, n) -> list[dict]:
+    """Greedy continuations by the exported model, as the worker's ``generate_samples`` writes them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(hf_dir), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=n, pad_token_id=pad)
+        out.append({"prompt": prompt, "completion": tok.decode(gen[0, ids.size(1):], skip_special_tokens=True)})
+    return out
 
 
 

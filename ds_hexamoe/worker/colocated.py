@@ -96,6 +96,9 @@ class ColocatedStep:
     def set_training(self, on: bool) -> None:
         self.engine.train() if on else self.engine.eval()
 
+    def eval_module(self) -> torch.nn.Module:
+        return self.module
+
     def save(self, step: int, state: dict) -> None:
         t = self.recipe.training
         save_checkpoint(self.engine, self.recipe.checkpoint_dir, step, state, self.ctx, t.keep_checkpoints,

@@ -45,10 +45,10 @@ def evaluate(strategy, parts: TaskParts, ctx: WorkerContext, micro_batch_size: i
 def generate_samples(strategy, tokenizer, spec) -> list[dict[str, str]]:
     """Greedy continuations (``max_new_tokens``) of ``spec.prompts``: ``[{"prompt", "completion"}]``. Every rank
     runs the same prompts (sharded experts gather collectively); the outputs agree."""
-    model = strategy.module
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     strategy.set_training(False)
+    model = strategy.eval_module()  # the whole model (zebra: gathered from the owners for this evaluation)
     with torch.no_grad():
         for prompt in spec.prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids.to(strategy.device)

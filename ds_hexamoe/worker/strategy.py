@@ -52,6 +52,10 @@ class StepStrategy(Protocol):
 
     def set_training(self, on: bool) -> None: ...
 
+    def eval_module(self) -> torch.nn.Module:
+        """The whole model, between ``set_training(False)`` and ``set_training(True)``: what transformers'
+        ``generate`` runs on."""
+
     def save(self, step: int, state: dict) -> None: ...
 
     def load(self) -> dict: ...

@@ -250,6 +250,9 @@ class ZebraStep:
     def forward(self, batch: dict):
         return self._eval(**batch)
 
+    def eval_module(self) -> torch.nn.Module:
+        return self._eval  # this rank's module holds only its part
+
     def set_training(self, on: bool) -> None:
         """Evaluation (``on`` False, on every rank) runs on a whole copy gathered from the owners, freed after."""
         self.module.train(on)
