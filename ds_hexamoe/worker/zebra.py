@@ -56,7 +56,7 @@ def check_zebra_model(recipe: Recipe, world: int | None) -> None:
         if z.enabled == "auto":
             return  # the worker trains colocated and says why
         raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
-    layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), owner_rows(z.expert_owner), z.micro_batches or 2)
+    layout = _explicit_layout(z)
     if world is not None:
         from ..hetero.planning import global_micro_batch
 
@@ -85,7 +85,7 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
             return None, {"source": "model", "wins": False, "why": str(e)}, None
         raise ConfigError(f"hexamoe.zebra.enabled: {e} (or set hexamoe.zebra.enabled to false)") from None
     if z.explicit:
-        layout = ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), owner_rows(z.expert_owner), z.micro_batches or 2)
+        layout = _explicit_layout(z)
         return _checked(layout, world, stack, gb), {"source": "hexamoe.zebra"}, stack
     ctl = PlanState.from_config(model, cfg, ds_config)
     advice = ctl.plan.meta.get("zebra") if ctl is not None else None
@@ -108,6 +108,11 @@ def zebra_layout(recipe: Recipe, model, ds_config: dict,
     layout = ZebraLayout(tuple(advice["attention_ranks"]), tuple(advice["shares"]), owner,
                          z.micro_batches or advice["micro_batches"])
     return _checked(layout, world, stack, gb, " (the planner's split)"), info, stack
+
+
+def _explicit_layout(z) -> ZebraLayout:
+    """The split a recipe gives (``hexamoe.zebra`` with ``attention_ranks``, ``shares``, ``expert_owner``)."""
+    return ZebraLayout(tuple(z.attention_ranks), tuple(z.shares), owner_rows(z.expert_owner), z.micro_batches or 2)
 
 
 def owner_rows(owner) -> tuple:
