@@ -89,6 +89,18 @@ def train(args: list[str], cwd, check: bool = True, timeout: float = 300,
     return proc
 
 
+def crashed_copy(run, dest: str, tag: str, remove: tuple[str, ...]) -> str:
+    """A copy of the finished ``run`` at ``dest`` as a run that crashed after checkpoint ``tag``: ``latest``
+    names it, the later outputs ``remove`` (paths under the run) and ``summary.json`` are gone."""
+    shutil.copytree(run, dest)
+    with open(os.path.join(dest, "checkpoints", "latest"), "w") as fh:
+        fh.write(tag)
+    for name in remove:
+        shutil.rmtree(os.path.join(dest, name))
+    os.remove(os.path.join(dest, "summary.json"))
+    return dest
+
+
 def metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]

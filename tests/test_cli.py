@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -94,14 +93,9 @@ def test_resume_from_mid_run_checkpoint_is_exact(full_run, tmp_path):
     """A run that crashed after its step-4 checkpoint (and mid-way through saving step 6) resumes
     with the same data order and reproduces the uninterrupted run's later losses bit for bit."""
     root, recipe, run, _ = full_run
-    crashed = str(tmp_path / "crashed")
-    shutil.copytree(run, crashed)
+    crashed = cli_tiny.crashed_copy(run, str(tmp_path / "crashed"), "global_step4",
+                                    (f"checkpoints/global_step{STEPS}", "hf"))
     ckpt = os.path.join(crashed, "checkpoints")
-    with open(os.path.join(ckpt, "latest"), "w") as fh:
-        fh.write("global_step4")
-    shutil.rmtree(os.path.join(ckpt, f"global_step{STEPS}"))
-    shutil.rmtree(os.path.join(crashed, "hf"))
-    os.remove(os.path.join(crashed, "summary.json"))
     os.makedirs(os.path.join(ckpt, "global_step6"))  # an interrupted save: never published in 'latest'
     with open(os.path.join(ckpt, "global_step6", "mp_rank_00_model_states.pt"), "wb") as fh:
         fh.write(b"truncated")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import cli_tiny
 import pytest
@@ -271,14 +270,8 @@ def test_lora_recipe_with_experts_sharded_by_fssdp_equals_the_replicated_run(lor
 @pytest.mark.slow
 def test_adapter_only_checkpoint_resumes_exactly(lora_run, tmp_path):
     root, args, run, _ = lora_run
-    crashed = str(tmp_path / "crashed")
-    shutil.copytree(run, crashed)
-    ckpt = os.path.join(crashed, "checkpoints")
-    with open(os.path.join(ckpt, "latest"), "w") as fh:
-        fh.write("global_step4")
-    for name in (f"checkpoints/global_step{CLI_STEPS}", "adapter", "hf"):
-        shutil.rmtree(os.path.join(crashed, name))
-    os.remove(os.path.join(crashed, "summary.json"))
+    crashed = cli_tiny.crashed_copy(run, str(tmp_path / "crashed"), "global_step4",
+                                    (f"checkpoints/global_step{CLI_STEPS}", "adapter", "hf"))
     cli_tiny.train([*args[:3], "--output-dir", crashed, *args[5:], "--resume"], cwd=root, timeout=420)
     full, resumed = cli_tiny.metrics(run), cli_tiny.metrics(crashed)
     for a, b in zip(full[4:], resumed[4:]):
